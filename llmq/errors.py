@@ -1,0 +1,72 @@
+"""Typed errors raised by the library. The CLI maps them to one-line messages (llmq.cli.app.ERROR_TABLE).
+
+Library code never calls exit() or prints; it raises one of these.
+"""
+
+from __future__ import annotations
+
+
+class LlmqError(Exception):
+    """Base class of every error llmq raises on purpose."""
+
+    exit_code = 1
+
+
+class BadInput(LlmqError):
+    """The user gave a path, option or value that cannot work (missing file, bad flag combination...)."""
+
+    exit_code = 2
+
+
+class CorruptFile(BadInput):
+    """A checkpoint/header is truncated, malformed or inconsistent (offsets, lengths, dtypes)."""
+
+
+class UnsupportedArchitecture(LlmqError):
+    """The model architecture is not (yet) supported by this operation."""
+
+    exit_code = 3
+
+
+class UnsupportedType(LlmqError):
+    """A tensor/quantization type that this operation cannot handle."""
+
+    exit_code = 3
+
+
+class ShapeError(BadInput):
+    """Tensor shapes that do not fit the requested operation (e.g. not divisible by the group size)."""
+
+
+class OutputExists(BadInput):
+    """The output already exists and --force was not given."""
+
+
+class UnsafeCheckpoint(BadInput):
+    """A pickle-based checkpoint was refused (needs an explicit opt-in)."""
+
+
+class MissingDependency(LlmqError):
+    """An optional package is needed (the message says which extra installs it)."""
+
+    exit_code = 4
+
+
+class CalibrationError(BadInput):
+    """Calibration / evaluation text is unusable (empty, too short, tokenizes to nothing...)."""
+
+
+class BackendError(LlmqError):
+    """A backend (transformers, llama.cpp, bitsandbytes...) failed to load or run the model."""
+
+    exit_code = 5
+
+
+def require(module: str, extra: str):
+    """Import an optional module or raise MissingDependency naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependency(f"{module} is not installed: pip install 'llmq[{extra}]' ({e})") from e

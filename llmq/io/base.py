@@ -1,0 +1,164 @@
+"""Common types of the tensor IO layer. Importing this module must not import torch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from llmq.errors import BadInput, OutputExists
+
+# Plain (non-block) element types: name -> bytes per element. Names follow safetensors' dtype codes, which are
+# also ggml's names for the types both know (F32, F16, BF16, I8, ...).
+ELEMENT_SIZES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+TORCH_DTYPE_NAMES: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8",
+    "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
+
+
+def torch_dtype(code: str):
+    import torch
+
+    try:
+        return getattr(torch, TORCH_DTYPE_NAMES[code])
+    except KeyError:
+        raise BadInput(f"dtype {code} has no torch equivalent") from None
+
+
+def dtype_code(torch_dtype_) -> str:
+    name = str(torch_dtype_).removeprefix("torch.")
+    for code, tname in TORCH_DTYPE_NAMES.items():
+        if tname == name:
+            return code
+    raise BadInput(f"unsupported torch dtype {torch_dtype_}")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor.
+
+    ``shape`` is always in torch (row-major, outermost first) order, also for GGUF where the file stores it
+    reversed. ``dtype`` is a safetensors dtype code or a ggml type name ("Q4_K", "Q8_0", ...).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    # where the bytes live: file path and absolute offset of the tensor data in it (None for planned tensors)
+    file: str | None = None
+    offset: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+
+class CheckpointReader(Protocol):
+    path: Path
+    metadata: Mapping[str, Any]
+
+    def infos(self) -> Iterator[TensorInfo]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def read(self, name: str, dequantize: bool = True): ...  # -> torch.Tensor
+
+    def read_raw(self, name: str): ...  # -> numpy uint8/element array over mmap
+
+    def close(self) -> None: ...
+
+
+class CheckpointWriter(Protocol):
+    def plan(self, infos: Sequence[TensorInfo], metadata: Mapping[str, Any]) -> None: ...
+
+    def write(self, name: str, data) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def check_output(path: str | os.PathLike, force: bool, inputs: Sequence[str | os.PathLike] = ()) -> Path:
+    """Validate an output path before any work: never an input, never overwritten without ``force``."""
+    out = Path(path)
+    resolved = out.resolve()
+    for src in inputs:
+        s = Path(src).resolve()
+        if resolved == s or s in resolved.parents or resolved in s.parents:
+            raise BadInput(f"output {out} would overwrite or sit inside the input {src}")
+    if out.exists() and not force:
+        raise OutputExists(f"{out} already exists (use --force to overwrite)")
+    parent = resolved.parent
+    if not parent.exists():
+        raise BadInput(f"output directory {parent} does not exist")
+    return out
+
+
+class AtomicOutput:
+    """A file or directory written under a temporary name beside its destination and renamed when complete.
+
+    Use as a context manager: ``with AtomicOutput(dst, is_dir=True) as tmp: ...write into tmp...``. On an
+    exception the temporary is removed and the destination is left untouched.
+    """
+
+    def __init__(self, dst: str | os.PathLike, is_dir: bool, force: bool = False):
+        self.dst = Path(dst)
+        self.is_dir = is_dir
+        self.force = force
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        parent = self.dst.resolve().parent
+        prefix = f".{self.dst.name}.llmq-tmp-"
+        if self.is_dir:
+            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
+            os.close(fd)
+            self.tmp = Path(name)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            self._remove(self.tmp)
+            return
+        if self.dst.exists():
+            if not self.force:
+                self._remove(self.tmp)
+                raise OutputExists(f"{self.dst} already exists (use --force to overwrite)")
+            self._remove(self.dst)
+        os.replace(self.tmp, self.dst)
+        if self.is_dir:
+            os.chmod(self.dst, 0o755)
+        else:
+            os.chmod(self.dst, 0o644)
+
+    @staticmethod
+    def _remove(p: Path) -> None:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists() or p.is_symlink():
+            p.unlink()

@@ -37,7 +37,8 @@ def _root(
 
 def _register() -> None:
     # Explicit list: each module adds its commands; all of them import only typer/rich at module level.
-    from llmq.cli import convert, estimate, eval as eval_cmd, inspect, quantize
+    from llmq.cli import convert, estimate, inspect, quantize
+    from llmq.cli import eval as eval_cmd
 
     for mod in (convert, quantize, eval_cmd, estimate, inspect):
         mod.register(app)

@@ -91,7 +91,9 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto
     if kind == "gguf":
         return gguf_to_hf(src, dst, outtype, force=force, max_shard_size=max_shard_size, progress=progress)
     if not src.is_dir():
-        raise BadInput(f"{src}: converting to GGUF needs a Hugging Face model directory (config.json + tokenizer)")
+        raise BadInput(
+            f"{src}: converting to GGUF needs a Hugging Face model directory (config.json + tokenizer)"
+        )
     return hf_to_gguf(src, dst, outtype, force=force, progress=progress)
 
 
@@ -140,7 +142,9 @@ def _llama3_rope_factors(params: Mapping[str, Any], dim: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
-def hf_metadata(arch: Arch, config: Mapping[str, Any], name: str, file_type: int) -> list[tuple[str, Any, Any]]:
+def hf_metadata(
+    arch: Arch, config: Mapping[str, Any], name: str, file_type: int
+) -> list[tuple[str, Any, Any]]:
     """The general.* and architecture KVs llama.cpp reads, as convert_hf_to_gguf.py writes them."""
     a = arch.gguf_arch
     U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
@@ -156,12 +160,19 @@ def hf_metadata(arch: Arch, config: Mapping[str, Any], name: str, file_type: int
         (f"{a}.embedding_length", int(config["hidden_size"]), U32),
         (f"{a}.feed_forward_length", int(config["intermediate_size"]), U32),
         (f"{a}.attention.head_count", int(config["num_attention_heads"]), U32),
-        (f"{a}.attention.head_count_kv", int(config.get("num_key_value_heads") or config["num_attention_heads"]), U32),
+        (
+            f"{a}.attention.head_count_kv",
+            int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+            U32,
+        ),
     ]
     rope = rope_parameters(config)
     rtype = str(rope.get("rope_type") or "default").lower()
     if rtype == "linear" and rope.get("factor") is not None:
-        kv += [(f"{a}.rope.scaling.type", "linear", None), (f"{a}.rope.scaling.factor", float(rope["factor"]), F32)]
+        kv += [
+            (f"{a}.rope.scaling.type", "linear", None),
+            (f"{a}.rope.scaling.factor", float(rope["factor"]), F32),
+        ]
     elif rtype == "yarn" and rope.get("factor") is not None:
         kv += [
             (f"{a}.rope.scaling.type", "yarn", None),
@@ -267,10 +278,14 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         if gname is None:
             continue
         if info.dtype not in ("F32", "F16", "BF16", "F64"):
-            raise UnsupportedType(f"tensor {info.name} is {info.dtype}; only float checkpoints convert to GGUF")
+            raise UnsupportedType(
+                f"tensor {info.name} is {info.dtype}; only float checkpoints convert to GGUF"
+            )
         heads = qk_heads(info.name, n_head, n_head_kv) if arch.permute_qk else None
         if heads and info.shape[0] % (2 * heads):
-            raise ShapeError(f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads")
+            raise ShapeError(
+                f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
+            )
         ttype = _target_type(gname, info.shape, outtype)
         plan.append((info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)), heads))
     if not plan:
@@ -373,8 +388,12 @@ def gguf_config(reader: GGUFReader, arch: Arch, torch_dtype: str) -> dict[str, A
     hidden = int(meta[f"{a}.embedding_length"])
     tokens = meta.get("tokenizer.ggml.tokens")
     emb = reader.info("token_embd.weight") if "token_embd.weight" in reader.names() else None
-    vocab = len(tokens) if isinstance(tokens, list) else (emb.shape[0] if emb else meta.get(f"{a}.vocab_size"))
-    head_dim = meta.get(f"{a}.attention.key_length") or meta.get(f"{a}.rope.dimension_count") or hidden // n_head
+    vocab = (
+        len(tokens) if isinstance(tokens, list) else (emb.shape[0] if emb else meta.get(f"{a}.vocab_size"))
+    )
+    head_dim = (
+        meta.get(f"{a}.attention.key_length") or meta.get(f"{a}.rope.dimension_count") or hidden // n_head
+    )
     cfg: dict[str, Any] = {
         "architectures": [arch.hf_class],
         "model_type": arch.model_type,
@@ -406,7 +425,9 @@ def gguf_config(reader: GGUFReader, arch: Arch, torch_dtype: str) -> dict[str, A
     elif scaling not in (None, "none"):
         raise UnsupportedType(f"rope scaling {scaling!r} is not supported by the converter yet")
     if "rope_freqs.weight" in reader.names():
-        raise UnsupportedType("llama3-style rope_freqs in a GGUF without its source config cannot be restored")
+        raise UnsupportedType(
+            "llama3-style rope_freqs in a GGUF without its source config cannot be restored"
+        )
     if arch.attention_bias is not None:
         cfg["attention_bias"] = arch.attention_bias
     cfg.update(arch.extra_config)
@@ -457,9 +478,13 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
             continue
         heads = qk_heads(hname, n_head, n_head_kv) if arch.permute_qk else None
         if heads and info.shape[0] % (2 * heads):
-            raise ShapeError(f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads")
+            raise ShapeError(
+                f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
+            )
         # norms and biases stay f32 in llama.cpp; keep them at the output precision HF expects
-        target = TensorInfo(hname, st_type, info.shape, int(np.prod(info.shape)) * (4 if st_type == "F32" else 2))
+        target = TensorInfo(
+            hname, st_type, info.shape, int(np.prod(info.shape)) * (4 if st_type == "F32" else 2)
+        )
         plan.append((info, target, heads))
     if not plan:
         raise BadInput(f"{src}: no tensors to convert")

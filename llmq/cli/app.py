@@ -29,8 +29,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set LLMQ_DEBUG=1)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks on errors (or set LLMQ_DEBUG=1)."
+    ),
 ) -> None:
     _state["debug"] = debug
 

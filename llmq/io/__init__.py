@@ -18,7 +18,7 @@ __all__ = [
 
 
 def detect_kind(path: str | os.PathLike) -> str:
-    """"gguf" or "safetensors" from the path and, for files, the magic bytes."""
+    """ "gguf" or "safetensors" from the path and, for files, the magic bytes."""
     p = Path(path)
     if p.is_dir():
         return "safetensors"

@@ -50,7 +50,9 @@ def type_nbytes(name: str, shape: tuple[int, ...] | list[int]) -> int:
     for d in shape:
         n *= int(d)
     if not shape or shape[-1] % blk:
-        raise ValueError(f"row length {shape[-1] if shape else 0} is not a multiple of {name}'s block of {blk}")
+        raise ValueError(
+            f"row length {shape[-1] if shape else 0} is not a multiple of {name}'s block of {blk}"
+        )
     return n // blk * size
 
 

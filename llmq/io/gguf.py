@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import TensorInfo
+from llmq.io.base import TensorInfo, check_no_overlap
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
     GGML_TYPE_BY_ID,
@@ -83,8 +83,10 @@ class _Cursor:
             except ValueError:
                 raise CorruptFile(f"{self.path.name}: unknown GGUF array type {sub} in {what}") from None
             # every element takes at least one byte (a string at least 8): bound count before allocating
-            min_size = 8 if svt in (GGUFValueType.STRING, GGUFValueType.ARRAY) else struct.calcsize(
-                SCALAR_FORMATS[svt]
+            min_size = (
+                8
+                if svt in (GGUFValueType.STRING, GGUFValueType.ARRAY)
+                else struct.calcsize(SCALAR_FORMATS[svt])
             )
             if count * min_size > len(self.buf) - self.pos:
                 raise CorruptFile(f"{self.path.name}: array of {count} elements in {what} exceeds the file")
@@ -153,7 +155,12 @@ class GGUFFile:
             self.kv[key] = cur.value(vtype, key)
             self.kv_types[key] = (GGUFValueType(vtype), GGUFValueType(sub) if sub is not None else None)
         alignment = self.kv.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+        if (
+            not isinstance(alignment, int)
+            or alignment <= 0
+            or alignment & (alignment - 1)
+            or alignment > 1 << 20
+        ):
             raise CorruptFile(f"{path.name}: invalid general.alignment {alignment!r}")
         self.alignment = alignment
         raw_infos = []
@@ -176,9 +183,11 @@ class GGUFFile:
             if name in self.tensors:
                 raise CorruptFile(f"{path.name}: duplicate tensor {name}")
             self.tensors[name] = info
-        _check_no_overlap(self.tensors.values(), path)
+        check_no_overlap(self.tensors.values(), path.name)
 
-    def _tensor_info(self, name: str, dims: list[int], type_id: int, offset: int, data_size: int) -> TensorInfo:
+    def _tensor_info(
+        self, name: str, dims: list[int], type_id: int, offset: int, data_size: int
+    ) -> TensorInfo:
         path = self.path
         tname = GGML_TYPE_BY_ID.get(type_id)
         if tname is None:
@@ -190,7 +199,9 @@ class GGUFFile:
                 raise CorruptFile(f"{path.name}: tensor {name} has an absurd dimension {d}")
             numel *= d
         if dims[0] % blk:
-            raise CorruptFile(f"{path.name}: tensor {name} row of {dims[0]} is not a multiple of {tname} blocks")
+            raise CorruptFile(
+                f"{path.name}: tensor {name} row of {dims[0]} is not a multiple of {tname} blocks"
+            )
         nbytes = numel // blk * bsize
         if offset % self.alignment:
             raise CorruptFile(f"{path.name}: tensor {name} data offset {offset} is not aligned")
@@ -202,13 +213,6 @@ class GGUFFile:
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
-
-
-def _check_no_overlap(infos, path: Path) -> None:
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in infos if t.nbytes)
-    for (s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise CorruptFile(f"{path.name}: tensors {n0} and {n1} overlap")
 
 
 def split_paths(path: Path) -> list[Path]:
@@ -250,9 +254,7 @@ class GGUFReader:
         self.path = Path(path)
         self.files = [GGUFFile(p) for p in split_paths(self.path)]
         first = self.files[0]
-        self.metadata: dict[str, Any] = {
-            k: v for k, v in first.kv.items() if not k.startswith("split.")
-        }
+        self.metadata: dict[str, Any] = {k: v for k, v in first.kv.items() if not k.startswith("split.")}
         self.kv_types = {k: v for k, v in first.kv_types.items() if not k.startswith("split.")}
         self.version = first.version
         self.alignment = first.alignment
@@ -264,7 +266,9 @@ class GGUFReader:
                 self._infos[name] = info
         expected = first.kv.get("split.tensors.count")
         if expected is not None and expected != len(self._infos):
-            raise CorruptFile(f"{self.path.name}: split declares {expected} tensors, found {len(self._infos)}")
+            raise CorruptFile(
+                f"{self.path.name}: split declares {expected} tensors, found {len(self._infos)}"
+            )
 
     @property
     def arch(self) -> str:
@@ -467,7 +471,9 @@ class GGUFFileWriter:
             raise RuntimeError(f"write({name}) after every planned tensor was written")
         expected = self._queue[-1]
         if expected.name != name:
-            raise RuntimeError(f"tensors must be written in planned order: expected {expected.name}, got {name}")
+            raise RuntimeError(
+                f"tensors must be written in planned order: expected {expected.name}, got {name}"
+            )
         arr = np.ascontiguousarray(data)
         if arr.nbytes != expected.nbytes:
             raise BadInput(f"tensor {name}: {arr.nbytes} bytes given, {expected.nbytes} planned")
@@ -492,7 +498,9 @@ class GGUFFileWriter:
             raise RuntimeError(f"{len(self._queue)} planned tensors were never written")
         if self._fh is not None:
             self._finish_file()
-        while self._file_idx + 1 < len(self._plan):  # splits with no tensors left (cannot happen, but be exact)
+        while self._file_idx + 1 < len(
+            self._plan
+        ):  # splits with no tensors left (cannot happen, but be exact)
             self._open_next()
             self._finish_file()
         return self.paths

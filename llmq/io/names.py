@@ -119,7 +119,9 @@ def gguf_to_hf_name(arch: Arch, name: str) -> str | None:
         m = pat.match(name)
         if m:
             return dst.format(bid=m.groupdict().get("bid", ""))
-    raise UnsupportedArchitecture(f"GGUF tensor {name} has no Hugging Face name for architecture {arch.gguf_arch}")
+    raise UnsupportedArchitecture(
+        f"GGUF tensor {name} has no Hugging Face name for architecture {arch.gguf_arch}"
+    )
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
-from llmq.io.base import ELEMENT_SIZES, TensorInfo
+from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap
 from llmq.io.ggml_types import NUMPY_DTYPES
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -54,10 +54,7 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         infos[name] = _entry_info(path, name, entry, data_start, data_len)
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in infos.values() if t.nbytes)
-    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
-        if s1 < e0:
-            raise CorruptFile(f"{path.name}: tensors {n0} and {n1} overlap")
+    check_no_overlap(infos.values(), path.name)
     return infos, meta
 
 
@@ -83,7 +80,9 @@ def _entry_info(path: Path, name: str, entry: Any, data_start: int, data_len: in
         numel *= d
     nbytes = numel * ELEMENT_SIZES[dtype]
     if offs[1] - offs[0] != nbytes:
-        raise CorruptFile(f"{path.name}: tensor {name} spans {offs[1] - offs[0]} bytes, its shape needs {nbytes}")
+        raise CorruptFile(
+            f"{path.name}: tensor {name} spans {offs[1] - offs[0]} bytes, its shape needs {nbytes}"
+        )
     if offs[1] > data_len:
         raise CorruptFile(f"{path.name}: tensor {name} data lies past the end of the file (truncated?)")
     return TensorInfo(name, dtype, tuple(shape), nbytes, str(path), data_start + offs[0])
@@ -184,7 +183,9 @@ class SafetensorsReader:
                 self.metadata = dict(meta)
             for name, info in infos.items():
                 if name in self._infos:
-                    raise CorruptFile(f"{f.name}: tensor {name} also appears in {Path(self._infos[name].file).name}")
+                    raise CorruptFile(
+                        f"{f.name}: tensor {name} also appears in {Path(self._infos[name].file).name}"
+                    )
                 self._infos[name] = info
         if weight_map is not None:
             for name, shard in weight_map.items():
@@ -272,7 +273,9 @@ class SafetensorsWriter:
         if n == 1:
             self._files = [self.directory / f"{self.base_name}.safetensors"]
         else:
-            self._files = [self.directory / f"{self.base_name}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+            self._files = [
+                self.directory / f"{self.base_name}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
+            ]
         self._groups = groups
         self._order = [t for g in groups for t in g]
         self._file_of = {t.name: i for i, g in enumerate(groups) for t in g}
@@ -297,7 +300,9 @@ class SafetensorsWriter:
             raise RuntimeError(f"write({name}) after every planned tensor was written")
         expected = self._order[self._next]
         if expected.name != name:
-            raise RuntimeError(f"tensors must be written in planned order: expected {expected.name}, got {name}")
+            raise RuntimeError(
+                f"tensors must be written in planned order: expected {expected.name}, got {name}"
+            )
         arr = _as_bytes(data)
         if arr.nbytes != expected.nbytes:
             raise BadInput(f"tensor {name}: {arr.nbytes} bytes given, {expected.nbytes} planned")
@@ -354,7 +359,9 @@ def _numpy_code(dt: np.dtype) -> str:
     raise BadInput(f"numpy dtype {dt} cannot be stored in safetensors")
 
 
-def save_file(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+    tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write a small dict of tensors to one .safetensors file (tests, fixtures, small outputs)."""
     from llmq.io.base import dtype_code
 

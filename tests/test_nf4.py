@@ -14,7 +14,11 @@ from llmq.quant.packing import pack_nibbles_high_first, unpack_nibbles_high_firs
 
 def test_nibble_order_first_value_high():
     assert pack_nibbles_high_first(torch.tensor([1, 2, 3])).flatten().tolist() == [0x12, 0x30]
-    assert unpack_nibbles_high_first(torch.tensor([[0x12], [0x30]], dtype=torch.uint8), 3).tolist() == [1, 2, 3]
+    assert unpack_nibbles_high_first(torch.tensor([[0x12], [0x30]], dtype=torch.uint8), 3).tolist() == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_nf4_codebook_and_round_trip_without_bitsandbytes():
@@ -29,7 +33,9 @@ def test_nf4_codebook_and_round_trip_without_bitsandbytes():
     absmax = q.absmax.repeat_interleave(64)
     assert bool(((deq.flatten() - W.flatten()).abs() <= absmax * gap / 2 + 1e-6).all())
     dq = quantize_4bit(W, "nf4", 64, double_quant=True)
-    assert dq.absmax.dtype == torch.uint8 and dq.nested_absmax.shape == (1,) and dq.nested_code.shape == (256,)
+    assert (
+        dq.absmax.dtype == torch.uint8 and dq.nested_absmax.shape == (1,) and dq.nested_code.shape == (256,)
+    )
     assert (dequantize_4bit(dq, torch.float32) - deq).abs().max() < 0.02
     with pytest.raises(BadInput):
         quantize_4bit(W, "nf3")

@@ -251,7 +251,8 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
         inv = np.where(d != 0, 1.0 / d, 0.0).astype(np.float32)
     q = roundf(blocks * inv).astype(np.int8)
     out = np.empty((blocks.shape[0], 34), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    with np.errstate(over="ignore"):  # an fp16 overflow of d becomes inf, exactly as in ggml
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
     out[:, 2:] = q.view(np.uint8)
     return out.reshape(rows.shape[0], -1)
 

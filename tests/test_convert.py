@@ -121,7 +121,7 @@ def test_encoders_on_edge_values():
     assert np.array_equal(f32_to_bf16_bits(x).view(np.uint8).reshape(want.shape), want)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])
 def test_gguf_from_hf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     pytest.importorskip("llama_cpp")
     hf = make_tiny_model(tmp_path / arch, arch=arch, hidden=128, heads=4, kv_heads=2, ffn=256, shards=1)
@@ -131,6 +131,9 @@ def test_gguf_from_hf_runs_in_llama_cpp_like_transformers(arch, tmp_path):
     a, b = _llama_logits(gg, tokens), _hf_logits(hf, tokens)
     assert np.abs(a - b).max() < 2e-3 * max(1.0, np.abs(b).max())
     assert (a.argmax(-1) == b.argmax(-1)).all()
+    back = convert(gg, tmp_path / f"{arch}-back")  # and back to HF: the same model for transformers
+    c = _hf_logits(tmp_path / f"{arch}-back", tokens)
+    assert np.abs(c - b).max() < 1e-4 * max(1.0, np.abs(b).max()), back
 
 
 def test_unknown_architecture_is_clear(tiny_llama, tmp_path):

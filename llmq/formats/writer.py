@@ -6,7 +6,8 @@
     fmt = get_format("gptq"); scheme = Scheme(method="gptq", bits=4, group_size=128, sym=True)
     write_checkpoint(out, fmt, reader, layers, ((l.name, quantize(l)) for l in layers), scheme, force=force)
 
-It validates every layer against the format first (nothing is written when one cannot be held), plans the output
+``layers`` may be given in any order (e.g. GPTQ's q/k/v, o, up/gate, down within a block): the quantized tensors
+are planned and must be yielded in exactly that order. It validates every layer against the format first (nothing is written when one cannot be held), plans the output
 tensors (unquantized ones as they are, each quantized Linear as ``fmt.plan`` says), writes the unquantized tensors
 streaming from the reader, then consumes ``quantized`` - which must yield ``(name, QuantizedLinear |
 Blockwise4bit)`` in the order of ``layers`` - packing and writing each as it comes, so peak memory is one layer.

@@ -45,8 +45,20 @@ def quantize_child(method: str, options: dict, src: str, out: str) -> None:
     t0 = time.perf_counter()
     res = q.run(Path(src), Path(out), cfg_cls.from_options(method, options), force=True)
     secs = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     print(json.dumps({"seconds": secs, "peak_rss_bytes": rss, "output_bytes": res.output_bytes}))
+
+
+def peak_rss() -> int:
+    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork+exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def dir_bytes(path: Path) -> int:

@@ -26,9 +26,15 @@ def packed_len(n: int, bits: int) -> int:
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """int64 holding unsigned 32-bit values -> int32 with the same bits (two's complement)."""
+    """int64 whose low 32 bits are the word -> int32 with the same bits (two's complement)."""
     words = words & _MASK32
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def _layout(bits: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 32 codes of a run: their word, their bit offset in it, and whether they spill into the next word."""
+    start = torch.arange(32, device=device, dtype=torch.int64) * bits
+    return start // 32, start % 32, (start % 32) + bits > 32
 
 
 def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
@@ -46,13 +52,14 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
     if pad:
         x = torch.nn.functional.pad(x, (0, pad))
     lead = x.shape[:-1]
-    runs = x.reshape(*lead, -1, 32)  # 32 codes fill exactly `bits` words
-    acc = torch.zeros(*runs.shape[:-1], bits, dtype=torch.int64, device=x.device)
-    for e in range(32):
-        word, off = divmod(e * bits, 32)
-        acc[..., word] |= runs[..., e] << off
-        if off + bits > 32:  # straddles into the next word
-            acc[..., word + 1] |= runs[..., e] >> (32 - off)
+    runs = x.reshape(-1, 32)  # 32 codes fill exactly `bits` words
+    word, off, spill = _layout(bits, x.device)
+    acc = torch.zeros(runs.shape[0], bits, dtype=torch.int64, device=x.device)
+    # fields are disjoint, so adding is OR; bits pushed past 32 are masked off in _to_int32
+    acc.scatter_add_(1, word.expand_as(runs), runs << off)
+    if bool(spill.any()):
+        hi = runs[:, spill] >> (32 - off[spill])
+        acc.scatter_add_(1, (word[spill] + 1).expand_as(hi), hi)
     out = _to_int32(acc.reshape(*lead, -1)[..., : packed_len(n, bits)])
     return out.movedim(-1, dim).contiguous()
 

@@ -6,7 +6,7 @@ divergence against the unquantized model on wikitext-2 test (../shared/data), al
 GGUF does not add one), only the second half of each chunk scored; ``--chunks`` limits how many chunks (the whole
 file is ~580 chunks of 512; CPU time on this 2-core machine is the limit), so the figures are over the first N.
 
-    python benchmarks/rtn_nf4.py --model /path/to/smollm2-hf [--chunks 16] [--out benchmarks/results]
+    python benchmarks/rtn_nf4.py --model /path/to/smollm2-hf [--chunks 6] [--out benchmarks/results]
 
 The model directory must come from ``llmq convert SmolLM2-135M-Instruct.Q4_1.gguf DIR --outtype bf16``.
 Writes benchmarks/results/rtn_nf4.json and rtn_nf4.md.
@@ -29,7 +29,6 @@ sys.path.insert(0, str(REPO))
 
 RUNS = {
     "rtn-int4-g64": ("rtn", {"format": "compressed-tensors", "bits": 4, "group_size": 64, "sym": True}),
-    "rtn-int4-g64-gptq": ("rtn", {"format": "gptq", "bits": 4, "group_size": 64, "sym": False}),
     "rtn-int8": ("rtn", {"format": "compressed-tensors", "bits": 8, "group_size": -1, "sym": True}),
     "nf4": ("nf4", {"double_quant": False}),
     "nf4-dq": ("nf4", {"double_quant": True}),
@@ -111,7 +110,7 @@ def evaluate(model_dir: Path, base_dir: Path, ids: list[int], ctx: int, n_chunks
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=6)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--work", type=Path, default=Path("/tmp/llmq-bench-rtn"))
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")

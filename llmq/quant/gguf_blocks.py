@@ -191,7 +191,9 @@ def _pack_scales_q3(ls: np.ndarray) -> np.ndarray:
     return out
 
 
-def _requant(x: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray, lo: int, hi: int) -> np.ndarray:
+def _requant(
+    x: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray, lo: int, hi: int
+) -> np.ndarray:
     """Final quants from the stored (fp16-rounded) scales: nearest_int((x + m)/d) where d != 0, else keep L.
 
     x, L: (nb, nsub, n); d, m: (nb, nsub).
@@ -226,7 +228,9 @@ def _q2_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            ls = np.where(max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scales), F32(0))
+            ls = np.where(
+                max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scales), F32(0)
+            )
             lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), F32(0))
         sc = _u8(ls) | _u8(lm.astype(np.int64) << 4)
         d = np.where(max_scale > 0, max_scale / F32(15), F32(0))
@@ -256,9 +260,9 @@ def _q3_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         nz = max_scale != 0
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             iscale = F32(-32) / np.where(nz, max_scale, F32(1))
-            l = nearest_int(iscale[:, None] * scales)
-        l = (l.astype(np.int64) + 128) % 256 - 128  # int8_t conversion
-        ls = np.where(nz[:, None], np.clip(l, -32, 31) + 32, 0)
+            lq = nearest_int(iscale[:, None] * scales)
+        lq = (lq.astype(np.int64) + 128) % 256 - 128  # int8_t conversion
+        ls = np.where(nz[:, None], np.clip(lq, -32, 31) + 32, 0)
         with np.errstate(divide="ignore"):
             d = np.where(nz, F32(1) / iscale, F32(0))
     else:
@@ -347,7 +351,9 @@ def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     lo, hi = q & 0xF, q >> 4
     ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out = np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), sc.astype(np.int8).view(np.uint8), _f16(d)], axis=1)
+    out = np.concatenate(
+        [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.astype(np.int8).view(np.uint8), _f16(d)], axis=1
+    )
     out[zero] = 0  # ggml memsets an all-zero super-block
     return out
 
@@ -366,7 +372,9 @@ def row_bytes(type_name: str, n_per_row: int) -> int:
     return n_per_row // blck * nbytes
 
 
-def quantize(x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+def quantize(
+    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None, threads: int | None = None
+) -> np.ndarray:
     """Encode float32 rows ``x`` (nrows, n_per_row) as ggml ``type_name`` blocks: uint8 (nrows, row_bytes).
 
     ``imatrix`` (n_per_row,) switches to llama.cpp's importance-weighted search where ggml has one (Q8_0 ignores

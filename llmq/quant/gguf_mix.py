@@ -189,7 +189,9 @@ def allows_quantization(name: str, shape: Sequence[int], *, leave_output_tensor:
 
 
 def _use_more_bits(i_layer: int, n_layers: int) -> bool:
-    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or _cdiv_mod(i_layer - n_layers // 8, 3) == 2
+    return (
+        i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or _cdiv_mod(i_layer - n_layers // 8, 3) == 2
+    )
 
 
 def _cdiv_mod(a: int, b: int) -> int:
@@ -380,9 +382,13 @@ def _attn_output(qs: _State, new_type: str) -> str:
                       "IQ3_M", "IQ4_XS"):  # fmt: skip
                 new_type = "Q5_K"
         else:
-            new_type = {"Q2_K": "Q3_K", "IQ3_XXS": "IQ3_S", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_M": "Q4_K"}.get(
-                ft, new_type
-            )
+            new_type = {
+                "Q2_K": "Q3_K",
+                "IQ3_XXS": "IQ3_S",
+                "Q3_K_M": "Q4_K",
+                "Q3_K_L": "Q5_K",
+                "IQ3_M": "Q4_K",
+            }.get(ft, new_type)
     elif ft == "Q3_K_L":
         new_type = "Q4_K"
     return new_type

@@ -21,7 +21,7 @@ import numpy as np
 
 from llmq.errors import BadInput, UnsupportedType
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
-from llmq.quant.base import QuantConfig, QuantizeResult, Progress, no_progress, quantizers
+from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
 from llmq.quant.gguf_mix import (
     FILE_TYPES,
     PLAIN_TYPES,
@@ -63,7 +63,9 @@ class GGUFQuantConfig(QuantConfig):
         from llmq.quant.gguf_blocks import SUPPORTED_TYPES
 
         if ft.default_type not in SUPPORTED_TYPES and ft.default_type not in _PLAIN_OUT:
-            raise UnsupportedType(f"GGUF file type {ft.name} needs {ft.default_type}, which llmq cannot encode yet")
+            raise UnsupportedType(
+                f"GGUF file type {ft.name} needs {ft.default_type}, which llmq cannot encode yet"
+            )
         for opt in ("output_tensor_type", "token_embedding_type"):
             v = getattr(self, opt)
             if v is not None:
@@ -132,7 +134,11 @@ class _GGUFSource:
         out = []
         for t in self.reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            out.append(TensorInfo(t.name, t.tensor_type.name, shape, int(t.n_bytes), str(self.path), int(t.data_offset)))
+            out.append(
+                TensorInfo(
+                    t.name, t.tensor_type.name, shape, int(t.n_bytes), str(self.path), int(t.data_offset)
+                )
+            )
         return out
 
     def read_f32(self, name: str) -> np.ndarray:
@@ -175,7 +181,9 @@ def _encode(x: np.ndarray, dst_type: str, qw: np.ndarray | None, nrows_per_exper
     n = x.shape[1]
     parts = []
     for e, r0 in enumerate(range(0, x.shape[0], nrows_per_expert)):  # each expert has its own imatrix slice
-        parts.append(gguf_blocks.quantize(x[r0 : r0 + nrows_per_expert], dst_type, qw[e * n : (e + 1) * n], threads))
+        parts.append(
+            gguf_blocks.quantize(x[r0 : r0 + nrows_per_expert], dst_type, qw[e * n : (e + 1) * n], threads)
+        )
     return np.concatenate(parts, axis=0).reshape(-1)
 
 
@@ -220,7 +228,9 @@ class GGUFQuantizer:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix=".llmq-gguf-", dir=out.resolve().parent) as tmp:
             gguf_src = _as_gguf(src, Path(tmp), progress)
-            result = quantize_gguf(gguf_src, out, cfg, force=force, progress=progress, hf_dir=src if src.is_dir() else None)
+            result = quantize_gguf(
+                gguf_src, out, cfg, force=force, progress=progress, hf_dir=src if src.is_dir() else None
+            )
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -263,7 +273,8 @@ def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = F
                 kv[f.name] = (f.contents(), f.types[0], sub)
         u32, string = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
         extra: list[tuple[str, Any, Any]] = [
-            ("general.quantization_version", GGML_QNT_VERSION, u32), ("general.file_type", ft.ftype, u32)
+            ("general.quantization_version", GGML_QNT_VERSION, u32),
+            ("general.file_type", ft.ftype, u32),
         ]
         if im is not None:
             extra.append(("quantize.imatrix.file", im_name[:127], string))
@@ -340,10 +351,15 @@ def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQu
         qw = weights.get(t.name)
         if qw is not None and dst != t.dtype:
             n_mat = t.shape[-3] if len(t.shape) >= 3 else 1
-            if qw.size != t.shape[-1] * n_mat and t.name not in ("token_embd.weight", "per_layer_token_embd.weight"):
+            if qw.size != t.shape[-1] * n_mat and t.name not in (
+                "token_embd.weight",
+                "per_layer_token_embd.weight",
+            ):
                 raise BadInput(f"imatrix size {qw.size} is different from tensor size {t.shape[-1] * n_mat} "
                                f"for {t.name}")  # fmt: skip
-        needs = dst == "Q2_K" and cfg.type == "Q2_K_S" and t.name not in ("token_embd.weight", "output.weight")
+        needs = (
+            dst == "Q2_K" and cfg.type == "Q2_K_S" and t.name not in ("token_embd.weight", "output.weight")
+        )
         if needs and dst != t.dtype and qw is None:
             raise BadInput(f"file type Q2_K_S needs an importance matrix (missing for {t.name}): "
                            "pass --imatrix or --calibration")  # fmt: skip
@@ -360,7 +376,8 @@ def _get_imatrix(cfg: GGUFQuantConfig, s: _GGUFSource, hf_dir: Path | None):
             raise BadInput(f"imatrix contains non-finite values (e.g. {bad[0]})")
         return im, str(cfg.imatrix)
     if cfg.calibration:
-        im = imx.imatrix_from_calibration(hf_dir or s.path, cfg.calibration, nsamples=cfg.nsamples,
-                                          seqlen=cfg.seqlen, seed=cfg.seed)
+        im = imx.imatrix_from_calibration(
+            hf_dir or s.path, cfg.calibration, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed
+        )
         return im, str(cfg.save_imatrix or "(computed by llmq)")
     return None, ""

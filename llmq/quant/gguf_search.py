@@ -51,11 +51,11 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         with np.errstate(over="ignore", invalid="ignore"):
-            l = np.clip(nearest_int(iscale * X), -fn, fn - 1)
-        return l, ssum(wx * l), ssum((w * l) * l)
+            lq = np.clip(nearest_int(iscale * X), -fn, fn - 1)
+        return lq, ssum(wx * lq), ssum((w * lq) * lq)
 
-    l, sumlx, suml2 = trial(-fn / safe_max)
-    L = l + fn
+    lq, sumlx, suml2 = trial(-fn / safe_max)
+    L = lq + fn
     pos = suml2 != 0
     scale = np.where(pos, sumlx / np.where(pos, suml2, F32(1)), F32(0))
     best = scale * sumlx
@@ -63,10 +63,10 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
         if i == 0:
             continue
         iscale = -(fn + F32(0.1) * F32(i)) / safe_max
-        l, sumlx, suml2 = trial(iscale)
+        lq, sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         if better.any():
-            L = np.where(better, l + fn, L)
+            L = np.where(better, lq + fn, L)
             new_scale = sumlx / np.where(better, suml2, F32(1))
             scale = np.where(better, new_scale, scale)
             best = np.where(better, new_scale * sumlx, best)
@@ -180,8 +180,8 @@ def make_qp_quants(X: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
                 continue
             iscale_is = (F32(0.1) * F32(i) + fn) / safe_max
             scale_is = F32(1) / iscale_is
-            l = np.minimum(fn, nearest_int(iscale_is * X))
-            diff = X - scale_is * l
+            lq = np.minimum(fn, nearest_int(iscale_is * X))
+            diff = X - scale_is * lq
             mse = ssum((qw * diff) * diff)
             better = mse < best
             best = np.where(better, mse, best)

@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,7 +88,9 @@ def _load_gguf(p: Path) -> Imatrix:
         for suffix in (".in_sum2", ".counts"):
             if t.name.endswith(suffix):
                 shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                pairs.setdefault(t.name[: -len(suffix)], {})[suffix] = np.asarray(t.data, np.float32).reshape(shape)
+                pairs.setdefault(t.name[: -len(suffix)], {})[suffix] = np.asarray(t.data, np.float32).reshape(
+                    shape
+                )
     if not pairs:
         raise CorruptFile(f"{p}: no imatrix entries")
     for name, d in pairs.items():
@@ -181,9 +184,16 @@ def _save_legacy(im: Imatrix, tmp: Path) -> None:
         sums = np.asarray(im.sums[name], dtype=np.float32).reshape(len(counts), -1)
         ncall = int((counts.max() + chunk - 1) // chunk) if im.chunk_size else int(counts.max())
         cnt = counts.astype(np.float32)[:, None]
-        vals = np.where(cnt == 0, np.float32(1), sums / np.where(cnt == 0, np.float32(1), cnt)) * np.float32(ncall)
+        vals = np.where(cnt == 0, np.float32(1), sums / np.where(cnt == 0, np.float32(1), cnt)) * np.float32(
+            ncall
+        )
         nb = name.encode()
-        out += [struct.pack("<i", len(nb)), nb, struct.pack("<ii", ncall, vals.size), vals.astype("<f4").tobytes()]
+        out += [
+            struct.pack("<i", len(nb)),
+            nb,
+            struct.pack("<ii", ncall, vals.size),
+            vals.astype("<f4").tobytes(),
+        ]
     ds = (im.datasets[-1] if im.datasets else "").encode()
     out += [struct.pack("<i", int(im.chunk_count)), struct.pack("<i", len(ds)), ds]
     tmp.write_bytes(b"".join(out))
@@ -248,7 +258,9 @@ def compute_imatrix(
                 continue
             hooks.append(mod.register_forward_hook(make_hook(gname)))
     if not hooks:
-        raise CalibrationError("the model has no Linear layers with llama-family names to collect an imatrix for")
+        raise CalibrationError(
+            "the model has no Linear layers with llama-family names to collect an imatrix for"
+        )
     n_chunks = 0
     try:
         with torch.inference_mode():
@@ -265,3 +277,60 @@ def compute_imatrix(
         im.sums[name] = s.to(torch.float32).numpy().reshape(1, -1)
         im.counts[name] = np.array([counts[name]], dtype=np.int64)
     return im
+
+
+def calibration_text(spec: str) -> tuple[str, str]:
+    """(text, dataset name) for --calibration: "pydoc" (CPython's pydoc topics), "wikitext" or a text file."""
+    if spec == "pydoc":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[k] for k in sorted(topics)), "pydoc_data.topics"
+    if spec in ("wikitext", "wikitext-2"):
+        return _shared_wikitext().read_text(encoding="utf-8"), "wiki.test.raw"
+    p = Path(spec)
+    if p.is_file():
+        return p.read_text(encoding="utf-8", errors="replace"), p.name
+    raise BadInput(f"unknown calibration source {spec!r} (use pydoc, wikitext or a text file)")
+
+
+def _shared_wikitext() -> Path:
+    env = os.environ.get("LLMQ_SHARED")
+    roots = [Path(env)] if env else []
+    roots += [Path(__file__).resolve().parents[2].parent / "shared", Path("/work/shared")]
+    for r in roots:
+        p = r / "data" / "wikitext-2-raw" / "wiki.test.raw"
+        if p.is_file():
+            return p
+    raise BadInput("wikitext-2 is not available (set LLMQ_SHARED to the folder holding data/wikitext-2-raw)")
+
+
+def imatrix_from_calibration(model_src: Path, calibration: str, *, nsamples: int = 64, seqlen: int = 512,
+                             seed: int = 0) -> Imatrix:  # fmt: skip
+    """Run the model (HF directory, or a GGUF through transformers) over calibration text and collect an imatrix.
+
+    The text is tokenized once and cut into ``nsamples`` consecutive chunks of ``seqlen`` tokens, each starting
+    with BOS like llama-imatrix's chunks.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text, name = calibration_text(calibration)
+    src = Path(model_src)
+    kw: dict[str, Any] = {} if src.is_dir() else {"gguf_file": src.name}
+    base = src if src.is_dir() else src.parent
+    try:
+        tok = AutoTokenizer.from_pretrained(base, **kw)
+        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32, **kw)
+    except Exception as e:  # transformers raises many kinds (OSError, ValueError, KeyError...)
+        raise CalibrationError(f"cannot load {src} with transformers to compute an imatrix: {e}") from None
+    model.eval()
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    step = seqlen - 1
+    n = min(nsamples, len(ids) // step)
+    if n < 1:
+        raise CalibrationError(f"calibration text has {len(ids)} tokens, fewer than one chunk of {seqlen}")
+    bos = tok.bos_token_id if tok.bos_token_id is not None else int(ids[0])
+    g = torch.Generator().manual_seed(seed)
+    starts = sorted(torch.randperm(len(ids) // step, generator=g)[:n].tolist()) if seed else range(n)
+    chunks = (torch.cat([torch.tensor([bos]), ids[s * step : (s + 1) * step]])[None, :] for s in starts)
+    return compute_imatrix(model, chunks, dataset=name, chunk_size=seqlen)

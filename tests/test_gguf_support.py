@@ -153,3 +153,40 @@ def gguf_tensors(path: Path) -> dict[str, tuple[str, np.ndarray, tuple[int, ...]
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         out[t.name] = (t.tensor_type.name, np.asarray(t.data).view(np.uint8).reshape(-1).copy(), shape)
     return out
+
+
+def ggml_quantize_chunk(x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml's own ggml_quantize_chunk (the function llama_model_quantize calls) from llama-cpp-python's libggml."""
+    import gguf
+    import llama_cpp
+
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    lib = ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_void_p]  # fmt: skip
+    t = gguf.GGMLQuantizationType[type_name]
+    blck, size = gguf.GGML_QUANT_SIZES[t]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    nrows, n = x.shape
+    out = np.zeros((nrows, n // blck * size), dtype=np.uint8)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    fn(int(t), x.ctypes.data, out.ctypes.data, 0, nrows, n, None if qw is None else qw.ctypes.data)
+    return out
+
+
+def outlier_matrix(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random weights with the shapes of trouble: outliers, zero / constant / one-signed blocks, tiny values."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+    m = rng.random(x.shape) < 0.01
+    x[m] *= rng.uniform(10, 300, size=int(m.sum())).astype(np.float32)
+    x[0, :256] = 0.0
+    x[1, :256] = 0.75
+    x[2] = np.abs(x[2])
+    x[3] = -np.abs(x[3])
+    x[4, 7] = 1e-4
+    x[4, :32] *= 1e-6
+    x[5, ::2] = 0.0
+    return x

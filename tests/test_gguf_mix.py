@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_gguf_support import LLAMA_FTYPES, gguf_tensors, llama_quantize, smollm2_reader
 
 from llmq.errors import BadInput
 from llmq.quant.gguf_mix import FILE_TYPES, choose_types, ggml_type_nbytes
-
-from test_gguf_support import LLAMA_FTYPES, gguf_tensors, llama_quantize, smollm2_reader
 
 MIXES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
          "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "BF16"]  # fmt: skip
@@ -102,7 +101,11 @@ def thin_llama(tmp_path_factory) -> tuple[Path, list[tuple[str, tuple[int, ...]]
             "llama.feed_forward_length": (1536, u32), "llama.attention.head_count": (8, u32),
             "llama.attention.head_count_kv": (2, u32), "llama.rope.dimension_count": (64, u32),
             "llama.attention.layer_norm_rms_epsilon": (1e-5, gguf.GGUFValueType.FLOAT32)}  # fmt: skip
-    tensors = [("token_embd.weight", (1000, 512)), ("output_norm.weight", (512,)), ("output.weight", (1000, 512))]
+    tensors = [
+        ("token_embd.weight", (1000, 512)),
+        ("output_norm.weight", (512,)),
+        ("output.weight", (1000, 512)),
+    ]
     for i in range(16):
         p = f"blk.{i}."
         tensors += [(p + "attn_norm.weight", (512,)), (p + "attn_q.weight", (512, 512)),
@@ -113,7 +116,9 @@ def thin_llama(tmp_path_factory) -> tuple[Path, list[tuple[str, tuple[int, ...]]
     return _shape_model(tmp_path_factory.mktemp("mix") / "thin.gguf", meta, tensors), tensors
 
 
-@pytest.mark.parametrize("ftype,opts", OPTION_CASES, ids=[f"{f}-{'-'.join(o) or 'default'}" for f, o in OPTION_CASES])
+@pytest.mark.parametrize(
+    "ftype,opts", OPTION_CASES, ids=[f"{f}-{'-'.join(o) or 'default'}" for f, o in OPTION_CASES]
+)
 def test_options_match_llama_cpp(tmp_path, thin_llama, ftype: str, opts: dict) -> None:
     pytest.importorskip("llama_cpp")
     src, tensors = thin_llama
@@ -138,6 +143,16 @@ def test_file_type_table_and_sizes() -> None:
 
 
 def test_string_overrides_and_plain_tensors() -> None:
-    t = [("blk.0.attn_v.weight", (256, 256)), ("blk.0.attn_norm.weight", (256,)), ("token_embd.weight", (64, 256))]
-    got = choose_types(t, "Q4_0", 1, tensor_type_overrides=("ATTN_V=q8_0",), src_types={"blk.0.attn_norm.weight": "F16"})
-    assert got == {"blk.0.attn_v.weight": "Q8_0", "blk.0.attn_norm.weight": "F16", "token_embd.weight": "Q6_K"}
+    t = [
+        ("blk.0.attn_v.weight", (256, 256)),
+        ("blk.0.attn_norm.weight", (256,)),
+        ("token_embd.weight", (64, 256)),
+    ]
+    got = choose_types(
+        t, "Q4_0", 1, tensor_type_overrides=("ATTN_V=q8_0",), src_types={"blk.0.attn_norm.weight": "F16"}
+    )
+    assert got == {
+        "blk.0.attn_v.weight": "Q8_0",
+        "blk.0.attn_norm.weight": "F16",
+        "token_embd.weight": "Q6_K",
+    }

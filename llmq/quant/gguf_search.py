@@ -48,13 +48,22 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
     w = X * X if qw is None else qw
     wx = w * X
     fn = F32(nmax)
+    lq, tmp = np.empty_like(X), np.empty_like(X)
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
         with np.errstate(over="ignore", invalid="ignore"):
-            lq = np.clip(nearest_int(iscale * X), -fn, fn - 1)
-        return lq, ssum(wx * lq), ssum((w * lq) * lq)
+            np.multiply(iscale, X, out=lq)
+            np.rint(lq, out=lq)
+            np.maximum(lq, -fn, out=lq)
+            np.minimum(lq, fn - 1, out=lq)
+        np.multiply(wx, lq, out=tmp)
+        sumlx = ssum(tmp)
+        np.multiply(w, lq, out=tmp)
+        np.multiply(tmp, lq, out=tmp)
+        return sumlx, ssum(tmp)
 
-    lq, sumlx, suml2 = trial(-fn / safe_max)
+    sumlx, suml2 = trial(-fn / safe_max)
     L = lq + fn
     pos = suml2 != 0
     scale = np.where(pos, sumlx / np.where(pos, suml2, F32(1)), F32(0))
@@ -63,15 +72,15 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
         if i == 0:
             continue
         iscale = -(fn + F32(0.1) * F32(i)) / safe_max
-        lq, sumlx, suml2 = trial(iscale)
+        sumlx, suml2 = trial(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         if better.any():
-            L = np.where(better, lq + fn, L)
+            np.add(lq, fn, out=L, where=better[None, :])
             new_scale = sumlx / np.where(better, suml2, F32(1))
             scale = np.where(better, new_scale, scale)
             best = np.where(better, new_scale * sumlx, best)
     scale = np.where(zero, F32(0), scale)
-    L = np.where(zero, F32(0), L)
+    L[:, zero] = 0
     return scale, L
 
 
@@ -125,25 +134,39 @@ def make_qkx_quants(
     rng = np.where(flat, F32(1), xmax - xmin)
     fn = F32(nmax)
 
+    la, t1, t2 = np.empty_like(X), np.empty_like(X), np.empty_like(X)
+
     def error(scale: np.ndarray, mn: np.ndarray, L: np.ndarray) -> np.ndarray:
-        diff = (scale * L + mn) - X
-        diff = np.abs(diff) if use_mad else diff * diff
-        return ssum(W * diff)
+        np.multiply(scale, L, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w
+        np.add(t2, mn, out=t2)
+        np.subtract(t2, X, out=t2)
+        if use_mad:
+            np.abs(t2, out=t2)
+        else:
+            np.multiply(t2, t2, out=t2)
+        np.multiply(t2, W, out=t2)
+        return ssum(t2)
 
     iscale = fn / rng
     scale = F32(1) / iscale
     L = np.clip(nearest_int(iscale * (X - xmin)), F32(0), fn)
     best = error(scale, xmin, L)
     mn = xmin
+    Xm = X - mn
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for i in range(nstep + 1):
             # ggml keeps using the best min found so far for the range and the offset
             iscale = ((F32(rmin) + F32(rdelta) * F32(i)) + fn) / np.where(flat, F32(1), xmax - mn)
-            la = np.clip(nearest_int(iscale * (X - mn)), F32(0), fn)
-            wl = W * la
-            sum_l = ssum(wl)
-            sum_l2 = ssum(wl * la)
-            sum_xl = ssum(wl * X)
+            np.multiply(iscale, Xm, out=la)
+            np.rint(la, out=la)
+            np.maximum(la, F32(0), out=la)
+            np.minimum(la, fn, out=la)
+            np.multiply(W, la, out=t1)
+            sum_l = ssum(t1)
+            np.multiply(t1, la, out=t2)
+            sum_l2 = ssum(t2)
+            np.multiply(t1, X, out=t2)
+            sum_xl = ssum(t2)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
@@ -153,10 +176,11 @@ def make_qkx_quants(
             cur = error(this_scale, this_min, la)
             better = (D > 0) & (cur < best)
             if better.any():
-                L = np.where(better, la, L)
+                np.copyto(L, la, where=better[None, :])
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
                 mn = np.where(better, this_min, mn)
+                np.subtract(X, mn, out=Xm)
     scale = np.where(flat, F32(0), scale)
     mn = np.where(flat, xmin, mn)
     L = np.where(flat, F32(0), L)

@@ -22,6 +22,7 @@ import numpy as np
 from llmq.errors import BadInput, UnsupportedType
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
+from llmq.quant.gguf_file import STRING, UINT32, encode_kv, write_gguf
 from llmq.quant.gguf_mix import (
     FILE_TYPES,
     PLAIN_TYPES,
@@ -116,40 +117,28 @@ def plan_types(infos: Sequence[TensorInfo], meta: Mapping[str, Any], config: GGU
 
 
 class _GGUFSource:
-    """A GGUF input read with gguf-py (mmap): header metadata in order, tensor infos, raw tensor data."""
+    """A GGUF input: header metadata (raw entries kept in order), tensor infos, tensor data read on demand."""
 
     def __init__(self, path: Path):
-        import gguf
+        from llmq.quant.gguf_file import GGUFHeader
 
-        try:
-            self.reader = gguf.GGUFReader(str(path))
-        except Exception as e:  # gguf-py raises ValueError / struct.error on malformed files
-            raise BadInput(f"{path} is not a readable GGUF file: {e}") from None
         self.path = path
-        self.fields = [f for f in self.reader.fields.values() if not f.name.startswith("GGUF.")]
-        self.meta = {f.name: f.contents() for f in self.fields}
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.header = GGUFHeader(path)
+        self.meta = self.header.kv
+        self.tensors = {t.name: t for t in self.header.tensors}
 
     def infos(self) -> list[TensorInfo]:
-        out = []
-        for t in self.reader.tensors:
-            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            out.append(
-                TensorInfo(
-                    t.name, t.tensor_type.name, shape, int(t.n_bytes), str(self.path), int(t.data_offset)
-                )
-            )
-        return out
+        return [TensorInfo(t.name, t.type_name, t.shape, t.nbytes, str(self.path), t.offset)
+                for t in self.header.tensors]  # fmt: skip
 
     def read_f32(self, name: str) -> np.ndarray:
         """The tensor as float32 rows (n_rows, n_per_row), converted like llama.cpp (ggml's to_float)."""
         import gguf
 
         t = self.tensors[name]
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        n = shape[-1] if shape else 1
-        kind = t.tensor_type.name
-        data = np.asarray(t.data)
+        n = t.shape[-1] if t.shape else 1
+        data = self.header.read(t)
+        kind = t.type_name
         if kind == "F32":
             x = data.view(np.float32)
         elif kind == "F16":
@@ -157,11 +146,20 @@ class _GGUFSource:
         elif kind == "BF16":
             x = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
-            x = gguf.quants.dequantize(data.view(np.uint8).reshape(-1), t.tensor_type).astype(np.float32)
-        return np.ascontiguousarray(x.reshape(-1, n))
+            x = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.type_id)).astype(np.float32)
+        return x.reshape(-1, n)
 
     def raw(self, name: str) -> np.ndarray:
-        return np.asarray(self.tensors[name].data).view(np.uint8).reshape(-1)
+        return self.header.read(self.tensors[name])
+
+    def close(self) -> None:
+        self.header.close()
+
+    def __enter__(self) -> _GGUFSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _encode(x: np.ndarray, dst_type: str, qw: np.ndarray | None, nrows_per_expert: int,
@@ -206,9 +204,10 @@ class GGUFQuantizer:
         src = Path(src)
         if src.is_dir():
             raise BadInput("planning from an HF directory needs its GGUF conversion; pass the GGUF file")
-        s = _GGUFSource(src)
-        infos = s.infos()
-        types = plan_types(infos, s.meta, cfg, has_imatrix=bool(cfg.imatrix or cfg.calibration))
+        with _GGUFSource(src) as s:
+            infos = s.infos()
+            meta = s.meta
+        types = plan_types(infos, meta, cfg, has_imatrix=bool(cfg.imatrix or cfg.calibration))
         return [TensorInfo(t.name, types[t.name], t.shape, ggml_type_nbytes(types[t.name], t.shape))
                 for t in sorted(infos, key=lambda t: llama_sort_key(t.name))]  # fmt: skip
 
@@ -252,83 +251,81 @@ def _as_gguf(src: Path, tmp: Path, progress: Progress) -> Path:
 def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = False,
                   progress: Progress = no_progress, hf_dir: Path | None = None) -> QuantizeResult:  # fmt: skip
     """Quantize the GGUF ``src`` into ``out`` (the body of ``llmq quantize --method gguf``)."""
+    s = _GGUFSource(src)
+    try:
+        return _quantize_source(s, out, cfg, force, progress, hf_dir)
+    finally:
+        s.close()
+
+
+def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool, progress: Progress,
+                     hf_dir: Path | None) -> QuantizeResult:  # fmt: skip
     import gguf
 
     from llmq.quant import imatrix as imx
 
-    s = _GGUFSource(src)
     infos = s.infos()
     im, im_name = _get_imatrix(cfg, s, hf_dir)
     weights = im.weights() if im is not None else {}
     types = plan_types(infos, s.meta, cfg, has_imatrix=im is not None)
     notes = _validate(infos, types, cfg, weights)
     ordered = sorted(infos, key=lambda t: llama_sort_key(t.name))
-    ft = FILE_TYPES[cfg.type]
-    with AtomicOutput(out, is_dir=False, force=force) as tmp:
-        w = gguf.GGUFWriter(str(tmp), s.meta.get("general.architecture", "llama"))
-        kv: dict[str, tuple[Any, Any, Any]] = {}
-        for f in s.fields:  # the source's metadata in order, as llama.cpp's gguf_set_kv copies it
-            if not f.name.startswith("split."):
-                sub = f.types[1] if len(f.types) > 1 and f.types[0] == gguf.GGUFValueType.ARRAY else None
-                kv[f.name] = (f.contents(), f.types[0], sub)
-        u32, string = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
-        extra: list[tuple[str, Any, Any]] = [
-            ("general.quantization_version", GGML_QNT_VERSION, u32),
-            ("general.file_type", ft.ftype, u32),
-        ]
-        if im is not None:
-            extra.append(("quantize.imatrix.file", im_name[:127], string))
-            if im.datasets:
-                extra.append(("quantize.imatrix.dataset", im.datasets[0][:127], string))
-            extra.append(("quantize.imatrix.entries_count", len(weights), u32))
-            if im.chunk_count > 0:
-                extra.append(("quantize.imatrix.chunks_count", int(im.chunk_count), u32))
-        for key, val, vtype in extra:  # gguf_set_val removes a key and appends it again
-            kv.pop(key, None)
-            kv[key] = (val, vtype, None)
-        w.kv_data[0].clear()
-        for key, (val, vtype, sub) in kv.items():
-            w.add_key_value(key, val, vtype, sub)
-        out_infos = []
-        for t in ordered:
-            dst = types[t.name]
-            nbytes = t.nbytes if dst == t.dtype else ggml_type_nbytes(dst, t.shape)
-            raw_shape = _raw_shape(dst, t.shape)
-            w.add_tensor_info(t.name, raw_shape, np.dtype(np.uint8), nbytes, gguf.GGMLQuantizationType[dst])
-            out_infos.append(TensorInfo(t.name, dst, t.shape, nbytes))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        total = sum(t.numel for t in ordered)
+    kv = _output_metadata(s, FILE_TYPES[cfg.type].ftype, im, im_name, len(weights))
+    planned = []
+    out_infos = []
+    for t in ordered:
+        dst = types[t.name]
+        nbytes = t.nbytes if dst == t.dtype else ggml_type_nbytes(dst, t.shape)
+        planned.append((t.name, int(gguf.GGMLQuantizationType[dst]), tuple(t.shape), nbytes))
+        out_infos.append(TensorInfo(t.name, dst, t.shape, nbytes))
+    total = max(1, sum(t.numel for t in ordered))
+
+    def tensor_data():
         done = 0
         for t in ordered:
             dst = types[t.name]
             if dst == t.dtype:
-                data = s.raw(t.name)
+                yield s.raw(t.name)
             else:
-                x = s.read_f32(t.name)
                 rows_per_expert = t.shape[-2] if len(t.shape) >= 2 else 1
-                data = _encode(x, dst, weights.get(t.name), rows_per_expert, cfg.threads)
-                del x
-            w.write_tensor_data(np.ascontiguousarray(data).reshape(_raw_shape(dst, t.shape)))
+                yield _encode(s.read_f32(t.name), dst, weights.get(t.name), rows_per_expert, cfg.threads)
             done += t.numel
             progress("quantize", done, total)
-        w.close()
+
+    try:
+        with AtomicOutput(out, is_dir=False, force=force) as tmp:
+            write_gguf(
+                tmp, kv, planned, tensor_data(), alignment=s.header.alignment, version=s.header.version
+            )
+    finally:
+        s.close()
     if cfg.save_imatrix and im is not None:
         imx.save_imatrix(im, cfg.save_imatrix)
     return QuantizeResult(
-        output=out, method="gguf", format="gguf", config=cfg.to_dict(), input_bytes=src.stat().st_size,
+        output=out, method="gguf", format="gguf", config=cfg.to_dict(), input_bytes=s.path.stat().st_size,
         output_bytes=out.stat().st_size, tensors=out_infos, notes=notes,
     )  # fmt: skip
 
 
-def _raw_shape(dst: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """numpy byte shape gguf-py expects for a uint8 tensor of ggml type ``dst``."""
-    import gguf
-
-    blck, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[dst]]
-    shape = tuple(shape) or (1,)
-    return (*shape[:-1], shape[-1] // blck * size)
+def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int) -> list[bytes]:
+    """The source's metadata entries in order (split keys dropped), then llama.cpp's keys: gguf_set_val removes a
+    key and appends it again, so file_type & co. move to the end, in the order llama.cpp sets them."""
+    kv = {k: v for k, v in s.header.kv_raw.items() if not k.startswith("split.")}
+    extra: list[tuple[str, Any, int]] = [
+        ("general.quantization_version", GGML_QNT_VERSION, UINT32),
+        ("general.file_type", ftype, UINT32),
+    ]
+    if im is not None:
+        extra.append(("quantize.imatrix.file", im_name[:127], STRING))
+        if im.datasets:
+            extra.append(("quantize.imatrix.dataset", im.datasets[0][:127], STRING))
+        extra.append(("quantize.imatrix.entries_count", n_entries, UINT32))
+        if im.chunk_count > 0:
+            extra.append(("quantize.imatrix.chunks_count", int(im.chunk_count), UINT32))
+    for key, val, vtype in extra:
+        kv.pop(key, None)
+        kv[key] = encode_kv(key, val, vtype)
+    return list(kv.values())
 
 
 def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQuantConfig,

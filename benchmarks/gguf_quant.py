@@ -8,6 +8,13 @@ two output files are byte-identical.
                                     [--llama-layers 22] [--workdir /tmp/llmq-bench]
 
 Writes benchmarks/results/gguf_quant.json and .md.
+
+    python benchmarks/gguf_quant.py --imatrix-kl [--kl-types Q4_K_M,Q3_K_M,Q2_K]
+
+measures instead what an importance matrix buys: SmolLM2 quantized by llmq with and without an imatrix computed
+by llmq on calibration text (CPython's pydoc topics), each scored by llama.cpp (llama-cpp-python) on held-out
+wikitext-2 test text as the mean KL divergence of its next-token distribution from the f32 model's. Writes
+benchmarks/results/gguf_imatrix_kl.json and .md.
 """
 
 from __future__ import annotations
@@ -150,6 +157,73 @@ def sha(p: Path) -> str:
     return h.hexdigest()
 
 
+def _logprobs(model: Path, tokens: list[int], n_ctx: int) -> np.ndarray:
+    """log-softmax of llama.cpp's logits for every position of consecutive n_ctx windows."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(model), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count())
+    out = []
+    for s in range(0, len(tokens) - n_ctx + 1, n_ctx):
+        llm.reset()
+        llm.eval(tokens[s : s + n_ctx])
+        lg = np.asarray(llm.scores[:n_ctx], dtype=np.float64)
+        lg -= lg.max(axis=1, keepdims=True)
+        out.append(lg - np.log(np.exp(lg).sum(axis=1, keepdims=True)))
+    del llm
+    return np.concatenate(out)
+
+
+def imatrix_kl(a: argparse.Namespace, work: Path) -> None:
+    sys.path.insert(0, str(ROOT))
+    from llama_cpp import Llama
+
+    from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
+    from llmq.quant.imatrix import _shared_wikitext, imatrix_from_calibration, save_imatrix
+
+    src = smollm2_f32(work / "smollm2-f32.gguf")
+    imfile = work / "smollm2-imatrix.gguf"
+    t0 = time.perf_counter()
+    im = imatrix_from_calibration(src, "pydoc", nsamples=a.nsamples, seqlen=512)
+    save_imatrix(im, imfile)
+    t_im = time.perf_counter() - t0
+    text = _shared_wikitext().read_text(encoding="utf-8")[:200_000]
+    tok = Llama(str(src), vocab_only=True, verbose=False)
+    tokens = tok.tokenize(text.encode(), add_bos=False)[: a.eval_chunks * a.n_ctx]
+    del tok
+    ref = _logprobs(src, tokens, a.n_ctx)
+    p_ref = np.exp(ref)
+    rows = []
+    for t in a.kl_types.split(","):
+        row: dict = {"type": t}
+        for label, imx in (("plain", None), ("imatrix", str(imfile))):
+            out = work / f"smollm2-{t}-{label}.gguf"
+            GGUFQuantizer().run(src, out, GGUFQuantConfig(type=t, imatrix=imx), force=True)
+            lp = _logprobs(out, tokens, a.n_ctx)
+            kl = (p_ref * (ref - lp)).sum(axis=1)
+            top1 = float((lp.argmax(1) == ref.argmax(1)).mean())
+            row[f"kl_{label}"] = round(float(kl.mean()), 5)
+            row[f"top1_{label}"] = round(top1, 4)
+            row[f"mib_{label}"] = round(out.stat().st_size / 2**20, 1)
+            out.unlink()
+        row["kl_reduction"] = f"{100 * (1 - row['kl_imatrix'] / row['kl_plain']):.1f}%"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    meta = {"model": "SmolLM2-135M-Instruct (f32 from the Q4_1 GGUF)", "calibration": "pydoc_data.topics",
+            "imatrix_chunks": im.chunk_count, "imatrix_seconds": round(t_im, 1),
+            "eval": f"wikitext-2 test, {len(tokens)} tokens in windows of {a.n_ctx}",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    Path(a.out_kl + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        "| type | KL plain | KL imatrix | KL reduction | top-1 plain | top-1 imatrix |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['type']} | {r['kl_plain']} | {r['kl_imatrix']} | {r['kl_reduction']} | "
+                     f"{r['top1_plain']} | {r['top1_imatrix']} |")  # fmt: skip
+    Path(a.out_kl + ".md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", default="Q8_0,Q4_0,Q4_K_M,Q6_K,Q2_K")
@@ -157,9 +231,18 @@ def main() -> None:
     ap.add_argument("--llama-layers", type=int, default=22)
     ap.add_argument("--workdir", default="/tmp/llmq-bench")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gguf_quant"))
+    ap.add_argument("--imatrix-kl", action="store_true")
+    ap.add_argument("--kl-types", default="Q4_K_M,Q3_K_M,Q2_K")
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--eval-chunks", type=int, default=8)
+    ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument("--out-kl", default=str(ROOT / "benchmarks" / "results" / "gguf_imatrix_kl"))
     a = ap.parse_args()
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if a.imatrix_kl:
+        imatrix_kl(a, work)
+        return
     rows = []
     for model in a.models.split(","):
         src = smollm2_f32(work / "smollm2-f32.gguf") if model == "smollm2" else \

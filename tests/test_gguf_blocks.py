@@ -94,3 +94,13 @@ def test_bad_inputs() -> None:
         gb.quantize(np.zeros((2, 256), np.float32), "IQ2_XXS")
     with pytest.raises(ShapeError):
         gb.quantize(np.zeros((2, 256), np.float32), "Q4_K", np.ones(128, np.float32))
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_signed_zeros_and_exact_ties(type_name: str) -> None:
+    x = np.zeros((4, 256), np.float32)
+    x[0] = -0.0  # ggml's running maxima start at +0.0
+    x[1, ::3] = -0.0
+    x[2, :32] = [127, 0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -126.5] * 4  # roundf ties in Q8_0
+    x[3, 5], x[3, 9] = -2.0, 2.0  # |max| tie: the first one wins
+    assert _differing_blocks(gb.quantize(x, type_name), ggml_quantize_chunk(x, type_name), type_name) == 0

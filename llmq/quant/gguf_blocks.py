@@ -80,24 +80,50 @@ def _row_sigma2(x: np.ndarray, factor: float = 1.0) -> np.ndarray:
 
 def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     b = x.reshape(-1, 32)
-    amax = np.abs(b).max(axis=1)
+    amax = np.abs(np.maximum(b.max(axis=1), -b.min(axis=1)))  # abs: ggml's running max starts at +0.0
     d = amax / F32(127)
     with np.errstate(divide="ignore"):
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    q = _roundf(b * idv[:, None]).astype(np.int8).view(np.uint8)
-    return np.concatenate([_f16(d), q], axis=1)
+    v = b * idv[:, None]
+    # roundf (half away from zero) as trunc(v + copysign(0.5 - 2^-25, v)): exact for |v| < 2^23
+    v += np.copysign(F32(0.49999997), v)
+    np.trunc(v, out=v)
+    out = np.empty((b.shape[0], 34), dtype=np.uint8)
+    out[:, :2] = _f16(d)
+    out[:, 2:] = v.astype(np.int8).view(np.uint8)
+    return out
+
+
+def _signed_absmax(b: np.ndarray) -> np.ndarray:
+    """Per row of ``b`` (M, n): the value with the largest |x|, the first one on a tie (ggml's strict > loop)."""
+    mx, mn = b.max(axis=1), b.min(axis=1)
+    vmax = np.where(mx >= -mn, mx, mn)
+    tie = (mx == -mn) & (mx != 0)
+    if tie.any():  # +a and -a both present: whichever comes first
+        rows = b[tie]
+        vmax[tie] = rows[np.arange(len(rows)), np.argmax(np.abs(rows), axis=1)]
+    vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
+    return vmax
+
+
+def _first_zero_sign(b: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """ggml's min/max loops keep the first of equal values: a zero extreme has the sign of the first zero."""
+    z = ext == 0
+    if z.any():
+        rows = b[z]
+        ext[z] = rows[np.arange(len(rows)), np.argmax(rows == 0, axis=1)]
+    return ext
 
 
 def _abs_max_scale(b: np.ndarray, div: float) -> tuple[np.ndarray, np.ndarray]:
-    _, vmax = first_absmax(_em(b))
-    d = vmax / F32(div)
+    d = _signed_absmax(b) / F32(div)
     with np.errstate(divide="ignore"):
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
     return d, idv
 
 
 def _min_max_scale(b: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mn, mx = b.min(axis=1), b.max(axis=1)
+    mn, mx = _first_zero_sign(b, b.min(axis=1)), _first_zero_sign(b, b.max(axis=1))
     d = (mx - mn) / F32(levels)
     with np.errstate(divide="ignore"):
         idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
@@ -120,7 +146,10 @@ def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     b = x.reshape(-1, 32)
     if qw is None:
         d, idv = _abs_max_scale(b, -8)
-        q = np.minimum(F32(15), np.trunc(b * idv[:, None] + F32(8.5)))
+        q = b * idv[:, None]
+        q += F32(8.5)
+        np.trunc(q, out=q)
+        np.minimum(q, F32(15), out=q)
     else:
         d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
         q = L.T
@@ -131,7 +160,10 @@ def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     b = x.reshape(-1, 32)
     if qw is None:
         d, idv = _abs_max_scale(b, -16)
-        q = np.minimum(F32(31), np.trunc(b * idv[:, None] + F32(16.5)))
+        q = b * idv[:, None]
+        q += F32(16.5)
+        np.trunc(q, out=q)
+        np.minimum(q, F32(31), out=q)
     else:
         d, L = make_qx_quants(_em(b), 16, _em(_legacy_weights(x, qw)))
         q = L.T

@@ -1,6 +1,7 @@
 """llmq's GGUF quantizer vs llama.cpp's llama_model_quantize (llama-cpp-python), side by side.
 
-Each run is a fresh subprocess (so Python start-up and imports count, and peak RSS is per run). Both tools
+Each run is a fresh subprocess (so Python start-up and imports count); peak RSS is its VmHWM (ru_maxrss would
+include the parent's peak inherited through fork). Both tools
 quantize the same f32 GGUF to the same file type; we report wall times, their ratio, peak RSS and whether the
 two output files are byte-identical.
 
@@ -45,20 +46,20 @@ FTYPES = {
 }
 
 LLMQ_RUN = """
-import resource, sys
+import sys
 from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
 GGUFQuantizer().run(sys.argv[1], sys.argv[2], GGUFQuantConfig(type=sys.argv[3]), force=True)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 """
 
 LLAMA_RUN = """
-import ctypes, os, resource, sys
+import ctypes, os, sys
 import llama_cpp
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = int(sys.argv[3]); p.nthread = 0
 if llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p)) != 0:
     sys.exit("llama_model_quantize failed")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 """
 
 

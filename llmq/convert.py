@@ -28,6 +28,7 @@ from llmq.io import (
     SafetensorsWriter,
     check_output,
     detect_kind,
+    open_checkpoint,
 )
 from llmq.io.base import TensorInfo
 from llmq.io.ggml_types import GGUFValueType, is_block_type, type_nbytes
@@ -80,7 +81,8 @@ class ConvertResult:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto", *, force: bool = False,
-            max_shard_size: str | int | None = None, progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+            max_shard_size: str | int | None = None, allow_pickle: bool = False,
+            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
     """Convert an HF safetensors directory to GGUF, or a GGUF file to an HF safetensors directory.
 
     The direction follows the input. ``outtype``: f32|f16|bf16|q8_0|auto for HF → GGUF; f32|f16|bf16|auto for
@@ -95,7 +97,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto
         raise BadInput(
             f"{src}: converting to GGUF needs a Hugging Face model directory (config.json + tokenizer)"
         )
-    return hf_to_gguf(src, dst, outtype, force=force, progress=progress)
+    return hf_to_gguf(src, dst, outtype, force=force, allow_pickle=allow_pickle, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,12 +266,12 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
+def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False, allow_pickle: bool = False,
                progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
     t0 = time.perf_counter()
     if outtype not in (*FILE_TYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, q8_0, auto for HF → GGUF")
-    reader = SafetensorsReader(src)
+    reader = open_checkpoint(src, allow_pickle=allow_pickle)
     config = reader.config
     if config is None:
         raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
@@ -474,7 +476,8 @@ def _cast_hf(data: np.ndarray, outtype: str) -> np.ndarray:
 
 
 def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
-               max_shard_size: str | int | None = None, progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+               max_shard_size: str | int | None = None, allow_pickle: bool = False,
+            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
     t0 = time.perf_counter()
     if outtype not in (*HF_OUTTYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, auto for GGUF → HF")

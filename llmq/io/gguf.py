@@ -162,7 +162,10 @@ class GGUFFile:
         n_kv = cur.unpack("<Q", "metadata count")
         # each KV takes at least 8+4 bytes, each tensor info at least 8+4+8+4+8
         if n_kv * 12 > self.size or n_tensors * 32 > self.size:
-            raise CorruptFile(f"{path.name}: absurd counts ({n_tensors} tensors, {n_kv} keys)")
+            raise CorruptFile(
+                f"{path.name}: header declares {n_tensors} tensors and {n_kv} keys, more than a {self.size}-byte "
+                "file can hold (truncated or corrupt)"
+            )
         self.kv: dict[str, Any] = {}
         self.kv_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         for i in range(n_kv):

@@ -301,7 +301,8 @@ def test_spm_round_trip_matches_llama_cpp(tmp_path, wikitext, spm_model, model_t
     src, config = _spm_dir(tmp_path / "src", model)
     kv = gguf_tokenizer_kv(src, config)
     llm = _vocab_model(_write_vocab_gguf(tmp_path / "v.gguf", kv, 800))
-    out = _auto(_write_files(tmp_path / "out", hf_tokenizer_files(_metadata(kv))))
+    files = hf_tokenizer_files(_metadata(kv))
+    out = _auto(_write_files(tmp_path / "out", files))
     sp = spm.SentencePieceProcessor(model_proto=model)
     for text in [wikitext[:100_000], *TRICKY, "x<|user|>y <s> z</s>"]:
         ref = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
@@ -310,6 +311,10 @@ def test_spm_round_trip_matches_llama_cpp(tmp_path, wikitext, spm_model, model_t
         if model_type == "bpe" and "<" not in text:  # sentencepiece itself knows no added tokens
             assert ours == [1, *sp.encode(text)]
     assert out.decode(out("Hello  world\n")["input_ids"], skip_special_tokens=True) == "Hello  world\n"
+    # GGUF -> HF -> GGUF: the rebuilt tokenizer.model keeps pieces, scores and types, so every key comes back
+    assert "tokenizer.model" in files
+    again = gguf_tokenizer_kv(tmp_path / "out", config)
+    assert _metadata(again) == _metadata(kv)
 
 
 def test_spm_without_space_prefix(tmp_path, spm_model):

@@ -21,6 +21,7 @@ from typing import Any
 
 from llmq.errors import CorruptFile, UnsupportedType
 from llmq.io.tokenizer_pre import PRE_SPECS, PreSpec
+from llmq.io.tokenizer_spm import spm_model_proto
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad", "mask")
@@ -59,13 +60,15 @@ _FORCED_USER_DEFINED = frozenset({"<|channel|>", "<|message|>", "<|start|>", "<|
 
 
 def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for the tokenizer in `gguf_metadata`."""
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for the tokenizer in `gguf_metadata`, plus
+    tokenizer.model for a sentencepiece ("llama") vocabulary."""
     md = gguf_metadata
     model = md.get("tokenizer.ggml.model")
     tokens = _str_list(md.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
     if not tokens:
         raise CorruptFile("GGUF has no tokenizer.ggml.tokens")
     types = _types(md, tokens)
+    spm_model: bytes | None = None
     if model == "gpt2":
         pre = str(md.get("tokenizer.ggml.pre") or "default")
         spec = PRE_SPECS.get(pre)
@@ -82,10 +85,20 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
         prefix = _flag(md, "add_space_prefix", True)
         tok = _spm_tokenizer(tokens, scores, _special_id(md, "unk", len(tokens)), prefix)
         add_bos, add_eos, clean = _flag(md, "add_bos", True), _flag(md, "add_eos", False), False
+        raw_types = [int(t) for t in md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)]  # type: ignore[union-attr]
+        spm_model = spm_model_proto(
+            tokens, scores, raw_types[: len(tokens)], add_space_prefix=prefix,
+            **{f"{k}_id": _special_id(md, k, len(tokens)) for k in ("unk", "bos", "eos", "pad")},
+        )  # fmt: skip
     else:
         raise UnsupportedType(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2' and 'llama')")
 
     added = _add_special_tokens(tok, tokens, types)
+    listed = added
+    if spm_model is not None:
+        # The reference re-types and re-scores (-1000) every token of added_tokens_decoder; tokenizer.model already
+        # carries the types of control/unknown tokens, so list only those the GGUF has in that re-scored form.
+        listed = [(i, sp) for i, sp in added if raw_types[i] == USER_DEFINED or scores[i] == -1000.0]
     ids = {k: i for k in _SPECIAL_KINDS if (i := _special_id(md, k, len(tokens))) is not None}
     _post_processor(tok, tokens, ids, add_bos, add_eos)
     names = {f"{k}_token": tokens[i] for k, i in ids.items()}
@@ -95,7 +108,7 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
         # transformers ignores (and warns about) space clean-up for BPE; llama.cpp only uses it when decoding
         "clean_up_tokenization_spaces": clean and model != "gpt2",
         "model_max_length": _context_length(md),
-        "added_tokens_decoder": {str(i): _added_entry(tokens[i], special) for i, special in added},
+        "added_tokens_decoder": {str(i): _added_entry(tokens[i], special) for i, special in listed},
     }
     # Flags the GGUF states are carried over as such (the post-processor already applies them), so that converting
     # back to GGUF gives the same keys; an absent flag stays absent.
@@ -105,11 +118,14 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
             config[name] = bool(md[f"tokenizer.ggml.{key}"])
     if isinstance(md.get("tokenizer.chat_template"), str):
         config["chat_template"] = md["tokenizer.chat_template"]
-    return {
+    files = {
         "tokenizer.json": tok.to_str(pretty=False).encode("utf-8"),
         "tokenizer_config.json": _json_bytes(config),
         "special_tokens_map.json": _json_bytes(names),
     }
+    if spm_model is not None:
+        files["tokenizer.model"] = spm_model
+    return files
 
 
 # ---------------------------------------------------------------- metadata helpers
@@ -262,9 +278,11 @@ def _post_processor(tok, tokens: list[str], ids: dict[str, int], add_bos: bool, 
     eos = tokens[ids["eos"]] if add_eos and "eos" in ids else None
     if bos is None and eos is None:
         return
-    first = [t for t in (bos, "$A", eos) if t]
-    second = [f"{t}:1" for t in (bos, "$B", eos) if t]
-    specials = [(t, ids[k]) for k, t in (("bos", bos), ("eos", eos)) if t]
+    # single: [bos] $A [eos]; pair: [bos] $A $B [eos]. Nothing goes between the two sequences: the reference
+    # converter would read a token there as a separator and write tokenizer.ggml.add_sep_token.
+    head, tail = [bos] if bos else [], [eos] if eos else []
     tok.post_processor = processors.TemplateProcessing(
-        single=" ".join(first), pair=" ".join(first + second), special_tokens=specials
+        single=" ".join([*head, "$A", *tail]),
+        pair=" ".join([*head, "$A", "$B:1", *tail]),
+        special_tokens=[(t, ids[k]) for k, t in (("bos", bos), ("eos", eos)) if t],
     )

@@ -75,7 +75,7 @@ def _auto(directory: Path):
 
 def _first_diff(a: list[int], b: list[int]) -> str:
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"lengths {len(a)} vs {len(b)}, first difference at {i}: {a[i:i + 6]} vs {b[i:i + 6]}"
+    return f"lengths {len(a)} vs {len(b)}, first difference at {i}: {a[i : i + 6]} vs {b[i : i + 6]}"
 
 
 def _metadata(kv) -> dict:
@@ -201,7 +201,10 @@ def test_bpe_round_trip(tmp_path, wikitext, pre):
     assert len(md["tokenizer.ggml.tokens"]) == 704
     assert md["tokenizer.ggml.tokens"][:700] == sorted(vocab, key=vocab.get)
     assert md["tokenizer.ggml.tokens"][700:] == [f"[PAD{i}]" for i in range(700, 704)]
-    assert md["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1] and md["tokenizer.ggml.token_type"][700:] == [5] * 4
+    assert (
+        md["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]
+        and md["tokenizer.ggml.token_type"][700:] == [5] * 4
+    )
     merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
     assert md["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
     assert (md["tokenizer.ggml.bos_token_id"], md["tokenizer.ggml.eos_token_id"]) == (1, 2)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The text convert_hf_to_gguf.py tokenizes to fingerprint a pre-tokenizer (get_vocab_base_pre).
-CHECK_TEXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+CHECK_TEXT = "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
 
 # sha256(str(token_ids)) of CHECK_TEXT -> tokenizer.ggml.pre. Where the reference lists one hash twice, the later
 # entry wins there (each `if` overwrites `res`), and so it does here.
@@ -123,6 +123,7 @@ def check_hash(ids: Sequence[int]) -> str:
 # --- llama.cpp's split regexes (llm_tokenizer_bpe in src/llama-vocab.cpp), written for Oniguruma, the engine of
 # the `tokenizers` package. Where llama.cpp runs a hand-written splitter instead of the regex (GPT-2, llama3,
 # qwen2), its behaviour is that of the original pattern, including GPT-2's final `\s+` alternative.
+# fmt: off
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _CONTRACTIONS_I = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -140,6 +141,8 @@ _GPT2_NO_TAIL = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\
 _DEEPSEEK3_MAIN = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
+# fmt: on
+
 
 @dataclass(frozen=True)
 class PreSpec:
@@ -152,6 +155,7 @@ class PreSpec:
     add_sep: bool = False
 
 
+# fmt: off
 _FAMILIES: list[tuple[tuple[str, ...], PreSpec]] = [
     (("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
      PreSpec((LLAMA3,), ignore_merges=True, add_bos=True)),
@@ -184,6 +188,7 @@ _FAMILIES: list[tuple[tuple[str, ...], PreSpec]] = [
                               r"|\s*[\r\n]+|\s+(?!\S)|\s+",), clean_spaces=False)),
     (("default",), PreSpec((r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))),
 ]
+# fmt: on
 
 PRE_SPECS: dict[str, PreSpec] = {name: spec for names, spec in _FAMILIES for name in names}
 

@@ -131,12 +131,21 @@ LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}
 QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN35 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
-TEKKEN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-          r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
-          r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
-         r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
-         r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Mistral's tekken and GPT-4o patterns: llama.cpp rewrote the case classes for its regex engine as "a letter that
+# is not a-z" / "not A-Z", which differs from the original on non-ASCII letters; llama.cpp's version is the truth.
+_UPPERISH, _LOWERISH = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
+TEKKEN = (r"[^\r\n\p{L}\p{N}]?" + _UPPERISH + "*" + _LOWERISH + r"+|[^\r\n\p{L}\p{N}]?" + _UPPERISH + "+"
+          + _LOWERISH + r"*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O = (r"[^\r\n\p{L}\p{N}]?" + _UPPERISH + "*" + _LOWERISH + "+" + _CONTRACTIONS + r"?|[^\r\n\p{L}\p{N}]?"
+         + _UPPERISH + "+" + _LOWERISH + "*" + _CONTRACTIONS + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# ... and the originals, as tokenizer.json files spell them, to recognise those tokenizers.
+_CASED_UP, _CASED_LOW = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+TEKKEN_HF = (r"[^\r\n\p{L}\p{N}]?" + _CASED_UP + "*" + _CASED_LOW + r"+|[^\r\n\p{L}\p{N}]?" + _CASED_UP + "+"
+             + _CASED_LOW + r"*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O_HF = (r"[^\r\n\p{L}\p{N}]?" + _CASED_UP + "*" + _CASED_LOW + "+" + _CONTRACTIONS_I + r"?|[^\r\n\p{L}\p{N}]?"
+            + _CASED_UP + "+" + _CASED_LOW + "*" + _CONTRACTIONS_I + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GPT2_NO_TAIL = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
 _DEEPSEEK3_MAIN = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
                    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -202,6 +211,8 @@ def _canonical_regex(rx: str) -> str:
 _PRE_BY_REGEXES: dict[tuple[str, ...], str] = {}
 for _names, _spec in _FAMILIES:
     _PRE_BY_REGEXES.setdefault(tuple(_canonical_regex(r) for r in _spec.regexes), _names[0])
+_PRE_BY_REGEXES[(_canonical_regex(TEKKEN_HF),)] = "tekken"
+_PRE_BY_REGEXES[(_canonical_regex(GPT4O_HF),)] = "gpt-4o"
 
 
 def pre_from_regexes(regexes: Sequence[str]) -> str | None:

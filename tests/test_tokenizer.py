@@ -33,6 +33,21 @@ TRICKY = [
 ]
 
 
+# Characters where regex engines and Unicode tables tend to disagree: odd whitespace, marks, digits of other
+# scripts, emoji sequences, contractions, runs of spaces and newlines.
+_FUZZ_POOL = [*"abcXYZ019 '\n\t\r.,!?-_=", "\u00a0", "\u3000", "\u2028", "\u2029", "\u200b", "\x0b", "\x0c",
+              "\x1c", "\x1f", "\x85", "é", "É", "ß", "ǅ", "\u0301", "\u0915\u093f", "日", "한", "ع", "٣", "²", "½",
+              "Ⅻ", "😀", "👍🏽", "\U0001F926\u200d\u2642\ufe0f", "\ufffd", "\u00ad", "𝔘", "ｈ", "'s", "'RE", "'ll",
+              "   ", "\n\n", " \n", "\r\n"]  # fmt: skip
+
+
+def _random_texts(n: int, seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice(_FUZZ_POOL) for _ in range(rng.randint(1, 25))) for _ in range(n)]
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -107,6 +122,8 @@ def smol_llm(smollm2_gguf_path: Path):
     return _vocab_model(smollm2_gguf_path)
 
 
+@pytest.mark.slow
+@pytest.mark.llamacpp
 def test_smollm2_full_wikitext_ids_equal_llama_cpp(smol_tok_dir, smol_llm, wikitext):
     ref = smol_llm.tokenize(wikitext.encode("utf-8"), add_bos=False, special=True)
     ours = _auto(smol_tok_dir)(wikitext, add_special_tokens=False)["input_ids"]
@@ -114,6 +131,8 @@ def test_smollm2_full_wikitext_ids_equal_llama_cpp(smol_tok_dir, smol_llm, wikit
     assert ours == ref, _first_diff(ours, ref)
 
 
+@pytest.mark.slow
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_smollm2_tricky_texts_and_specials(smol_tok_dir, smol_llm, add_bos):
     tok = _auto(smol_tok_dir)
@@ -125,6 +144,18 @@ def test_smollm2_tricky_texts_and_specials(smol_tok_dir, smol_llm, add_bos):
         assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
 
 
+@pytest.mark.slow
+@pytest.mark.llamacpp
+def test_smollm2_random_unicode(smol_tok_dir, smol_llm):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(smol_tok_dir / "tokenizer.json"))
+    for text in _random_texts(800, seed=0):
+        ref = smol_llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        assert tok.encode(text, add_special_tokens=False).ids == ref, repr(text)
+
+
+@pytest.mark.slow
 def test_smollm2_tokenizer_config(smol_tok_dir, smol_metadata):
     tok = _auto(smol_tok_dir)
     assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
@@ -138,6 +169,7 @@ def test_smollm2_tokenizer_config(smol_tok_dir, smol_metadata):
     assert prompt.endswith("<|im_start|>user\nhi<|im_end|>\n")
 
 
+@pytest.mark.slow
 def test_smollm2_back_to_gguf_keys_are_identical(smol_tok_dir, smol_metadata):
     """GGUF -> HF -> GGUF: every tokenizer key comes back with the same value, `pre` found by its fingerprint."""
     config = json.loads((smol_tok_dir / "config.json").read_text())
@@ -188,6 +220,7 @@ def _bpe_dir(root: Path, pre: str) -> tuple[Path, dict]:
     return d, config
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "smollm", "gpt-2"])
 def test_bpe_round_trip(tmp_path, wikitext, pre):
     from tokenizers import Tokenizer
@@ -212,7 +245,7 @@ def test_bpe_round_trip(tmp_path, wikitext, pre):
 
     llm = _vocab_model(_write_vocab_gguf(tmp_path / "v.gguf", kv, 704))
     out = _auto(_write_files(tmp_path / "out", hf_tokenizer_files(md)))
-    for text in [wikitext[:40_000], *TRICKY, "<|im_start|>user\nhi<|im_end|>"]:
+    for text in [wikitext[:40_000], *TRICKY, "<|im_start|>user\nhi<|im_end|>", *_random_texts(200, seed=2)]:
         ref = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         assert original.encode(text, add_special_tokens=False).ids == ref, (pre, text[:40])
         ours = out(text, add_special_tokens=False)["input_ids"]
@@ -296,6 +329,7 @@ def test_spm_to_gguf_keys(tmp_path, spm_model):
     assert "tokenizer.ggml.merges" not in md and "tokenizer.ggml.add_space_prefix" not in md
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_spm_round_trip_matches_llama_cpp(tmp_path, wikitext, spm_model, model_type):
     import sentencepiece as spm
@@ -307,7 +341,7 @@ def test_spm_round_trip_matches_llama_cpp(tmp_path, wikitext, spm_model, model_t
     files = hf_tokenizer_files(_metadata(kv))
     out = _auto(_write_files(tmp_path / "out", files))
     sp = spm.SentencePieceProcessor(model_proto=model)
-    for text in [wikitext[:100_000], *TRICKY, "x<|user|>y <s> z</s>"]:
+    for text in [wikitext[:100_000], *TRICKY, "x<|user|>y <s> z</s>", *_random_texts(300, seed=1)]:
         ref = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         ours = out(text)["input_ids"]
         assert ours == ref, (model_type, text[:40], _first_diff(ours, ref))
@@ -320,6 +354,7 @@ def test_spm_round_trip_matches_llama_cpp(tmp_path, wikitext, spm_model, model_t
     assert _metadata(again) == _metadata(kv)
 
 
+@pytest.mark.llamacpp
 def test_spm_without_space_prefix(tmp_path, spm_model):
     """Gemma-family vocabularies: no dummy prefix space, on both sides."""
     src, config = _spm_dir(tmp_path / "src", spm_model, arch="Gemma2ForCausalLM")

@@ -14,7 +14,7 @@ from llmq.errors import BadInput, CorruptFile, UnsupportedArchitecture, Unsuppor
 from llmq.io.base import TensorInfo
 from llmq.io.gguf import GGUFFileWriter
 from llmq.io.tokenizer import detect_pre, gguf_tokenizer_kv, hf_tokenizer_files
-from llmq.io.tokenizer_pre import GPT2, LLAMA3, PRE_BY_HASH, QWEN2, pre_from_regexes
+from llmq.io.tokenizer_pre import CHECK_TEXT, GPT2, LLAMA3, PRE_BY_HASH, QWEN2, check_hash, pre_from_regexes
 from llmq.io.tokenizer_special import chat_template_kv, load_special_vocab
 from tests.helpers import pydocs_text
 
@@ -179,8 +179,11 @@ def test_smollm2_back_to_gguf_keys_are_identical(smol_tok_dir, smol_metadata):
     assert set(ours) == set(theirs)
     for key in theirs:
         assert ours[key] == theirs[key], key
-    assert PRE_BY_HASH  # the fingerprint table is loaded, and smollm's hash is in it
-    assert "smollm" in PRE_BY_HASH.values()
+    # `pre` came from the reference's fingerprint table, not from the regex fallback
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(smol_tok_dir / "tokenizer.json"))
+    assert PRE_BY_HASH[check_hash(tok.encode(CHECK_TEXT).ids)] == "smollm"
 
 
 # ---------------------------------------------------------------- tiny BPE tokenizers, one per pre-tokenizer family
@@ -338,7 +341,12 @@ def test_spm_round_trip_matches_llama_cpp(tmp_path, wikitext, spm_model, model_t
     src, config = _spm_dir(tmp_path / "src", model)
     kv = gguf_tokenizer_kv(src, config)
     llm = _vocab_model(_write_vocab_gguf(tmp_path / "v.gguf", kv, 800))
+    # metadata as numpy arrays (what some GGUF readers return) gives the same files
     files = hf_tokenizer_files(_metadata(kv))
+    as_numpy = {
+        k: np.asarray(v) if isinstance(v, list) and not isinstance(v[0], str) else v for k, v, _ in kv
+    }
+    assert hf_tokenizer_files(as_numpy) == files
     out = _auto(_write_files(tmp_path / "out", files))
     sp = spm.SentencePieceProcessor(model_proto=model)
     for text in [wikitext[:100_000], *TRICKY, "x<|user|>y <s> z</s>", *_random_texts(300, seed=1)]:

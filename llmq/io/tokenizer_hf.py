@@ -87,7 +87,7 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
         prefix = _flag(md, "add_space_prefix", True)
         tok = _spm_tokenizer(tokens, scores, _special_id(md, "unk", len(tokens)), prefix)
         add_bos, add_eos, clean = _flag(md, "add_bos", True), _flag(md, "add_eos", False), False
-        raw_types = [int(t) for t in md.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)]  # type: ignore[union-attr]
+        raw_types = _types(md, tokens, adjust=False)
         spm_model = spm_model_proto(
             tokens, scores, raw_types[: len(tokens)], add_space_prefix=prefix,
             **{f"{k}_id": _special_id(md, k, len(tokens)) for k in ("unk", "bos", "eos", "pad")},
@@ -144,12 +144,15 @@ def _str_list(value: Any, what: str) -> list[str]:
     return out
 
 
-def _types(md: Mapping[str, object], tokens: list[str]) -> list[int]:
+def _types(md: Mapping[str, object], tokens: list[str], *, adjust: bool = True) -> list[int]:
+    """Token types as stored, or (adjust) as llama.cpp ends up treating them after its name-based fix-ups."""
     raw = md.get("tokenizer.ggml.token_type")
     types = [int(t) for t in raw] if raw is not None else [NORMAL] * len(tokens)  # type: ignore[union-attr]
     if len(types) < len(tokens):
         raise CorruptFile("tokenizer.ggml.token_type is shorter than tokenizer.ggml.tokens")
     types = types[: len(tokens)]
+    if not adjust:
+        return types
     forced = set(_EOG_NAMES)
     for key, names in _NAMES_IF_UNSET.items():
         if key not in md:

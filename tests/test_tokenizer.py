@@ -418,8 +418,9 @@ def test_special_vocab_post_processors(tmp_path):
     assert load_special_vocab(tmp_path).add == {"bos": False, "eos": False}
 
 
-def test_chat_template_list():
-    kv = chat_template_kv([{"name": "default", "template": "D"}, {"name": "tool use", "template": "T"}])
+def test_chat_template_list(tmp_path):
+    templates = [{"name": "default", "template": "D"}, {"name": "tool use", "template": "T"}]
+    kv = chat_template_kv(templates)
     assert kv == [("tokenizer.chat_template.tool_use", "T"), ("tokenizer.chat_templates", ["tool_use"]),
                   ("tokenizer.chat_template", "D")]  # fmt: skip
 
@@ -443,3 +444,21 @@ def test_bad_inputs(tmp_path):
         hf_tokenizer_files({"tokenizer.ggml.model": "gpt2"})
     with pytest.raises(CorruptFile, match="shorter"):
         hf_tokenizer_files({**base, "tokenizer.ggml.token_type": [1]})
+
+
+def test_named_chat_templates_round_trip(tmp_path):
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+          "tokenizer.ggml.merges": ["a b"], "tokenizer.chat_template": "D", "tokenizer.chat_templates": ["tool_use"],
+          "tokenizer.chat_template.tool_use": "T"}  # fmt: skip
+    files = hf_tokenizer_files(md)
+    config = json.loads(files["tokenizer_config.json"])
+    assert config["chat_template"] == [
+        {"name": "default", "template": "D"},
+        {"name": "tool_use", "template": "T"},
+    ]
+    _write_files(tmp_path, files)
+    sv = load_special_vocab(tmp_path)
+    assert chat_template_kv(sv.chat_template) == [
+        ("tokenizer.chat_template.tool_use", "T"), ("tokenizer.chat_templates", ["tool_use"]),
+        ("tokenizer.chat_template", "D")]  # fmt: skip
+    assert _auto(tmp_path)("ab", add_special_tokens=False)["input_ids"] == [2]

@@ -67,8 +67,7 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
     tokens = _str_list(md.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
     if not tokens:
         raise CorruptFile("GGUF has no tokenizer.ggml.tokens")
-    types = _types(md, tokens)
-    spm_model: bytes | None = None
+    files: dict[str, bytes] = {}
     if model == "gpt2":
         pre = str(md.get("tokenizer.ggml.pre") or "default")
         spec = PRE_SPECS.get(pre)
@@ -77,38 +76,24 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
                 f"llmq cannot express llama.cpp's pre-tokenizer {pre!r} as a tokenizer.json"
             )
         tok = _bpe_tokenizer(tokens, _str_list(md.get("tokenizer.ggml.merges"), "merges"), spec)
-        add_bos, add_eos = _flag(md, "add_bos", spec.add_bos), _flag(md, "add_eos", False)
-        clean = spec.clean_spaces
+        add_bos = _flag(md, "add_bos", spec.add_bos)
+        listed = _add_special_tokens(tok, tokens, _types(md, tokens))
     elif model == "llama":
-        scores = md.get("tokenizer.ggml.scores")
-        scores = [float(s) for s in scores] if scores is not None else [0.0] * len(tokens)
-        if len(scores) < len(tokens):
-            raise CorruptFile("tokenizer.ggml.scores is shorter than tokenizer.ggml.tokens")
-        prefix = _flag(md, "add_space_prefix", True)
-        tok = _spm_tokenizer(tokens, scores, _special_id(md, "unk", len(tokens)), prefix)
-        add_bos, add_eos, clean = _flag(md, "add_bos", True), _flag(md, "add_eos", False), False
-        raw_types = _types(md, tokens, adjust=False)
-        spm_model = spm_model_proto(
-            tokens, scores, raw_types[: len(tokens)], add_space_prefix=prefix,
-            **{f"{k}_id": _special_id(md, k, len(tokens)) for k in ("unk", "bos", "eos", "pad")},
-        )  # fmt: skip
+        tok, spm_file, listed = _spm_from_gguf(md, tokens)
+        if spm_file is not None:
+            files["tokenizer.model"] = spm_file
+        add_bos = _flag(md, "add_bos", True)
     else:
         raise UnsupportedType(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2' and 'llama')")
 
-    added = _add_special_tokens(tok, tokens, types)
-    listed = added
-    if spm_model is not None:
-        # The reference re-types and re-scores (-1000) every token of added_tokens_decoder; tokenizer.model already
-        # carries the types of control/unknown tokens, so list only those the GGUF has in that re-scored form.
-        listed = [(i, sp) for i, sp in added if raw_types[i] == USER_DEFINED or scores[i] == -1000.0]
     ids = {k: i for k in _SPECIAL_KINDS if (i := _special_id(md, k, len(tokens))) is not None}
-    _post_processor(tok, tokens, ids, add_bos, add_eos)
+    _post_processor(tok, tokens, ids, add_bos, _flag(md, "add_eos", False))
     names = {f"{k}_token": tokens[i] for k, i in ids.items()}
-    config = {
+    config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **names,
-        # transformers ignores (and warns about) space clean-up for BPE; llama.cpp only uses it when decoding
-        "clean_up_tokenization_spaces": clean and model != "gpt2",
+        # llama.cpp only cleans spaces when decoding, and transformers ignores (and warns about) it for BPE
+        "clean_up_tokenization_spaces": False,
         "model_max_length": _context_length(md),
         "added_tokens_decoder": {str(i): _added_entry(tokens[i], special) for i, special in listed},
     }
@@ -118,16 +103,46 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
                       ("add_space_prefix", "add_prefix_space")):  # fmt: skip
         if md.get(f"tokenizer.ggml.{key}") is not None:
             config[name] = bool(md[f"tokenizer.ggml.{key}"])
-    if isinstance(md.get("tokenizer.chat_template"), str):
-        config["chat_template"] = md["tokenizer.chat_template"]
-    files = {
-        "tokenizer.json": tok.to_str(pretty=False).encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(config),
-        "special_tokens_map.json": _json_bytes(names),
-    }
-    if spm_model is not None:
-        files["tokenizer.model"] = spm_model
+    if (template := _chat_template(md)) is not None:
+        config["chat_template"] = template
+    files["tokenizer.json"] = tok.to_str(pretty=False).encode("utf-8")
+    files["tokenizer_config.json"] = _json_bytes(config)
+    files["special_tokens_map.json"] = _json_bytes(names)
     return files
+
+
+def _spm_from_gguf(md: Mapping[str, object], tokens: list[str]):
+    """The tokenizers object, the rebuilt tokenizer.model (or None) and the added tokens for tokenizer_config."""
+    raw = md.get("tokenizer.ggml.scores")
+    scores = [float(s) for s in raw] if raw is not None else [0.0] * len(tokens)  # type: ignore[union-attr]
+    if len(scores) < len(tokens):
+        raise CorruptFile("tokenizer.ggml.scores is shorter than tokenizer.ggml.tokens")
+    prefix = _flag(md, "add_space_prefix", True)
+    tok = _spm_tokenizer(tokens, scores, _special_id(md, "unk", len(tokens)), prefix)
+    stored = _types(md, tokens, adjust=False)
+    model = spm_model_proto(
+        tokens, scores, stored, add_space_prefix=prefix,
+        **{f"{k}_id": _special_id(md, k, len(tokens)) for k in ("unk", "bos", "eos", "pad")},
+    )  # fmt: skip
+    added = _add_special_tokens(tok, tokens, _types(md, tokens))
+    if model is not None:
+        # The reference re-types and re-scores (-1000) every token of added_tokens_decoder; tokenizer.model already
+        # carries the types of control/unknown tokens, so list only those the GGUF has in that re-scored form.
+        added = [(i, sp) for i, sp in added if stored[i] == USER_DEFINED or scores[i] == -1000.0]
+    return tok, model, added
+
+
+def _chat_template(md: Mapping[str, object]) -> str | list[dict[str, str]] | None:
+    default = md.get("tokenizer.chat_template")
+    names = md.get("tokenizer.chat_templates")
+    if not names:
+        return default if isinstance(default, str) else None
+    out = [{"name": "default", "template": default}] if isinstance(default, str) else []
+    for name in _str_list(names, "tokenizer.chat_templates"):
+        text = md.get(f"tokenizer.chat_template.{name}")
+        if isinstance(text, str):
+            out.append({"name": name, "template": text})
+    return out
 
 
 # ---------------------------------------------------------------- metadata helpers

@@ -462,3 +462,24 @@ def test_named_chat_templates_round_trip(tmp_path):
         ("tokenizer.chat_template.tool_use", "T"), ("tokenizer.chat_templates", ["tool_use"]),
         ("tokenizer.chat_template", "D")]  # fmt: skip
     assert _auto(tmp_path)("ab", add_special_tokens=False)["input_ids"] == [2]
+
+
+def test_spm_tokenizer_json_only_follows_llama_hf_vocab(tmp_path, spm_model):
+    """Without tokenizer.model the reference exports an SPM-style tokenizer.json with every score at -1000; going
+    back, llmq warns that llama.cpp's position-based tie breaking cannot be reproduced."""
+    src, config = _spm_dir(tmp_path / "src", spm_model)
+    first = _metadata(gguf_tokenizer_kv(src, config))
+    files = hf_tokenizer_files(first)
+    del files["tokenizer.model"]
+    only_json = _write_files(tmp_path / "json_only", files)
+    (only_json / "config.json").write_text(json.dumps(config))
+    md = _metadata(gguf_tokenizer_kv(only_json, config))
+    assert (
+        md["tokenizer.ggml.model"] == "llama"
+        and md["tokenizer.ggml.tokens"] == first["tokenizer.ggml.tokens"]
+    )
+    assert set(md["tokenizer.ggml.scores"]) == {-1000.0}
+    types = md["tokenizer.ggml.token_type"]
+    assert types.count(6) == 256 and types[1:3] == [3, 3] and types.count(3) == 2  # bytes; <s>, </s>
+    with pytest.warns(UserWarning, match="share a score"):
+        hf_tokenizer_files(md)

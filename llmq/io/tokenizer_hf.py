@@ -16,6 +16,7 @@ anything else, as the `tokenizers` added vocabulary does.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -255,7 +256,22 @@ def spm_merges(
             if a in vocab and b in vocab:
                 ranked.append((-scores[i], i, cut, a, b))
     ranked.sort()
+    _warn_on_tied_scores({i: scores[i] for _, i, _, _, _ in ranked})
     return [(a, b) for _, _, _, a, b in ranked]
+
+
+def _warn_on_tied_scores(merged: dict[int, float]) -> None:
+    """llama.cpp breaks a tie between two candidate merges by position (leftmost first), which no merge ranking can
+    express. Tokens made by merges normally have distinct scores; a vocabulary whose scores were all set to one value
+    (convert_hf_to_gguf.py does that when it only finds a tokenizer.json) cannot be reproduced exactly."""
+    tied = len(merged) - len(set(merged.values()))
+    if tied:
+        warnings.warn(
+            f"{tied} mergeable sentencepiece tokens share a score with another; llama.cpp breaks such ties by "
+            "position, so the tokenizer.json written for this GGUF may split some words differently",
+            UserWarning,
+            stacklevel=6,
+        )
 
 
 def _spm_tokenizer(tokens: list[str], scores: list[float], unk_id: int | None, add_space_prefix: bool):

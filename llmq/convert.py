@@ -226,12 +226,22 @@ def encode(data: np.ndarray, ggml_type: str) -> np.ndarray:
     if ggml_type == "F32":
         return data.astype(np.float32, copy=False)
     if ggml_type == "F16":
-        return data.astype(np.float16)
+        return to_f16(data)
     if ggml_type == "BF16":
         return f32_to_bf16_bits(data)
     if ggml_type == "Q8_0":
         return quantize_q8_0(data)
     raise UnsupportedType(f"the converter cannot write {ggml_type}; use `llmq quantize --method gguf`")
+
+
+def to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 → float16, round to nearest even. Big slices go through torch (SIMD, threads: 2x numpy here);
+    both give identical bits, which tests/test_convert.py checks."""
+    if x.size < 1 << 20:
+        return x.astype(np.float16)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.float16).numpy()
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -470,7 +480,7 @@ def _cast_hf(data: np.ndarray, outtype: str) -> np.ndarray:
     if outtype == "f32":
         return data.astype(np.float32, copy=False)
     if outtype == "f16":
-        return data.astype(np.float16)
+        return to_f16(data)
     return f32_to_bf16_bits(data)
 
 

@@ -1,24 +1,43 @@
 """The common tensor IO layer: one reader interface over safetensors files, HF directories and GGUF (split or not),
-streaming writers for both formats. Nothing here imports torch until a tensor is read as a torch tensor."""
+streaming writers for both formats. Names resolve lazily, so ``import llmq.io.base`` (or the memory estimator)
+does not pay for numpy and the parsers; nothing here imports torch until a tensor is read as a torch tensor."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import AtomicOutput, CheckpointReader, TensorInfo, check_output
-from llmq.io.gguf import GGUFFileWriter, GGUFReader
-from llmq.io.safetensors import PICKLE_SUFFIXES, SafetensorsReader, SafetensorsWriter
+if TYPE_CHECKING:  # pragma: no cover
+    from llmq.io.base import AtomicOutput, CheckpointReader, TensorInfo, check_output
+    from llmq.io.gguf import GGUFFileWriter, GGUFReader
+    from llmq.io.safetensors import SafetensorsReader, SafetensorsWriter
+
+_LAZY = {
+    "AtomicOutput": "llmq.io.base", "CheckpointReader": "llmq.io.base", "TensorInfo": "llmq.io.base",
+    "check_output": "llmq.io.base", "GGUFFileWriter": "llmq.io.gguf", "GGUFReader": "llmq.io.gguf",
+    "SafetensorsReader": "llmq.io.safetensors", "SafetensorsWriter": "llmq.io.safetensors",
+}  # fmt: skip
 
 __all__ = [
     "AtomicOutput", "CheckpointReader", "GGUFFileWriter", "GGUFReader", "SafetensorsReader", "SafetensorsWriter",
-    "TensorInfo", "check_output", "open_checkpoint", "detect_kind",
+    "TensorInfo", "check_output", "detect_kind", "open_checkpoint",
 ]  # fmt: skip
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llmq.io' has no attribute {name!r}")
 
 
 def detect_kind(path: str | os.PathLike) -> str:
     """ "gguf" or "safetensors" from the path and, for files, the magic bytes."""
+    from llmq.errors import BadInput, CorruptFile
+
     p = Path(path)
     if p.is_dir():
         return "safetensors"
@@ -35,15 +54,19 @@ def detect_kind(path: str | os.PathLike) -> str:
     raise BadInput(f"{p.name}: not a .safetensors, .gguf or model directory")
 
 
-def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> GGUFReader | SafetensorsReader:
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False):
     """A reader for a .safetensors file, a Hugging Face model directory, or a (split) GGUF file."""
     if detect_kind(path) == "gguf":
+        from llmq.io.gguf import GGUFReader
+
         return GGUFReader(path)
     p = Path(path)
     if allow_pickle and _is_pickle(p):
         from llmq.io.pickle import PickleReader
 
-        return PickleReader(p)  # type: ignore[return-value]
+        return PickleReader(p)
+    from llmq.io.safetensors import SafetensorsReader
+
     return SafetensorsReader(path)
 
 

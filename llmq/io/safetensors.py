@@ -24,7 +24,7 @@ from llmq.io.rows import read_rows, to_float32
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX_NAME = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+from llmq.io import PICKLE_SUFFIXES  # noqa: E402 - one definition for both places
 
 
 def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:

@@ -211,7 +211,7 @@ def from_gguf(meta: Mapping[str, Any], tensors: list | None = None) -> ModelArch
             kinds = [SWA if period == 0 or i % period < period - 1 else FULL for i in range(n_layers)]
     ssm_inner = int(meta.get(p + "ssm.inner_size") or 0)
     if ssm_inner:  # llama.cpp marks recurrent layers by a zero KV head count in hybrids, all layers in pure SSMs
-        kinds = [RECURRENT if h == 0 or not meta.get(p + "attention.head_count") else k for k, h in zip(kinds, kvh)]
+        kinds = [RECURRENT if h == 0 or not meta.get(p + "attention.head_count") else k for k, h in zip(kinds, kvh, strict=True)]
     a = ModelArch(
         arch=arch,
         n_layers=n_layers,

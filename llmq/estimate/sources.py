@@ -325,7 +325,11 @@ class _Hub:
 
     def json_file(self, filename: str) -> dict[str, Any] | None:
         """A small JSON file through the hub cache; None when the repo does not have it."""
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
 
         try:
             local = self.hf.hf_hub_download(self.repo_id, filename, revision=self.revision, endpoint=self.endpoint,

@@ -6,7 +6,8 @@ through huggingface_hub (honouring ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and the h
 downloaded (it is small and cached), safetensors headers are the first ``8 + header_len`` bytes of each shard and
 GGUF headers are read chunk by chunk up to the start of the tensor data.
 
-Imports no torch. gguf-py is imported only for GGUF inputs (it costs ~0.3 s).
+Local files go through llmq's IO layer (``llmq.io.open_checkpoint``); hub files need their own range-reading
+parsers, here. Imports no torch.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def _gguf_value(cur: _Cursor, vtype: int) -> Any:
 
 def parse_gguf_header(read_at: ReadAt, file_name: str) -> tuple[list[TensorInfo], dict[str, Any], int]:
     """Parse a GGUF header; returns (tensors in torch order with absolute offsets, metadata, data span bytes)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from llmq.io.ggml_types import GGML_TYPE_BY_ID, GGML_TYPES
 
     cur = _Cursor(read_at, file_name, chunk=256 * 1024)
     if cur.take(4) != b"GGUF":
@@ -190,18 +191,17 @@ def parse_gguf_header(read_at: ReadAt, file_name: str) -> tuple[list[TensorInfo]
     data_start = -(-cur.pos // alignment) * alignment
     infos = []
     for name, dims, ttype, off in raw:
-        try:
-            qtype = GGMLQuantizationType(ttype)
-        except ValueError:
-            raise CorruptFile(f"{file_name}: tensor {name!r} has unknown ggml type {ttype}") from None
-        block, type_size = GGML_QUANT_SIZES[qtype]
+        if ttype not in GGML_TYPE_BY_ID:
+            raise CorruptFile(f"{file_name}: tensor {name!r} has unknown ggml type {ttype}")
+        type_name = GGML_TYPE_BY_ID[ttype]
+        _, block, type_size = GGML_TYPES[type_name]
         if not dims or dims[0] % block:
             raise CorruptFile(f"{file_name}: tensor {name!r} row of {dims[:1]} is not a multiple of {block}")
         numel = 1
         for d in dims:
             numel *= d
         nbytes = numel // block * type_size
-        infos.append(TensorInfo(name, qtype.name, tuple(reversed(dims)), nbytes, file=file_name,
+        infos.append(TensorInfo(name, type_name, tuple(reversed(dims)), nbytes, file=file_name,
                                 offset=data_start + off))  # fmt: skip
     span = max((t.offset + t.nbytes for t in infos), default=data_start) - min(
         (t.offset for t in infos), default=data_start
@@ -242,58 +242,37 @@ def _shard_names(index: dict[str, Any], where: str) -> list[str]:
     return names
 
 
-def _load_gguf_file(path: Path, source: ModelSource) -> ModelSource:
-    files = [path]
-    m = re.match(r"(.*)-(\d{5})-of-(\d{5})\.gguf$", path.name)
-    if m:  # split GGUF: every part's header, the metadata of the first
-        files = [path.with_name(f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, int(m.group(3)) + 1)]
-    for i, f in enumerate(files):
-        if not f.is_file():
-            raise BadInput(f"split GGUF part {f} is missing")
-        infos, meta, span = parse_gguf_header(_local_read_at(f), str(f))
-        source.tensors.extend(infos)
-        source.gguf_data_span = (source.gguf_data_span or 0) + span
-        if i == 0:
-            source.gguf_metadata = meta
-    source.files = [str(f) for f in files]
-    return source
+def _gguf_span(infos: list[TensorInfo]) -> int:
+    """Σ over files of (last tensor end − first tensor start): what llama.cpp maps as its model buffer."""
+    per_file: dict[str | None, tuple[int, int]] = {}
+    for t in infos:
+        lo, hi = per_file.get(t.file, (1 << 62, 0))
+        per_file[t.file] = (min(lo, t.offset or 0), max(hi, (t.offset or 0) + t.nbytes))
+    return sum(hi - lo for lo, hi in per_file.values())
 
 
 def load_local(path: Path, spec: str) -> ModelSource:
-    if path.is_dir():
-        src = ModelSource(spec, "dir")
-        if (path / "config.json").is_file():
-            src.config = _read_json(path / "config.json")
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            shards = [path / n for n in _shard_names(_read_json(index), str(path))]
-        else:
-            shards = sorted(path.glob("*.safetensors"))
-        if not shards:
-            ggufs = sorted(path.glob("*.gguf"))
-            if ggufs:
-                return _load_gguf_file(ggufs[0], ModelSource(spec, "gguf"))
-        for shard in shards:
-            if not shard.is_file():
-                raise BadInput(f"shard {shard} named by the index is missing")
-            infos, _ = parse_safetensors_header(_local_read_at(shard), str(shard))
-            src.tensors.extend(infos)
-            src.files.append(str(shard))
-        if src.config is None:
-            raise BadInput(f"{path} has no config.json")
-        return src
-    if not path.is_file():
-        raise BadInput(f"{spec}: no such file or directory")
-    if path.suffix == ".gguf":
-        return _load_gguf_file(path, ModelSource(spec, "gguf"))
-    if path.suffix == ".safetensors":
-        infos, _ = parse_safetensors_header(_local_read_at(path), str(path))
-        cfg = path.with_name("config.json")
-        return ModelSource(spec, "safetensors", config=_read_json(cfg) if cfg.is_file() else None, tensors=infos,
-                           files=[str(path)])  # fmt: skip
-    if path.suffix == ".json":
+    """Local checkpoints through llmq's IO layer (header parsing only); a bare config.json directly."""
+    if path.is_file() and path.suffix == ".json":
         return ModelSource(spec, "config", config=_read_json(path))
-    raise BadInput(f"{spec}: expected a directory, .safetensors, .gguf or config.json")
+    if path.is_dir() and not any(path.glob("*.safetensors")) and any(path.glob("*.gguf")):
+        path = sorted(path.glob("*.gguf"))[0]
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        if (path / "config.json").is_file():
+            return ModelSource(spec, "config", config=_read_json(path / "config.json"))
+        raise BadInput(f"{spec}: no config.json, safetensors or GGUF file in the directory")
+    from llmq.io import open_checkpoint
+
+    with open_checkpoint(path) as reader:
+        infos = list(reader.infos())
+        if reader.kind == "gguf":
+            return ModelSource(spec, "gguf", gguf_metadata=dict(reader.metadata), tensors=infos,
+                               gguf_data_span=_gguf_span(infos), files=sorted({str(t.file) for t in infos}))  # fmt: skip
+        config = reader.config
+    if config is None and path.is_file() and path.with_name("config.json").is_file():
+        config = _read_json(path.with_name("config.json"))
+    return ModelSource(spec, "dir" if path.is_dir() else "safetensors", config=config, tensors=infos,
+                       files=sorted({str(t.file) for t in infos}))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- hub inputs
@@ -315,8 +294,8 @@ class _Hub:
         self.repo_id, self.revision = repo_id, revision
         # read at call time (not import time) so that tests and users can point HF_ENDPOINT at a mirror
         self.endpoint = os.environ.get("HF_ENDPOINT") or huggingface_hub.constants.ENDPOINT
-        self.offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or (
-            huggingface_hub.constants.is_offline_mode()
+        self.offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or bool(
+            huggingface_hub.constants.HF_HUB_OFFLINE
         )
 
     def cached(self, filename: str) -> Path | None:
@@ -376,7 +355,7 @@ class _Hub:
         if self.offline:
             raise BadInput(f"{self.repo_id}: name the GGUF file (owner/name:file.gguf) when HF_HUB_OFFLINE is set")
         try:
-            return list(self.hf.list_repo_files(self.repo_id, revision=self.revision))
+            return list(self.hf.HfApi(endpoint=self.endpoint).list_repo_files(self.repo_id, revision=self.revision))
         except Exception as exc:
             raise BadInput(f"{self.repo_id}: listing the repository failed ({type(exc).__name__}: {exc})") from None
 
@@ -413,6 +392,10 @@ def load_hub(spec: str) -> ModelSource:
 def load_model(spec: str) -> ModelSource:
     """Resolve MODEL (hub id, directory, .safetensors, .gguf, config.json) to its config and tensor headers."""
     path = Path(spec).expanduser()
+    if spec.lower() == "smollm2" and not path.exists():
+        from llmq.io.hub import packaged_model
+
+        path = packaged_model()
     if path.exists():
         return load_local(path, spec)
     if looks_like_hub_id(spec):

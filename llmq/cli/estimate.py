@@ -45,6 +45,7 @@ def memory(
     engine: Annotated[str | None, typer.Option("--engine", "-e", help="transformers|vllm|llama.cpp (default: llama.cpp for GGUF, else transformers).")] = None,
     fit: Annotated[bool, typer.Option("--fit", help="Find the best quantization that fits the GPU.")] = False,
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="llama.cpp flash attention (quantized V needs it).")] = True,
+    swa_full: Annotated[bool, typer.Option("--swa-full/--no-swa-full", help="llama.cpp: full-size SWA cache (library default) or window-sized (llama-server default).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print every term with its formula as JSON.")] = False,
 ) -> None:  # fmt: skip
     """Memory for weights, KV cache and runtime overhead; what fits, max context, GPUs needed."""
@@ -54,7 +55,8 @@ def memory(
 
     cfg = EstimateConfig(model=model, quants=tuple(quant or ()), context=context, batch=batch,
                          kv_cache_dtype=kv_cache_dtype, v_cache_dtype=v_cache_dtype, gpu=gpu, vram_gib=vram,
-                         num_gpus=num_gpus, tp=tp, engine=engine, fit=fit, flash_attn=flash_attn)  # fmt: skip
+                         num_gpus=num_gpus, tp=tp, engine=engine, fit=fit, flash_attn=flash_attn,
+                         swa_full=swa_full)  # fmt: skip
     est = estimate_memory(cfg)
     if as_json:
         typer.echo(json.dumps(est.to_dict(), indent=2, default=str))

@@ -11,7 +11,8 @@ Engines differ in how many cells they allocate:
   ``⌈window/16⌉ + 1``); per rank ``max(1, kv_heads // tp)`` heads — replicated when TP exceeds the KV heads;
   MLA's latent is replicated on every rank.
 - llama.cpp: ``n_ctx`` padded to 256 cells per sequence stream; SWA layers
-  ``pad256(min(n_ctx, n_swa·n_seq_unified + n_ubatch))``; K and V rows in ggml types (q8_0/q4_0 rows are
+  ``pad256(min(n_ctx, n_swa·n_seq_unified + n_ubatch))`` — or the full n_ctx with ``swa_full``, which is the
+  default of the library (llama_context_default_params, llama-cpp-python) but not of llama-server/llama-cli; K and V rows in ggml types (q8_0/q4_0 rows are
   blocks of 32 elements: 34 and 18 bytes); quantized V only with flash attention.
 """
 
@@ -81,7 +82,8 @@ def resolve_cache_type(engine: str, requested: str | None, model_dtype: str) -> 
 
 
 def kv_layout(a: ModelArch, engine: str, context: int, batch: int, cache_k: str, cache_v: str, *,
-              tp: int = 1, n_ubatch: int = 512, flash_attn: bool = True, state_type: str | None = None) -> KVLayout:  # fmt: skip
+              tp: int = 1, n_ubatch: int = 512, flash_attn: bool = True, swa_full: bool = True,
+              state_type: str | None = None) -> KVLayout:  # fmt: skip
     """Bytes of KV cache + recurrent state for ``batch`` sequences of ``context`` tokens on one rank."""
     if context < 1 or batch < 1:
         raise BadInput("context and batch must be at least 1")
@@ -90,9 +92,11 @@ def kv_layout(a: ModelArch, engine: str, context: int, batch: int, cache_k: str,
     window = a.sliding_window or context
     if engine == "llama.cpp":
         cells = pad(context, LLAMA_CPP_PAD)  # n_ctx_seq, one stream per sequence (kv_unified = false)
-        swa_cells = pad(min(cells, window + n_ubatch), LLAMA_CPP_PAD)
+        swa_cells = cells if swa_full else pad(min(cells, window + n_ubatch), LLAMA_CPP_PAD)
         rule = f"cells = pad256({context}) = {cells}"
-        if SWA in a.layer_kinds:
+        if SWA in a.layer_kinds and swa_full:
+            rule += f"; SWA cells = {cells} (swa_full, the llama.cpp library default)"
+        elif SWA in a.layer_kinds:
             rule += f"; SWA cells = pad256(min({cells}, {window} + n_ubatch {n_ubatch})) = {swa_cells}"
     elif engine == "vllm":
         cells = pad(context, VLLM_BLOCK)

@@ -45,6 +45,7 @@ class EstimateConfig:
     engine: str | None = None
     fit: bool = False
     flash_attn: bool = True
+    swa_full: bool = True  # llama.cpp: full-size SWA cache (library default; llama-server uses --swa-full off)
     n_ubatch: int = 512
     gpu_memory_utilization: float = engines.VLLM_GPU_MEMORY_UTILIZATION
     version: int = VERSION
@@ -187,7 +188,8 @@ class _Planner:
 
     def layout(self, context: int, batch: int, tp: int) -> kv.KVLayout:
         return kv.kv_layout(self.a, self.engine, context, batch, self.cache_k, self.cache_v, tp=tp,
-                            n_ubatch=self.cfg.n_ubatch, flash_attn=self.cfg.flash_attn)  # fmt: skip
+                            n_ubatch=self.cfg.n_ubatch, flash_attn=self.cfg.flash_attn,
+                            swa_full=self.cfg.swa_full)  # fmt: skip
 
     def terms(self, context: int, batch: int, n_gpus: int) -> list[Term]:
         split = n_gpus  # vLLM: tensor parallel; llama.cpp and transformers (device_map): layers split

@@ -1,0 +1,233 @@
+"""The estimator against reality: the bytes torch allocates for parameters and KV cache (transformers), and the
+model-buffer and KV-cache sizes llama.cpp reports in its verbose log (llama-cpp-python), for SmolLM2 and for a
+generated GGUF with sliding-window layers and mixed tensor types."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from llmq.estimate.memory import EstimateConfig, estimate_memory
+from llmq.estimate.sources import load_model
+
+MiB = 1024 * 1024
+
+
+def _term(est, name: str, i: int = 0) -> int:
+    return sum(t.nbytes for t in est.results[i].terms if t.name == name)
+
+
+# ----------------------------------------------------------------------------------------- transformers / torch
+
+
+def _torch_param_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():  # parameters() already yields a tied weight once; the set makes sure
+        if p.data_ptr() in seen and p.device.type != "meta":
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    return total
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_llama_odd"])
+def test_weights_equal_torch_allocation(fixture: str, request) -> None:
+    import transformers
+
+    path: Path = request.getfixturevalue(fixture)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    est = estimate_memory(EstimateConfig(str(path), engine="transformers"))
+    assert _term(est, "weights") == _torch_param_bytes(model)  # exact, to the byte
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("llama", {"tie_word_embeddings": True}),
+        ("qwen2", {}),
+        ("qwen3", {"head_dim": 96}),
+        ("mistral", {"sliding_window": 64}),
+        ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+        ("deepseek_v3", {"kv_lora_rank": 64, "q_lora_rank": 96, "qk_rope_head_dim": 16, "qk_nope_head_dim": 32,
+                         "v_head_dim": 32, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                         "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
+    ],
+)  # fmt: skip
+def test_bare_config_matches_torch_parameters(arch: str, extra: dict, tmp_path: Path) -> None:
+    """A config.json alone (no headers): the synthesized tensors have the parameters transformers builds."""
+    import json
+
+    import torch
+    import transformers
+
+    kw = dict(hidden_size=192, intermediate_size=320, num_hidden_layers=3, num_attention_heads=6,
+              num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512)  # fmt: skip
+    kw.update(extra)
+    cfg = transformers.AutoConfig.for_model(arch, **kw)
+    cfg.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict(), default=str))
+    est = estimate_memory(EstimateConfig(str(path), engine="transformers"))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert est.results[0].params_total == n_params
+    assert _term(est, "weights") == n_params * 2
+    if "num_local_experts" in extra or "n_routed_experts" in extra:
+        assert est.results[0].params_active < n_params
+
+
+def _cache_bytes(cache) -> int:
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "numel"):
+                total += t.numel() * t.element_size()
+    return total
+
+
+@pytest.mark.parametrize("context,batch", [(37, 1), (64, 3)])
+def test_kv_equals_transformers_dynamic_cache(tiny_llama: Path, context: int, batch: int) -> None:
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, dtype="auto")
+    ids = torch.randint(0, model.config.vocab_size, (batch, context))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+    est = estimate_memory(EstimateConfig(str(tiny_llama), engine="transformers", context=context, batch=batch))
+    assert _term(est, "KV cache K") + _term(est, "KV cache V") == _cache_bytes(out.past_key_values)
+
+
+# ----------------------------------------------------------------------------------------- llama.cpp
+
+
+def _llama_log(path: Path, **params) -> str:
+    """Load a model + context with llama-cpp-python, verbose, and return what llama.cpp logged on stderr."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    py_log = io.StringIO()  # llama-cpp-python's log callback writes to sys.stderr, C code to fd 2: catch both
+    with tempfile.TemporaryFile() as log, contextlib.redirect_stderr(py_log):
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)  # a file, not a pipe: llama.cpp logs more than a pipe buffer holds
+        try:
+            llm = llama_cpp.Llama(str(path), verbose=True, n_threads=1, n_batch=512, **params)
+            model_size = llama_cpp.llama_model_size(llm.model)
+            del llm
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        log.seek(0)
+        text = log.read().decode(errors="replace") + py_log.getvalue()
+    return text + f"\nllmq_model_size = {model_size}\n"
+
+
+def _parse(log: str) -> dict[str, object]:
+    model_buf = re.findall(r"CPU_Mapped model buffer size =\s*([\d.]+) MiB", log)
+    kv = re.findall(r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells.*K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB", log)
+    return {
+        "model_buffer": [float(x) for x in model_buf],
+        "kv": [(int(c), tk, float(k), tv, float(v)) for c, tk, k, tv, v in kv],
+        "model_size": int(re.search(r"llmq_model_size = (\d+)", log).group(1)),
+        "output": float(re.search(r"output buffer size =\s*([\d.]+) MiB", log).group(1)),
+    }  # fmt: skip
+
+
+def _mib(n: int) -> float:
+    return float(f"{n / MiB:.2f}")
+
+
+GGML_CACHE = {"f16": 1, "q8_0": 8, "q4_0": 2}
+
+
+def _check_llama_cpp(path: Path, n_ctx: int, cache: str, flash_attn: bool, swa_full: bool | None = None) -> None:
+    extra = {} if swa_full is None else {"swa_full": swa_full}
+    log = _parse(_llama_log(path, n_ctx=n_ctx, type_k=GGML_CACHE[cache], type_v=GGML_CACHE[cache],
+                            flash_attn=flash_attn, **extra))  # fmt: skip
+    est = estimate_memory(EstimateConfig(str(path), engine="llama.cpp", context=n_ctx, kv_cache_dtype=cache,
+                                         flash_attn=flash_attn, swa_full=swa_full is not False))  # fmt: skip
+    src = load_model(str(path))
+    # weights: llama.cpp's own byte count (exact) and its mapped buffer (the GGUF data span, to the log's 0.01 MiB)
+    assert log["model_size"] == sum(t.nbytes for t in src.tensors)
+    assert log["model_buffer"] == [_mib(_term(est, "weights"))]
+    # KV cache: one log line per cache (two with SWA); cells and K/V sizes to the log's 0.01 MiB
+    k, v = _term(est, "KV cache K"), _term(est, "KV cache V")
+    assert sum(line[2] for line in log["kv"]) == pytest.approx(k / MiB, abs=0.005 * len(log["kv"]) + 1e-9)
+    assert sum(line[4] for line in log["kv"]) == pytest.approx(v / MiB, abs=0.005 * len(log["kv"]) + 1e-9)
+    assert all(line[1] == line[3] == cache for line in log["kv"])
+    layout_cells = {est.results[0].terms[1].formula}  # formula names the padded cell counts
+    for cells, *_ in log["kv"]:
+        assert any(f"= {cells}" in f for f in layout_cells), (cells, layout_cells)
+    assert _mib(_term(est, "output buffer")) == log["output"]
+
+
+llama_cases = [(512, "f16", True), (1000, "q8_0", True), (2048, "q4_0", True), (300, "f16", False), (4096, "q8_0", True)]
+
+
+@pytest.mark.parametrize("n_ctx,cache,fa", llama_cases)
+def test_llama_cpp_smollm2(smollm2_gguf_path: Path, n_ctx: int, cache: str, fa: bool) -> None:
+    pytest.importorskip("llama_cpp")
+    _check_llama_cpp(smollm2_gguf_path, n_ctx, cache, fa)
+
+
+@pytest.fixture(scope="session")
+def generated_gguf(smollm2_gguf_path: Path, tmp_path_factory) -> Path:
+    """A gemma2-architecture GGUF (sliding window on even layers) with mixed Q8_0/Q4_0/F16/F32 tensors."""
+    import numpy as np
+
+    from llmq.io import GGUFFileWriter, GGUFReader
+    from llmq.io.base import TensorInfo
+    from llmq.io.ggml_types import type_nbytes
+    from llmq.io.gguf import gguf_kv_items
+
+    out = tmp_path_factory.mktemp("gen") / "gen-gemma2.gguf"
+    n_layer, hidden, heads, kvh, hd, ffn = 4, 256, 4, 2, 64, 640
+    with GGUFReader(smollm2_gguf_path) as src:
+        meta, types = src.metadata, src.kv_types
+        vocab = len(meta["tokenizer.ggml.tokens"])
+        w = GGUFFileWriter(out, "gemma2")
+        for key, value, vt, sub in gguf_kv_items(meta, types):
+            if key.startswith("tokenizer."):
+                w.add(key, value, vt, sub)
+    for key, value in {"block_count": n_layer, "context_length": 8192, "embedding_length": hidden,
+                       "feed_forward_length": ffn, "attention.head_count": heads, "attention.head_count_kv": kvh,
+                       "attention.key_length": hd, "attention.value_length": hd, "attention.sliding_window": 128,
+                       "attention.layer_norm_rms_epsilon": 1e-6}.items():  # fmt: skip
+        w.add(f"gemma2.{key}", float(value) if "epsilon" in key else value)
+    specs = [("token_embd.weight", "Q8_0", (vocab, hidden)), ("output_norm.weight", "F32", (hidden,))]
+    for i in range(n_layer):
+        b = f"blk.{i}."
+        specs += [(b + "attn_norm.weight", "F32", (hidden,)), (b + "attn_q.weight", "Q4_0", (heads * hd, hidden)),
+                  (b + "attn_k.weight", "F16", (kvh * hd, hidden)), (b + "attn_v.weight", "Q8_0", (kvh * hd, hidden)),
+                  (b + "attn_output.weight", "Q4_0", (hidden, heads * hd)),
+                  (b + "post_attention_norm.weight", "F32", (hidden,)), (b + "ffn_norm.weight", "F32", (hidden,)),
+                  (b + "ffn_gate.weight", "Q4_0", (ffn, hidden)), (b + "ffn_up.weight", "Q8_0", (ffn, hidden)),
+                  (b + "ffn_down.weight", "F16", (hidden, ffn)), (b + "post_ffw_norm.weight", "F32", (hidden,))]  # fmt: skip
+    infos = [TensorInfo(n, t, s, type_nbytes(t, s)) for n, t, s in specs]
+    w.plan(infos)
+    for info in infos:
+        w.write(info.name, np.zeros(info.nbytes, dtype=np.uint8))
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("n_ctx,cache,fa,swa_full", [(512, "f16", True, None), (1000, "q8_0", True, False),
+                                                     (3000, "q4_0", True, False), (700, "f16", False, False),
+                                                     (3000, "f16", True, True)])  # fmt: skip
+def test_llama_cpp_generated_swa(generated_gguf: Path, n_ctx: int, cache: str, fa: bool, swa_full) -> None:
+    pytest.importorskip("llama_cpp")
+    _check_llama_cpp(generated_gguf, n_ctx, cache, fa, swa_full)
+    est = estimate_memory(EstimateConfig(str(generated_gguf), context=n_ctx, kv_cache_dtype=cache))
+    assert est.arch["layer_kinds"] == {"full": 2, "swa": 2}
+
+
+def test_llama_cpp_refuses_quantized_v_without_flash_attn(smollm2_gguf_path: Path) -> None:
+    from llmq.errors import BadInput
+
+    with pytest.raises(BadInput, match="flash attention"):
+        estimate_memory(EstimateConfig(str(smollm2_gguf_path), kv_cache_dtype="q8_0", flash_attn=False))

@@ -231,3 +231,25 @@ def test_llama_cpp_refuses_quantized_v_without_flash_attn(smollm2_gguf_path: Pat
 
     with pytest.raises(BadInput, match="flash attention"):
         estimate_memory(EstimateConfig(str(smollm2_gguf_path), kv_cache_dtype="q8_0", flash_attn=False))
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_bytes_equal_bitsandbytes_checkpoint(tiny_llama: Path, tmp_path: Path, double_quant: bool) -> None:
+    """What transformers + bitsandbytes save for a 4-bit model: exact without double quant; with it, the only
+    inexact term is the length of the JSON float repr of nested_offset (a byte or two per Linear)."""
+    pytest.importorskip("bitsandbytes")
+    import torch
+    import transformers
+
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                                        bnb_4bit_use_double_quant=double_quant)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=q, device_map="cpu")
+    model.save_pretrained(tmp_path / "bnb")
+    saved = sum(t.nbytes for t in load_model(str(tmp_path / "bnb")).tensors)
+    est = estimate_memory(EstimateConfig(str(tiny_llama), quants=("nf4-dq" if double_quant else "nf4",),
+                                         engine="transformers"))  # fmt: skip
+    r = est.results[0]
+    if double_quant:
+        assert abs(r.weights_bytes - saved) <= 2 * r.n_quantized
+    else:
+        assert r.weights_bytes == saved

@@ -158,13 +158,13 @@ def linear_bytes(spec: QuantSpec, out_f: int, in_f: int, model_dtype: str) -> in
 
 
 def _bnb_state_json(spec: QuantSpec, out_f: int, in_f: int, model_dtype: str) -> bytes:
-    # the JSON bitsandbytes stores as quant_state.bitsandbytes__<type>; nested_offset is a float32 mean whose
-    # repr is typically 20 characters long
+    # the JSON bitsandbytes stores as quant_state.bitsandbytes__<type>; nested_offset is the mean absmax, a
+    # float32 whose Python repr is typically 19 characters long (±2: the one term that is not exact)
     state: dict[str, object] = {"quant_type": spec.dtype, "blocksize": spec.blocksize,
                                 "dtype": {"BF16": "bfloat16", "F16": "float16"}.get(model_dtype, "float32"),
                                 "shape": [out_f, in_f]}  # fmt: skip
     if spec.double_quant:
-        state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=0.0123456789012345678)
+        state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=0.20862437784671783)
     return json.dumps(state).encode()
 
 

@@ -253,3 +253,49 @@ def test_nf4_bytes_equal_bitsandbytes_checkpoint(tiny_llama: Path, tmp_path: Pat
         assert abs(r.weights_bytes - saved) <= 2 * r.n_quantized
     else:
         assert r.weights_bytes == saved
+
+
+def _llama_quantize(src: Path, dst: Path, ftype: str) -> None:
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.allow_requantize = True
+    params.nthread = 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    assert rc == 0
+
+
+def _needs_gguf_mix() -> None:
+    try:
+        import llmq.quant.gguf_mix  # noqa: F401
+    except ImportError:
+        pytest.skip("llmq.quant.gguf_mix (the GGUF quantizer's type rules) has not landed on main yet")
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0", "Q3_K_S"])
+def test_gguf_target_equals_llama_quantize_output(smollm2_gguf_path: Path, tmp_path: Path, ftype: str) -> None:
+    """Requantizing SmolLM2 with llama.cpp itself: every tensor's type and byte count as the estimate says."""
+    _needs_gguf_mix()
+    pytest.importorskip("llama_cpp")
+    out = tmp_path / f"smol-{ftype}.gguf"
+    _llama_quantize(smollm2_gguf_path, out, ftype)
+    real = load_model(str(out))
+    est = estimate_memory(EstimateConfig(str(smollm2_gguf_path), quants=(ftype,), engine="llama.cpp"))
+    assert est.results[0].weights_bytes == real.gguf_data_span  # exact, to the byte
+
+
+def test_gguf_target_from_hf_checkpoint(tiny_llama: Path, tmp_path: Path) -> None:
+    """HF names go through gguf-py's TensorNameMap; the mix then matches llama-quantize on llmq's F16 GGUF."""
+    _needs_gguf_mix()
+    pytest.importorskip("llama_cpp")
+    from llmq.convert import convert
+
+    f16 = tmp_path / "tiny-f16.gguf"
+    convert(tiny_llama, f16, outtype="f16")
+    out = tmp_path / "tiny-q4km.gguf"
+    _llama_quantize(f16, out, "Q4_K_M")
+    est = estimate_memory(EstimateConfig(str(tiny_llama), quants=("Q4_K_M", "F16"), engine="llama.cpp"))
+    assert est.results[0].weights_bytes == load_model(str(out)).gguf_data_span
+    assert est.results[1].weights_bytes == load_model(str(f16)).gguf_data_span

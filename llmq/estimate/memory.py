@@ -157,8 +157,10 @@ def _weights(spec: quants.QuantSpec, a: ModelArch, tensors: list[TensorInfo], sr
     """Per-tensor bytes and the model's bytes in memory under the engine, with the formula."""
     if spec.family == "stored" and engine == "transformers" and src.gguf_metadata is None:
         spec = quants.parse_quant({"F32": "fp32", "F16": "fp16", "BF16": "bf16"}[a.dtype])  # dtype="auto"
+    kvh = max(a.n_kv_heads) if a.n_kv_heads else 0
     per = quants.target_bytes(spec, tensors, a.dtype, arch=a.arch, n_layers=a.n_layers,
-                              is_gguf_names=src.gguf_metadata is not None)  # fmt: skip
+                              is_gguf_names=src.gguf_metadata is not None, n_expert=a.n_experts,
+                              n_gqa=a.n_heads // kvh if kvh else 1)  # fmt: skip
     if engine == "llama.cpp":
         if spec.family == "stored" and src.gguf_data_span is not None:
             return per, src.gguf_data_span, "GGUF data span: last tensor end − first tensor start (mmap'd buffer)"

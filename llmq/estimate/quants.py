@@ -174,7 +174,8 @@ def _need(ok: bool, spec: QuantSpec, out_f: int, in_f: int, what: str) -> None:
 
 
 def target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], model_dtype: str, arch: str = "",
-                 n_layers: int = 0, is_gguf_names: bool = False) -> list[TensorBytes]:  # fmt: skip
+                 n_layers: int = 0, is_gguf_names: bool = False, n_expert: int = 0,
+                 n_gqa: int = 1) -> list[TensorBytes]:  # fmt: skip
     """Per-tensor bytes after quantizing to ``spec``."""
     if spec.family == "stored":
         return [TensorBytes(t.name, t.shape, t.dtype, t.dtype, t.nbytes, t.dtype not in _FLOAT) for t in tensors]
@@ -187,7 +188,7 @@ def target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], model_dtype: st
                 out.append(TensorBytes(t.name, t.shape, t.dtype, t.dtype, t.nbytes, False))
         return out
     if spec.family == "gguf":
-        return gguf_target_bytes(spec, tensors, arch, n_layers, is_gguf_names)
+        return gguf_target_bytes(spec, tensors, arch, n_layers, is_gguf_names, n_expert, n_gqa)
     out = []
     for t in tensors:
         if is_quantizable_linear(t):
@@ -205,12 +206,18 @@ def target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], model_dtype: st
 # --------------------------------------------------------------------------------------------- GGUF
 
 
+def gguf_arch_name(arch: str) -> str:
+    """GGUF architecture name of an HF model_type (GGUF names pass through)."""
+    return {"mistral": "llama", "mixtral": "llama", "qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe",
+            "gpt_oss": "gpt-oss", "gemma3_text": "gemma3", "deepseek_v3": "deepseek2",
+            "deepseek_v2": "deepseek2"}.get(arch, arch)  # fmt: skip
+
+
 def hf_to_gguf_names(tensors: Sequence[TensorInfo], arch: str, n_layers: int) -> list[TensorInfo]:
     """Rename HF tensors to GGUF names with gguf-py's TensorNameMap (what convert_hf_to_gguf.py writes)."""
     import gguf
 
-    gguf_arch = {"mistral": "llama", "mixtral": "llama", "granite": "granite", "qwen3_moe": "qwen3moe",
-                 "qwen2_moe": "qwen2moe", "gpt_oss": "gpt-oss", "gemma3_text": "gemma3"}.get(arch, arch)  # fmt: skip
+    gguf_arch = gguf_arch_name(arch)
     arch_id = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch), None)
     if arch_id is None:
         raise UnsupportedArchitecture(f"no GGUF architecture for model_type {arch!r}")
@@ -235,14 +242,20 @@ def _gguf_mix():
 
 
 def gguf_target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], arch: str, n_layers: int,
-                      is_gguf_names: bool) -> list[TensorBytes]:  # fmt: skip
+                      is_gguf_names: bool, n_expert: int = 0, n_gqa: int = 1) -> list[TensorBytes]:  # fmt: skip
+    """llama.cpp's per-tensor mix for ``spec``: an HF checkpoint is first named as convert_hf_to_gguf.py names it
+    (written as F16, 1-D tensors F32 — what llama-quantize then starts from)."""
     mix = _gguf_mix()
     named = list(tensors) if is_gguf_names else hf_to_gguf_names(tensors, arch, n_layers)
-    types = mix.choose_types(named, spec.dtype, n_layers, arch=arch)
+    if is_gguf_names:
+        src_types = {t.name: t.dtype for t in named}
+    else:
+        src_types = {t.name: "F32" if len(t.shape) < 2 else "F16" for t in named}
+    types = mix.choose_types([(t.name, tuple(t.shape)) for t in named], spec.dtype, n_layers,
+                             arch=gguf_arch_name(arch), n_expert=n_expert, n_gqa=n_gqa, src_types=src_types)  # fmt: skip
     out = []
     for t in named:
-        ggml_type = types[t.name]
-        type_name = getattr(ggml_type, "name", str(ggml_type))
-        nbytes = int(mix.ggml_type_nbytes(ggml_type, t.shape))
+        type_name = str(types[t.name])
+        nbytes = int(mix.ggml_type_nbytes(type_name, t.shape))
         out.append(TensorBytes(t.name, t.shape, t.dtype, type_name, nbytes, type_name not in _FLOAT))
     return out

@@ -64,6 +64,31 @@ def write_tokenizer(path: Path, vocab: int) -> None:
     )
 
 
+@lru_cache(maxsize=4)
+def _trained_spm(vocab: int) -> bytes:
+    import io
+
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    lines = [ln for ln in pydocs_text().splitlines() if ln.strip()][:4000]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab, model_type="bpe",
+        byte_fallback=True, character_coverage=1.0, bos_id=2, eos_id=1, unk_id=3, pad_id=0,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2,
+    )  # fmt: skip
+    return buf.getvalue()
+
+
+def write_spm_tokenizer(path: Path, vocab: int) -> None:
+    """A trained SentencePiece model laid out as Gemma/Llama-2 checkpoints ship it (tokenizer.model)."""
+    (path / "tokenizer.model").write_bytes(_trained_spm(vocab))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+    }))  # fmt: skip
+
+
 def make_tiny_model(path: Path, arch: str = "llama", hidden: int = 256, layers: int = 2, vocab: int = 512,
                     heads: int = 4, kv_heads: int = 2, ffn: int = 512, shards: int = 2, dtype: str = "float32",
                     tie: bool = False, seed: int = 0) -> Path:  # fmt: skip
@@ -77,14 +102,20 @@ def make_tiny_model(path: Path, arch: str = "llama", hidden: int = 256, layers: 
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     }[arch]
     kw = dict(
         hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=2048, rms_norm_eps=1e-5,
         tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0, rope_theta=10000.0,
     )  # fmt: skip
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma", "gemma2"):
         kw["head_dim"] = hidden // heads
+    if arch.startswith("gemma"):
+        kw["tie_word_embeddings"] = True
+    if arch == "gemma2":
+        kw["query_pre_attn_scalar"] = hidden // heads
     cfg = cfg_cls(**kw)
     model = model_cls(cfg).to(getattr(torch, dtype))
     with torch.no_grad():
@@ -96,7 +127,10 @@ def make_tiny_model(path: Path, arch: str = "llama", hidden: int = 256, layers: 
     path.mkdir(parents=True, exist_ok=True)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(path, max_shard_size=max(1, total // shards + 1) if shards > 1 else "10GB")
-    write_tokenizer(path, vocab)
+    if arch.startswith("gemma"):
+        write_spm_tokenizer(path, vocab)
+    else:
+        write_tokenizer(path, vocab)
     return path
 
 

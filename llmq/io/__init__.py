@@ -39,4 +39,15 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False) -> GGUF
     """A reader for a .safetensors file, a Hugging Face model directory, or a (split) GGUF file."""
     if detect_kind(path) == "gguf":
         return GGUFReader(path)
-    return SafetensorsReader(path, allow_pickle=allow_pickle)
+    p = Path(path)
+    if allow_pickle and _is_pickle(p):
+        from llmq.io.pickle import PickleReader
+
+        return PickleReader(p)  # type: ignore[return-value]
+    return SafetensorsReader(path)
+
+
+def _is_pickle(p: Path) -> bool:
+    if p.is_dir():
+        return not any(p.glob("*.safetensors")) and any(f.suffix in PICKLE_SUFFIXES for f in p.iterdir())
+    return p.suffix in PICKLE_SUFFIXES

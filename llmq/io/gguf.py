@@ -35,12 +35,13 @@ from llmq.io.ggml_types import (
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_STRING = 1 << 30  # no GGUF key, token or template is a GiB long
 MAX_NESTING = 4
+_U64 = struct.Struct("<Q")
 
 
 class _Cursor:
     """Bounded little-endian reads from a bytes-like header region."""
 
-    def __init__(self, buf: memoryview, path: Path):
+    def __init__(self, buf: bytes, path: Path):
         self.buf = buf
         self.pos = 0
         self.path = path
@@ -61,10 +62,28 @@ class _Cursor:
         if n > MAX_STRING:
             raise CorruptFile(f"{self.path.name}: absurd string length {n} in {what}")
         self._need(n, what)
-        raw = bytes(self.buf[self.pos : self.pos + n])
+        raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         # surrogateescape keeps invalid UTF-8 (it happens in byte-level vocabularies) round-trippable
         return raw.decode("utf-8", errors="surrogateescape")
+
+    def string_array(self, count: int, what: str) -> list[str]:
+        # the hot path of every header (vocabularies of 100k+ tokens and merges): one tight loop, bytes slices
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > end:
+                raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > end - pos:
+                raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
+            append(buf[pos : pos + n].decode("utf-8", errors="surrogateescape"))
+            pos += n
+        self.pos = pos
+        return out
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
@@ -90,6 +109,8 @@ class _Cursor:
             )
             if count * min_size > len(self.buf) - self.pos:
                 raise CorruptFile(f"{self.path.name}: array of {count} elements in {what} exceeds the file")
+            if svt == GGUFValueType.STRING:
+                return self.string_array(count, what)
             if svt in NUMPY_SCALARS:
                 dt = np.dtype(NUMPY_SCALARS[svt])
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
@@ -122,7 +143,7 @@ class GGUFFile:
         window = min(self.size, 1 << 24)
         while True:
             f.seek(0)
-            buf = memoryview(f.read(window))
+            buf = f.read(window)
             try:
                 self._parse_header(_Cursor(buf, path))
                 return
@@ -345,7 +366,7 @@ def _infer_vtype(value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
         return (GGUFValueType.UINT32 if 0 <= value < 1 << 32 else GGUFValueType.INT64), None
     if isinstance(value, float):
         return GGUFValueType.FLOAT32, None
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes)):
         return GGUFValueType.STRING, None
     if isinstance(value, (list, tuple)):
         if not value:
@@ -359,14 +380,14 @@ def _infer_vtype(value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
     raise BadInput(f"cannot store a {type(value).__name__} in GGUF metadata")
 
 
-def _pack_string(s: str) -> bytes:
-    b = s.encode("utf-8", errors="surrogateescape")
+def _pack_string(s: str | bytes) -> bytes:
+    b = s if isinstance(s, bytes) else s.encode("utf-8", errors="surrogateescape")
     return struct.pack("<Q", len(b)) + b
 
 
 def pack_value(value: Any, vtype: GGUFValueType, sub: GGUFValueType | None = None) -> bytes:
     if vtype == GGUFValueType.STRING:
-        return _pack_string(str(value))
+        return _pack_string(value if isinstance(value, bytes) else str(value))
     if vtype == GGUFValueType.ARRAY:
         if sub is None:
             _, sub = _infer_vtype(value)

@@ -19,7 +19,14 @@ import gguf
 from llmq.errors import BadInput, CorruptFile, UnsupportedArchitecture, require
 from llmq.io.tokenizer_hf import hf_tokenizer_files
 from llmq.io.tokenizer_pre import CHECK_TEXT, PRE_BY_HASH, check_hash, pre_from_regexes
-from llmq.io.tokenizer_special import ADD_KEYS, ID_KEYS, SpecialVocab, chat_template_kv, load_special_vocab, read_json
+from llmq.io.tokenizer_special import (
+    ADD_KEYS,
+    ID_KEYS,
+    SpecialVocab,
+    chat_template_kv,
+    load_special_vocab,
+    read_json,
+)
 
 __all__ = ["gguf_tokenizer_kv", "hf_tokenizer_files", "detect_pre"]
 
@@ -121,7 +128,9 @@ def _family(config: dict) -> str:
             return _FAMILY[arch]
     if config.get("model_type") in _FAMILY_BY_MODEL_TYPE:
         return _FAMILY_BY_MODEL_TYPE[config["model_type"]]
-    raise UnsupportedArchitecture(f"no tokenizer conversion for architecture {archs or config.get('model_type')}")
+    raise UnsupportedArchitecture(
+        f"no tokenizer conversion for architecture {archs or config.get('model_type')}"
+    )
 
 
 # ---------------------------------------------------------------- sentencepiece (tokenizer.model)
@@ -206,7 +215,11 @@ def _is_llama_hf_json(hf_dir: Path) -> bool:
         return False
     tj = read_json(hf_dir / "tokenizer.json")
     model = tj.get("model") or {}
-    if model.get("type") == "BPE" and model.get("ignore_merges", False) and not model.get("byte_fallback", True):
+    if (
+        model.get("type") == "BPE"
+        and model.get("ignore_merges", False)
+        and not model.get("byte_fallback", True)
+    ):
         return False
     return (
         model.get("type") == "BPE"
@@ -258,7 +271,15 @@ def _special_token_texts(tc: dict, hf_dir: Path) -> set[str]:
         sources.append(read_json(hf_dir / "special_tokens_map.json"))
     out: set[str] = set()
     for src in sources:
-        for key in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"):
+        for key in (
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "sep_token",
+            "pad_token",
+            "cls_token",
+            "mask_token",
+        ):
             out |= _token_texts(src.get(key))
         for extra in src.get("additional_special_tokens") or []:
             out |= _token_texts(extra)

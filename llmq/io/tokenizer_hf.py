@@ -70,7 +70,9 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
         pre = str(md.get("tokenizer.ggml.pre") or "default")
         spec = PRE_SPECS.get(pre)
         if spec is None:
-            raise UnsupportedType(f"llmq cannot express llama.cpp's pre-tokenizer {pre!r} as a tokenizer.json")
+            raise UnsupportedType(
+                f"llmq cannot express llama.cpp's pre-tokenizer {pre!r} as a tokenizer.json"
+            )
         tok = _bpe_tokenizer(tokens, _str_list(md.get("tokenizer.ggml.merges"), "merges"), spec)
         add_bos, add_eos = _flag(md, "add_bos", spec.add_bos), _flag(md, "add_eos", False)
         clean = spec.clean_spaces
@@ -190,7 +192,9 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], spec: PreSpec):
     vocab = _vocab(tokens)
     pairs: list[tuple[str, str]] = []
     for m in merges:
-        cut = m.find(" ", 1)  # as llama.cpp: the first space after the first character separates the two parts
+        cut = m.find(
+            " ", 1
+        )  # as llama.cpp: the first space after the first character separates the two parts
         if cut < 0:
             raise CorruptFile(f"malformed merge {m!r} in tokenizer.ggml.merges")
         a, b = m[:cut], m[cut + 1 :]
@@ -207,7 +211,9 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], spec: PreSpec):
     return tok
 
 
-def spm_merges(tokens: Sequence[str], scores: Sequence[float], vocab: Mapping[str, int]) -> list[tuple[str, str]]:
+def spm_merges(
+    tokens: Sequence[str], scores: Sequence[float], vocab: Mapping[str, int]
+) -> list[tuple[str, str]]:
     """Every pair (a, b) whose parts and concatenation are tokens, best score of a+b first (ties: lower id)."""
     ranked: list[tuple[float, int, int, str, str]] = []
     for i, text in enumerate(tokens):
@@ -227,7 +233,9 @@ def _spm_tokenizer(tokens: list[str], scores: list[float], unk_id: int | None, a
     unk = tokens[unk_id] if unk_id is not None else None
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
     escape = normalizers.Replace(" ", "\u2581")
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), escape]) if add_space_prefix else escape
+    tok.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("\u2581"), escape]) if add_space_prefix else escape
+    )
     steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         steps.append(decoders.Strip(" ", 1, 0))

@@ -63,7 +63,11 @@ class SpecialVocab:
 
 
 def load_special_vocab(
-    hf_dir: Path, *, load_merges: bool = False, types: Iterable[str] = DEFAULT_TYPES, n_vocab: int | None = None
+    hf_dir: Path,
+    *,
+    load_merges: bool = False,
+    types: Iterable[str] = DEFAULT_TYPES,
+    n_vocab: int | None = None,
 ) -> SpecialVocab:
     sv = SpecialVocab()
     types = tuple(types)

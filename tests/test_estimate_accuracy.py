@@ -4,17 +4,15 @@ generated GGUF with sliding-window layers and mixed tensor types."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
-import re
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from llmq.estimate.memory import EstimateConfig, estimate_memory
 from llmq.estimate.sources import load_model
+from tests.estimate_helpers import llama_log as _llama_log
+from tests.estimate_helpers import make_swa_gguf
+from tests.estimate_helpers import parse_llama_log as _parse
 
 MiB = 1024 * 1024
 
@@ -108,36 +106,6 @@ def test_kv_equals_transformers_dynamic_cache(tiny_llama: Path, context: int, ba
 # ----------------------------------------------------------------------------------------- llama.cpp
 
 
-def _llama_log(path: Path, **params) -> str:
-    """Load a model + context with llama-cpp-python, verbose, and return what llama.cpp logged on stderr."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    py_log = io.StringIO()  # llama-cpp-python's log callback writes to sys.stderr, C code to fd 2: catch both
-    with tempfile.TemporaryFile() as log, contextlib.redirect_stderr(py_log):
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)  # a file, not a pipe: llama.cpp logs more than a pipe buffer holds
-        try:
-            llm = llama_cpp.Llama(str(path), verbose=True, n_threads=1, n_batch=512, **params)
-            model_size = llama_cpp.llama_model_size(llm.model)
-            del llm
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        log.seek(0)
-        text = log.read().decode(errors="replace") + py_log.getvalue()
-    return text + f"\nllmq_model_size = {model_size}\n"
-
-
-def _parse(log: str) -> dict[str, object]:
-    model_buf = re.findall(r"CPU_Mapped model buffer size =\s*([\d.]+) MiB", log)
-    kv = re.findall(r"llama_kv_cache: size =\s*[\d.]+ MiB \(\s*(\d+) cells.*K \((\w+)\):\s*([\d.]+) MiB, V \((\w+)\):\s*([\d.]+) MiB", log)
-    return {
-        "model_buffer": [float(x) for x in model_buf],
-        "kv": [(int(c), tk, float(k), tv, float(v)) for c, tk, k, tv, v in kv],
-        "model_size": int(re.search(r"llmq_model_size = (\d+)", log).group(1)),
-        "output": float(re.search(r"output buffer size =\s*([\d.]+) MiB", log).group(1)),
-    }  # fmt: skip
-
-
 def _mib(n: int) -> float:
     return float(f"{n / MiB:.2f}")
 
@@ -177,43 +145,7 @@ def test_llama_cpp_smollm2(smollm2_gguf_path: Path, n_ctx: int, cache: str, fa: 
 
 @pytest.fixture(scope="session")
 def generated_gguf(smollm2_gguf_path: Path, tmp_path_factory) -> Path:
-    """A gemma2-architecture GGUF (sliding window on even layers) with mixed Q8_0/Q4_0/F16/F32 tensors."""
-    import numpy as np
-
-    from llmq.io import GGUFFileWriter, GGUFReader
-    from llmq.io.base import TensorInfo
-    from llmq.io.ggml_types import type_nbytes
-    from llmq.io.gguf import gguf_kv_items
-
-    out = tmp_path_factory.mktemp("gen") / "gen-gemma2.gguf"
-    n_layer, hidden, heads, kvh, hd, ffn = 4, 256, 4, 2, 64, 640
-    with GGUFReader(smollm2_gguf_path) as src:
-        meta, types = src.metadata, src.kv_types
-        vocab = len(meta["tokenizer.ggml.tokens"])
-        w = GGUFFileWriter(out, "gemma2")
-        for key, value, vt, sub in gguf_kv_items(meta, types):
-            if key.startswith("tokenizer."):
-                w.add(key, value, vt, sub)
-    for key, value in {"block_count": n_layer, "context_length": 8192, "embedding_length": hidden,
-                       "feed_forward_length": ffn, "attention.head_count": heads, "attention.head_count_kv": kvh,
-                       "attention.key_length": hd, "attention.value_length": hd, "attention.sliding_window": 128,
-                       "attention.layer_norm_rms_epsilon": 1e-6}.items():  # fmt: skip
-        w.add(f"gemma2.{key}", float(value) if "epsilon" in key else value)
-    specs = [("token_embd.weight", "Q8_0", (vocab, hidden)), ("output_norm.weight", "F32", (hidden,))]
-    for i in range(n_layer):
-        b = f"blk.{i}."
-        specs += [(b + "attn_norm.weight", "F32", (hidden,)), (b + "attn_q.weight", "Q4_0", (heads * hd, hidden)),
-                  (b + "attn_k.weight", "F16", (kvh * hd, hidden)), (b + "attn_v.weight", "Q8_0", (kvh * hd, hidden)),
-                  (b + "attn_output.weight", "Q4_0", (hidden, heads * hd)),
-                  (b + "post_attention_norm.weight", "F32", (hidden,)), (b + "ffn_norm.weight", "F32", (hidden,)),
-                  (b + "ffn_gate.weight", "Q4_0", (ffn, hidden)), (b + "ffn_up.weight", "Q8_0", (ffn, hidden)),
-                  (b + "ffn_down.weight", "F16", (hidden, ffn)), (b + "post_ffw_norm.weight", "F32", (hidden,))]  # fmt: skip
-    infos = [TensorInfo(n, t, s, type_nbytes(t, s)) for n, t, s in specs]
-    w.plan(infos)
-    for info in infos:
-        w.write(info.name, np.zeros(info.nbytes, dtype=np.uint8))
-    w.close()
-    return out
+    return make_swa_gguf(smollm2_gguf_path, tmp_path_factory.mktemp("gen") / "gen-gemma2.gguf")
 
 
 @pytest.mark.parametrize("n_ctx,cache,fa,swa_full", [(512, "f16", True, None), (1000, "q8_0", True, False),

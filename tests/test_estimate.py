@@ -265,3 +265,18 @@ def test_cli_imports_no_torch(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "HEAVY []" in proc.stderr
+
+
+def test_element_sizes_agree_with_io_layer() -> None:
+    from llmq.estimate.tensors import ELEMENT_SIZES
+    from llmq.io.base import ELEMENT_SIZES as IO_SIZES
+
+    assert ELEMENT_SIZES == IO_SIZES
+
+
+def test_requantizing_a_gguf_source(smollm2_gguf_path: Path) -> None:
+    """Non-GGUF targets from a GGUF file: block-typed weights are re-quantized, the rest held in f16."""
+    est = estimate_memory(EstimateConfig(str(smollm2_gguf_path), quants=("gptq4", "bf16"), engine="transformers"))
+    gptq, bf16 = est.results
+    assert gptq.n_quantized == 30 * 7  # q, k, v, o, gate, up, down of every block; token_embd and norms kept
+    assert bf16.weights_bytes == bf16.params_total * 2

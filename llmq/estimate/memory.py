@@ -17,7 +17,7 @@ from llmq.estimate.engines import Term
 from llmq.estimate.hardware import GPU, custom_gpu, get_gpu
 from llmq.estimate.sources import ModelSource, load_model
 from llmq.estimate.synth import synthesize
-from llmq.io.base import TensorInfo
+from llmq.estimate.tensors import Tensor as TensorInfo
 
 DEFAULT_CONTEXT = 4096
 VERSION = 1

@@ -30,7 +30,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmq.errors import BadInput, UnsupportedArchitecture, UnsupportedType
-from llmq.io.base import ELEMENT_SIZES, TensorInfo
+from llmq.estimate.tensors import ELEMENT_SIZES
+from llmq.estimate.tensors import Tensor as TensorInfo
 
 GGUF_FTYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1",
                "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "TQ1_0", "TQ2_0")  # fmt: skip
@@ -96,12 +97,15 @@ def parse_quant(text: str) -> QuantSpec:
     )
 
 
-_KEEP = re.compile(r"(norm|embed|lm_head|wte|wpe|\.gate\.weight$|router|shared_expert_gate|token_embd|output\.weight$)")
+_KEEP = re.compile(r"(norm|embed|lm_head|wte|wpe|\.gate\.weight$|router|shared_expert_gate|gate_inp|token_embd|"
+                   r"output\.weight$)")  # fmt: skip
+_INTEGER = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}
 
 
 def is_quantizable_linear(t: TensorInfo) -> bool:
-    """A decoder-block Linear weight: 2-D, floating, inside a layer, and not a norm or MoE router."""
-    if len(t.shape) != 2 or not t.name.endswith("weight") or t.dtype not in _FLOAT | {"F8_E4M3"}:
+    """A decoder-block Linear weight: 2-D, real-valued (float, fp8 or a ggml block type — a GGUF source is
+    re-quantized from its dequantized values), inside a layer, and not a norm or MoE router."""
+    if len(t.shape) != 2 or not t.name.endswith("weight") or t.dtype in _INTEGER:
         return False
     if not re.search(r"(layers|blk|\.h)\.\d+\.", t.name):
         return False
@@ -182,7 +186,7 @@ def target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], model_dtype: st
     if spec.family == "cast":
         out = []
         for t in tensors:
-            if t.dtype in _FLOAT:
+            if t.dtype not in _INTEGER:
                 out.append(TensorBytes(t.name, t.shape, t.dtype, spec.dtype, t.numel * ELEMENT_SIZES[spec.dtype], False))
             else:
                 out.append(TensorBytes(t.name, t.shape, t.dtype, t.dtype, t.nbytes, False))
@@ -195,11 +199,10 @@ def target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], model_dtype: st
             nbytes = linear_bytes(spec, t.shape[0], t.shape[1], model_dtype)
             out.append(TensorBytes(t.name, t.shape, t.dtype, f"{spec.name}", nbytes, True))
         else:
-            keep = model_dtype if t.dtype in _FLOAT else t.dtype
-            if spec.family in ("gptq", "awq") and t.dtype in _FLOAT:
+            keep = t.dtype if t.dtype in _INTEGER else model_dtype  # ggml block types dequantize to the model dtype
+            if spec.family in ("gptq", "awq") and t.dtype not in _INTEGER:
                 keep = "F16"  # GPTQ/AWQ checkpoints are saved in float16
-            out.append(TensorBytes(t.name, t.shape, t.dtype, keep, t.numel * ELEMENT_SIZES.get(keep, 0) or t.nbytes,
-                                   False))  # fmt: skip
+            out.append(TensorBytes(t.name, t.shape, t.dtype, keep, t.numel * ELEMENT_SIZES[keep], False))
     return out
 
 

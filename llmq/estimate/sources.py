@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import ELEMENT_SIZES, TensorInfo
+from llmq.estimate.tensors import ELEMENT_SIZES
+from llmq.estimate.tensors import Tensor as TensorInfo
 
 # Bounds on lengths read from untrusted headers, checked before anything is allocated.
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024

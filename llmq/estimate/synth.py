@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmq.estimate.arch import RECURRENT, ModelArch
-from llmq.io.base import ELEMENT_SIZES, TensorInfo
+from llmq.estimate.tensors import ELEMENT_SIZES
+from llmq.estimate.tensors import Tensor as TensorInfo
 
 
 def _t(name: str, shape: tuple[int, ...], dtype: str) -> TensorInfo:

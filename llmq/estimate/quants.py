@@ -97,8 +97,8 @@ def parse_quant(text: str) -> QuantSpec:
     )
 
 
-_KEEP = re.compile(r"(norm|embed|lm_head|wte|wpe|\.gate\.weight$|router|shared_expert_gate|gate_inp|token_embd|"
-                   r"output\.weight$)")  # fmt: skip
+# (the GGUF output.weight and token_embd are outside the blocks, so the layer test below already keeps them)
+_KEEP = re.compile(r"(norm|embed|lm_head|wte|wpe|\.gate\.weight$|router|shared_expert_gate|gate_inp)")
 _INTEGER = {"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64", "BOOL"}
 
 

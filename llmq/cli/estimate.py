@@ -66,13 +66,14 @@ def memory(
 
 def _render(est) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     a = est.arch
     gpu = est.gpu["name"] if est.gpu else "no GPU given"
     budget = f", budget {_gib(est.budget_bytes)} GiB" if est.budget_bytes else ""
-    console.print(f"[bold]{est.model}[/] — {a['arch']}, {a['n_layers']} layers, engine {est.engine}, "
+    console.print(f"[bold]{escape(est.model)}[/] — {a['arch']}, {a['n_layers']} layers, engine {est.engine}, "
                   f"context {est.context:,} × batch {est.batch}, {gpu}{budget}")  # fmt: skip
     table = Table(title="Memory per GPU (GiB = 2^30 bytes)")
     for col in ("quant", "weights GiB", "KV GiB", "overhead GiB", "total GiB", "total GB", "fits?", "max context",
@@ -82,7 +83,7 @@ def _render(est) -> None:
         kv_b = sum(t.nbytes for t in r.terms if t.name.startswith(("KV", "recurrent")))
         w_b = sum(t.nbytes for t in r.terms if t.name in ("weights", "vocab padding"))
         fits = "-" if r.fits is None else ("[green]yes[/]" if r.fits else "[red]no[/]")
-        table.add_row(r.quant, _gib(w_b), _gib(kv_b), _gib(r.total_bytes - w_b - kv_b), _gib(r.total_bytes),
+        table.add_row(escape(r.quant), _gib(w_b), _gib(kv_b), _gib(r.total_bytes - w_b - kv_b), _gib(r.total_bytes),
                       f"{r.total_bytes / GB:.2f}", fits, _ctx(r.max_context, a["max_context"]),
                       "-" if r.max_sequences is None else f"{r.max_sequences:,}",
                       "-" if r.gpus_needed is None and r.fits is None else str(r.gpus_needed or ">64"))  # fmt: skip
@@ -92,7 +93,7 @@ def _render(est) -> None:
     for col in ("term", "MiB", "kind", "formula"):
         terms.add_column(col, justify="right" if col == "MiB" else "left", overflow="fold")
     for t in first.terms:
-        terms.add_row(t.name, f"{t.nbytes / 2**20:,.2f}", t.kind, t.formula)
+        terms.add_row(t.name, f"{t.nbytes / 2**20:,.2f}", t.kind, escape(t.formula))  # formulas hold [dtype]
     console.print(terms)
     if first.params_active != first.params_total:
         console.print(f"MoE: {first.params_total:,} parameters in total, {first.params_active:,} active per token")
@@ -111,7 +112,7 @@ def _render(est) -> None:
     elif est.budget_bytes:
         console.print("[red]Nothing fits[/] on one GPU; see the GPUs column.")
     for note in est.notes:
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
 
 
 @estimate_app.command("gpus")

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from llmq.io import (
     open_checkpoint,
 )
 from llmq.io.base import TensorInfo
-from llmq.io.ggml_types import GGUFValueType, is_block_type, type_nbytes
+from llmq.io.ggml_types import GGUFValueType, type_nbytes
 from llmq.io.names import (
     Arch,
     arch_for_gguf,
@@ -43,6 +43,7 @@ from llmq.io.names import (
     shifted_norm,
     unpermute_qk,
 )
+from llmq.io.rows import row_chunks, to_float32
 
 # llama.cpp's LlamaFileType for the types the converter writes
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
@@ -322,13 +323,11 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         for t, data in extra:
             w.write(t.name, data)
         for info, target, heads in plan:
-            data = reader.read_float(info.name)
-            if heads:
-                data = permute_qk(data, heads)
-            if shifted_norm(arch, target.name):
-                data = data + np.float32(arch.norm_shift)
-            w.write(target.name, encode(data, target.dtype))
-            del data
+            shift = np.float32(arch.norm_shift) if shifted_norm(arch, target.name) else None
+            w.write(
+                target.name,
+                _stream(reader, info, heads, permute_qk, shift, lambda x, t=target.dtype: encode(x, t)),
+            )
             done += target.nbytes
             progress("convert", done, total)
         w.close()
@@ -518,16 +517,10 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         w = SafetensorsWriter(tmp, max_shard_bytes=shard_bytes, metadata={"llmq_version": __version__})
         w.plan([t for _, t, _ in order])
         for info, target, heads in order:
-            if is_block_type(info.dtype) or info.dtype != "F32" or heads or shifted_norm(arch, info.name):
-                data = reader.read_float(info.name)
-            else:
-                data = reader.read_raw(info.name)
-            if heads:
-                data = unpermute_qk(data, heads)
-            if shifted_norm(arch, info.name):
-                data = data - np.float32(arch.norm_shift)
-            w.write(target.name, _cast_hf(data, outtype))
-            del data
+            shift = -np.float32(arch.norm_shift) if shifted_norm(arch, info.name) else None
+            w.write(
+                target.name, _stream(reader, info, heads, unpermute_qk, shift, lambda x: _cast_hf(x, outtype))
+            )
             done += info.nbytes
             progress("convert", done, total)
         files = w.close()
@@ -543,6 +536,18 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     return ConvertResult(src, dst, "gguf->hf", outtype, arch.gguf_arch, len(plan),
                          sum(i.nbytes for i, _, _ in plan), out_bytes, time.perf_counter() - t0,
                          [dst / f.name for f in files], types)  # fmt: skip
+
+
+def _stream(reader, info: TensorInfo, heads: int | None, permute, shift, encode_fn) -> Iterator[np.ndarray]:
+    """One tensor as encoded slices of rows (whole rotary heads for q/k), so memory holds a few MB at a time."""
+    per_head = info.shape[0] // heads if heads else 1
+    for start, stop in row_chunks(info, per_head):
+        x = to_float32(reader.read_rows(info.name, start, stop), info.dtype)
+        if heads:
+            x = permute(x, (stop - start) // per_head)
+        if shift is not None:
+            x = x + shift
+        yield encode_fn(x)
 
 
 def _hf_sort_key(name: str) -> tuple:

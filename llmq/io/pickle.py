@@ -81,6 +81,15 @@ class PickleReader:
             return t.view(torch.int16).numpy().view(np.uint16).copy()
         return t.numpy().astype(np.dtype(NUMPY_DTYPES[info.dtype]), copy=True)
 
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        info = self.info(name)
+        raw = self.read_raw(name)
+        return (
+            raw.reshape(-1, info.shape[-1] if info.shape else 1)[start:stop].copy()
+            if len(info.shape) != 1
+            else raw
+        )
+
     def read_float(self, name: str) -> np.ndarray:
         import torch
 

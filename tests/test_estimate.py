@@ -280,3 +280,19 @@ def test_requantizing_a_gguf_source(smollm2_gguf_path: Path) -> None:
     gptq, bf16 = est.results
     assert gptq.n_quantized == 30 * 7  # q, k, v, o, gate, up, down of every block; token_embd and norms kept
     assert bf16.weights_bytes == bf16.params_total * 2
+
+
+def test_config_round_trip_and_validation() -> None:
+    cfg = EstimateConfig("m", quants=("Q4_K_M", "gptq4"), context=2048, gpu="h100", engine="vllm", tp=2, num_gpus=2)
+    assert EstimateConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    for bad in ({"engine": "tgi"}, {"gpu": "h100", "vram_gib": 24.0}, {"tp": 4}, {"batch": 0}, {"context": 0}):
+        with pytest.raises(BadInput):
+            EstimateConfig("m", **bad)
+
+
+def test_vllm_max_sequences_follows_the_block_pool(tmp_path: Path) -> None:
+    est = estimate_memory(EstimateConfig(_cfg(tmp_path), gpu="l40s", engine="vllm", context=1000))
+    r = est.results[0]
+    fixed = sum(t.nbytes for t in r.terms if not t.name.startswith("KV"))
+    per_seq = 32 * 2 * 8 * 128 * 2 * 1008  # 1000 tokens → 63 blocks of 16 per sequence
+    assert r.max_sequences == (est.budget_bytes - fixed) // per_seq

@@ -43,8 +43,10 @@ class HubServer:
                     repo = "/".join(parts[2:4])
                     if repo not in server.repos:
                         return self._not_found("RepoNotFound")
-                    files = [{"type": "file", "path": p.name, "size": p.stat().st_size, "oid": "0" * 40}
-                             for p in sorted(server.repos[repo].iterdir())]
+                    files = [
+                        {"type": "file", "path": p.name, "size": p.stat().st_size, "oid": "0" * 40}
+                        for p in sorted(server.repos[repo].iterdir())
+                    ]
                     body = json.dumps(files).encode()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/json")

@@ -127,7 +127,9 @@ def test_sliding_window_layers() -> None:
     assert lay.k_bytes == 32 * 8 * 128 * 2 * 4096
     gemma2 = from_config({**LLAMA, "model_type": "gemma2", "sliding_window": 4096, "num_hidden_layers": 4})
     assert gemma2.layer_kinds == [SWA, FULL, SWA, FULL]
-    gemma3 = from_config({**LLAMA, "model_type": "gemma3_text", "sliding_window": 1024, "num_hidden_layers": 12})
+    gemma3 = from_config(
+        {**LLAMA, "model_type": "gemma3_text", "sliding_window": 1024, "num_hidden_layers": 12}
+    )
     assert gemma3.layer_kinds.count(FULL) == 2 and gemma3.layer_kinds[5] == FULL
     oss = from_config({**LLAMA, "model_type": "gpt_oss", "sliding_window": 128, "num_hidden_layers": 4,
                        "layer_types": ["sliding_attention", "full_attention"] * 2})  # fmt: skip
@@ -175,7 +177,9 @@ def test_max_context_is_the_boundary(tmp_path: Path) -> None:
 
 
 def test_fit_and_gpus_needed(tmp_path: Path) -> None:
-    big = _cfg(tmp_path, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+    big = _cfg(
+        tmp_path, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64
+    )
     est = estimate_memory(EstimateConfig(big, gpu="rtx-4090", engine="vllm", fit=True, context=4096))
     names = [r.quant for r in est.results]
     assert names[0] == "bf16" and est.best_fit is None  # a 70B model fits no single 24 GiB card
@@ -199,7 +203,17 @@ def test_roofline(tmp_path: Path) -> None:
 
 def test_gpu_catalog() -> None:
     names = {g.name for g in CATALOG}
-    for want in ("A100-40GB", "A100-80GB", "H100-80GB", "H200", "L4", "L40S", "RTX-3090", "RTX-4090", "RTX-5090"):
+    for want in (
+        "A100-40GB",
+        "A100-80GB",
+        "H100-80GB",
+        "H200",
+        "L4",
+        "L40S",
+        "RTX-3090",
+        "RTX-4090",
+        "RTX-5090",
+    ):
         assert want in names
     assert any(g.unified for g in CATALOG)
     assert get_gpu("h100").memory_bytes / GiB == pytest.approx(79.65, abs=0.01)
@@ -267,25 +281,28 @@ def test_cli_imports_no_torch(tmp_path: Path) -> None:
     assert "HEAVY []" in proc.stderr
 
 
-def test_element_sizes_agree_with_io_layer() -> None:
-    from llmq.estimate.tensors import ELEMENT_SIZES
-    from llmq.io.base import ELEMENT_SIZES as IO_SIZES
-
-    assert ELEMENT_SIZES == IO_SIZES
-
-
 def test_requantizing_a_gguf_source(smollm2_gguf_path: Path) -> None:
     """Non-GGUF targets from a GGUF file: block-typed weights are re-quantized, the rest held in f16."""
-    est = estimate_memory(EstimateConfig(str(smollm2_gguf_path), quants=("gptq4", "bf16"), engine="transformers"))
+    est = estimate_memory(
+        EstimateConfig(str(smollm2_gguf_path), quants=("gptq4", "bf16"), engine="transformers")
+    )
     gptq, bf16 = est.results
     assert gptq.n_quantized == 30 * 7  # q, k, v, o, gate, up, down of every block; token_embd and norms kept
     assert bf16.weights_bytes == bf16.params_total * 2
 
 
 def test_config_round_trip_and_validation() -> None:
-    cfg = EstimateConfig("m", quants=("Q4_K_M", "gptq4"), context=2048, gpu="h100", engine="vllm", tp=2, num_gpus=2)
+    cfg = EstimateConfig(
+        "m", quants=("Q4_K_M", "gptq4"), context=2048, gpu="h100", engine="vllm", tp=2, num_gpus=2
+    )
     assert EstimateConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    for bad in ({"engine": "tgi"}, {"gpu": "h100", "vram_gib": 24.0}, {"tp": 4}, {"batch": 0}, {"context": 0}):
+    for bad in (
+        {"engine": "tgi"},
+        {"gpu": "h100", "vram_gib": 24.0},
+        {"tp": 4},
+        {"batch": 0},
+        {"context": 0},
+    ):
         with pytest.raises(BadInput):
             EstimateConfig("m", **bad)
 

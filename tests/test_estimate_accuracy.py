@@ -99,7 +99,9 @@ def test_kv_equals_transformers_dynamic_cache(tiny_llama: Path, context: int, ba
     ids = torch.randint(0, model.config.vocab_size, (batch, context))
     with torch.no_grad():
         out = model(ids, use_cache=True)
-    est = estimate_memory(EstimateConfig(str(tiny_llama), engine="transformers", context=context, batch=batch))
+    est = estimate_memory(
+        EstimateConfig(str(tiny_llama), engine="transformers", context=context, batch=batch)
+    )
     assert _term(est, "KV cache K") + _term(est, "KV cache V") == _cache_bytes(out.past_key_values)
 
 
@@ -113,7 +115,9 @@ def _mib(n: int) -> float:
 GGML_CACHE = {"f16": 1, "q8_0": 8, "q4_0": 2}
 
 
-def _check_llama_cpp(path: Path, n_ctx: int, cache: str, flash_attn: bool, swa_full: bool | None = None) -> None:
+def _check_llama_cpp(
+    path: Path, n_ctx: int, cache: str, flash_attn: bool, swa_full: bool | None = None
+) -> None:
     extra = {} if swa_full is None else {"swa_full": swa_full}
     log = _parse(_llama_log(path, n_ctx=n_ctx, type_k=GGML_CACHE[cache], type_v=GGML_CACHE[cache],
                             flash_attn=flash_attn, **extra))  # fmt: skip
@@ -134,7 +138,13 @@ def _check_llama_cpp(path: Path, n_ctx: int, cache: str, flash_attn: bool, swa_f
     assert _mib(_term(est, "output buffer")) == log["output"]
 
 
-llama_cases = [(512, "f16", True), (1000, "q8_0", True), (2048, "q4_0", True), (300, "f16", False), (4096, "q8_0", True)]
+llama_cases = [
+    (512, "f16", True),
+    (1000, "q8_0", True),
+    (2048, "q4_0", True),
+    (300, "f16", False),
+    (4096, "q8_0", True),
+]
 
 
 @pytest.mark.parametrize("n_ctx,cache,fa", llama_cases)
@@ -166,7 +176,9 @@ def test_llama_cpp_refuses_quantized_v_without_flash_attn(smollm2_gguf_path: Pat
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_bytes_equal_bitsandbytes_checkpoint(tiny_llama: Path, tmp_path: Path, double_quant: bool) -> None:
+def test_nf4_bytes_equal_bitsandbytes_checkpoint(
+    tiny_llama: Path, tmp_path: Path, double_quant: bool
+) -> None:
     """What transformers + bitsandbytes save for a 4-bit model: exact without double quant; with it, the only
     inexact term is the length of the JSON float repr of nested_offset (a byte or two per Linear)."""
     pytest.importorskip("bitsandbytes")
@@ -175,7 +187,9 @@ def test_nf4_bytes_equal_bitsandbytes_checkpoint(tiny_llama: Path, tmp_path: Pat
 
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
                                         bnb_4bit_use_double_quant=double_quant)  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=q, device_map="cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_llama, quantization_config=q, device_map="cpu"
+    )
     model.save_pretrained(tmp_path / "bnb")
     saved = sum(t.nbytes for t in load_model(str(tmp_path / "bnb")).tensors)
     est = estimate_memory(EstimateConfig(str(tiny_llama), quants=("nf4-dq" if double_quant else "nf4",),
@@ -207,7 +221,9 @@ def _needs_gguf_mix() -> None:
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0", "Q3_K_S"])
-def test_gguf_target_equals_llama_quantize_output(smollm2_gguf_path: Path, tmp_path: Path, ftype: str) -> None:
+def test_gguf_target_equals_llama_quantize_output(
+    smollm2_gguf_path: Path, tmp_path: Path, ftype: str
+) -> None:
     """Requantizing SmolLM2 with llama.cpp itself: every tensor's type and byte count as the estimate says."""
     _needs_gguf_mix()
     pytest.importorskip("llama_cpp")

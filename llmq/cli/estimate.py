@@ -9,7 +9,9 @@ import typer
 
 from llmq.errors import BadInput
 
-estimate_app = typer.Typer(help="Estimate memory: weights, KV cache, overhead; what fits where.", no_args_is_help=True)
+estimate_app = typer.Typer(
+    help="Estimate memory: weights, KV cache, overhead; what fits where.", no_args_is_help=True
+)
 
 GIB = 1024**3
 GB = 10**9
@@ -96,7 +98,9 @@ def _render(est) -> None:
         terms.add_row(t.name, f"{t.nbytes / 2**20:,.2f}", t.kind, escape(t.formula))  # formulas hold [dtype]
     console.print(terms)
     if first.params_active != first.params_total:
-        console.print(f"MoE: {first.params_total:,} parameters in total, {first.params_active:,} active per token")
+        console.print(
+            f"MoE: {first.params_total:,} parameters in total, {first.params_active:,} active per token"
+        )
     if first.perf:
         p = first.perf
         parts = [f"{p['flops_per_token'] / 1e9:.2f} GFLOP/token"]

@@ -113,7 +113,10 @@ def from_config(cfg: Mapping[str, Any]) -> ModelArch:
     """Build the ModelArch of an HF config.json (text config of multimodal models)."""
     if isinstance(cfg.get("text_config"), Mapping):
         outer_tied = cfg.get("tie_word_embeddings")
-        cfg = {**cfg["text_config"], **({"tie_word_embeddings": outer_tied} if outer_tied is not None else {})}
+        cfg = {
+            **cfg["text_config"],
+            **({"tie_word_embeddings": outer_tied} if outer_tied is not None else {}),
+        }
     model_type = str(cfg.get("model_type", "unknown"))
     try:
         n_layers = int(_first(cfg, "num_hidden_layers", "n_layer", "num_layers"))
@@ -210,8 +213,13 @@ def from_gguf(meta: Mapping[str, Any], tensors: list | None = None) -> ModelArch
             period = int(pattern) if isinstance(pattern, int) else _SWA_PERIOD.get(arch, 0)
             kinds = [SWA if period == 0 or i % period < period - 1 else FULL for i in range(n_layers)]
     ssm_inner = int(meta.get(p + "ssm.inner_size") or 0)
-    if ssm_inner:  # llama.cpp marks recurrent layers by a zero KV head count in hybrids, all layers in pure SSMs
-        kinds = [RECURRENT if h == 0 or not meta.get(p + "attention.head_count") else k for k, h in zip(kinds, kvh, strict=True)]
+    if (
+        ssm_inner
+    ):  # llama.cpp marks recurrent layers by a zero KV head count in hybrids, all layers in pure SSMs
+        kinds = [
+            RECURRENT if h == 0 or not meta.get(p + "attention.head_count") else k
+            for k, h in zip(kinds, kvh, strict=True)
+        ]
     a = ModelArch(
         arch=arch,
         n_layers=n_layers,

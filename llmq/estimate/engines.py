@@ -63,7 +63,9 @@ def overhead_terms(engine: str, a: ModelArch, gpu: GPU | None, context: int, bat
         if cuda:
             terms.append(Term("CUDA context", CUDA_CONTEXT_TORCH, "500 MiB (torch CUDA context + cuBLAS workspace)",
                               "assumption"))  # fmt: skip
-        terms.append(Term("logits buffer", batch * a.vocab * 4, f"batch {batch} × vocab {a.vocab} × 4 B", "exact"))
+        terms.append(
+            Term("logits buffer", batch * a.vocab * 4, f"batch {batch} × vocab {a.vocab} × 4 B", "exact")
+        )
         peak = batch * context * (2 * a.ffn + 4 * a.hidden) * act
         terms.append(Term("prefill activations", peak, f"batch {batch} × ctx {context} × (2·ffn {a.ffn} + "
                           f"4·hidden {a.hidden}) × {act} B (one layer's live tensors, SDPA attention)",
@@ -75,7 +77,9 @@ def overhead_terms(engine: str, a: ModelArch, gpu: GPU | None, context: int, bat
         if cuda:
             terms.append(Term("CUDA context", CUDA_CONTEXT_TORCH, "500 MiB (torch CUDA context + cuBLAS workspace)",
                               "assumption"))  # fmt: skip
-            terms.append(Term("CUDA graphs", VLLM_CUDA_GRAPHS, "512 MiB (captured decode graphs)", "assumption"))
+            terms.append(
+                Term("CUDA graphs", VLLM_CUDA_GRAPHS, "512 MiB (captured decode graphs)", "assumption")
+            )
         if tp > 1:
             terms.append(Term("NCCL buffers", VLLM_NCCL, "256 MiB per rank when tp > 1", "assumption"))
         tokens = max(VLLM_MAX_BATCHED_TOKENS, min(context * batch, VLLM_MAX_BATCHED_TOKENS))
@@ -88,7 +92,9 @@ def overhead_terms(engine: str, a: ModelArch, gpu: GPU | None, context: int, bat
     elif engine == "llama.cpp":
         if cuda:
             terms.append(Term("CUDA context", CUDA_CONTEXT_GGML, "300 MiB (ggml-cuda context)", "assumption"))
-        terms.append(Term("output buffer", a.vocab * batch * 4, f"vocab {a.vocab} × n_seq_max {batch} × 4 B", "exact"))
+        terms.append(
+            Term("output buffer", a.vocab * batch * 4, f"vocab {a.vocab} × n_seq_max {batch} × 4 B", "exact")
+        )
         terms.append(llama_cpp_compute_buffer(a, context, batch, n_ubatch, flash_attn))
     return terms
 

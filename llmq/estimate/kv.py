@@ -77,7 +77,9 @@ def resolve_cache_type(engine: str, requested: str | None, model_dtype: str) -> 
     allowed = {"transformers": {"f32", "f16", "bf16"}, "vllm": {"f16", "bf16", "fp8", "f32"},
                "llama.cpp": set(CACHE_TYPES) - {"fp8"}}[engine]  # fmt: skip
     if t not in allowed:
-        raise BadInput(f"--kv-cache-dtype {t} is not supported by {engine} (it takes {', '.join(sorted(allowed))})")
+        raise BadInput(
+            f"--kv-cache-dtype {t} is not supported by {engine} (it takes {', '.join(sorted(allowed))})"
+        )
     return t
 
 
@@ -106,7 +108,9 @@ def kv_layout(a: ModelArch, engine: str, context: int, batch: int, cache_k: str,
             rule += f"; SWA cells = 16·(⌈{window}/16⌉+1) = {swa_cells}"
     else:
         cells, swa_cells = context, min(context, window)
-        rule = f"cells = {context}" + (f"; SWA cells = min({context}, {window})" if SWA in a.layer_kinds else "")
+        rule = f"cells = {context}" + (
+            f"; SWA cells = min({context}, {window})" if SWA in a.layer_kinds else ""
+        )
     k_total = v_total = 0
     per_token = 0
     rank_heads: list[int] = []
@@ -133,7 +137,9 @@ def kv_layout(a: ModelArch, engine: str, context: int, batch: int, cache_k: str,
         rule += f"; MLA row = kv_lora_rank {a.kv_lora_rank} + qk_rope_head_dim {a.qk_rope_head_dim}, no V"
         if engine == "vllm" and tp > 1:
             rule += " (replicated on every TP rank)"
-    elif rank_heads and min(rank_heads) * tp > min(a.n_kv_heads[i] for i in range(a.n_layers) if a.n_kv_heads[i]):
+    elif rank_heads and min(rank_heads) * tp > min(
+        a.n_kv_heads[i] for i in range(a.n_layers) if a.n_kv_heads[i]
+    ):
         rule += f"; KV heads replicated: {max(rank_heads)} per rank at tp={tp}"
-    formula = (f"Σ_layers cells × batch {batch} × (K row [{cache_k}] + V row [{cache_v}]); {rule}")
+    formula = f"Σ_layers cells × batch {batch} × (K row [{cache_k}] + V row [{cache_v}]); {rule}"
     return KVLayout(k_total, v_total, state, per_token, cells, swa_cells, formula, cache_k, cache_v)

@@ -17,7 +17,7 @@ from llmq.estimate.engines import Term
 from llmq.estimate.hardware import GPU, custom_gpu, get_gpu
 from llmq.estimate.sources import ModelSource, load_model
 from llmq.estimate.synth import synthesize
-from llmq.estimate.tensors import Tensor as TensorInfo
+from llmq.io.base import TensorInfo
 
 DEFAULT_CONTEXT = 4096
 VERSION = 1
@@ -45,7 +45,9 @@ class EstimateConfig:
     engine: str | None = None
     fit: bool = False
     flash_attn: bool = True
-    swa_full: bool = True  # llama.cpp: full-size SWA cache (library default; llama-server uses --swa-full off)
+    swa_full: bool = (
+        True  # llama.cpp: full-size SWA cache (library default; llama-server uses --swa-full off)
+    )
     n_ubatch: int = 512
     gpu_memory_utilization: float = engines.VLLM_GPU_MEMORY_UTILIZATION
     version: int = VERSION
@@ -142,7 +144,9 @@ def model_arch(src: ModelSource) -> tuple[ModelArch, list[TensorInfo], list[str]
     tensors = src.tensors
     if not tensors:
         tensors, exact = synthesize(a, src.config)
-        notes.append("weights derived from config.json (no headers read)" + ("" if exact else "; approximate"))
+        notes.append(
+            "weights derived from config.json (no headers read)" + ("" if exact else "; approximate")
+        )
     return a, tensors, notes
 
 
@@ -163,7 +167,11 @@ def _weights(spec: quants.QuantSpec, a: ModelArch, tensors: list[TensorInfo], sr
                               n_gqa=a.n_heads // kvh if kvh else 1)  # fmt: skip
     if engine == "llama.cpp":
         if spec.family == "stored" and src.gguf_data_span is not None:
-            return per, src.gguf_data_span, "GGUF data span: last tensor end − first tensor start (mmap'd buffer)"
+            return (
+                per,
+                src.gguf_data_span,
+                "GGUF data span: last tensor end − first tensor start (mmap'd buffer)",
+            )
         sizes = [t.nbytes for t in per]
         return per, engines.gguf_file_span(sizes), "Σ tensors, each padded to 32 B (GGUF alignment), mmap'd"
     return per, sum(t.nbytes for t in per), "Σ per-tensor bytes of the format"

@@ -30,8 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmq.errors import BadInput, UnsupportedArchitecture, UnsupportedType
-from llmq.estimate.tensors import ELEMENT_SIZES
-from llmq.estimate.tensors import Tensor as TensorInfo
+from llmq.io.base import ELEMENT_SIZES, TensorInfo
 
 GGUF_FTYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1",
                "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "TQ1_0", "TQ2_0")  # fmt: skip
@@ -134,7 +133,13 @@ def linear_bytes(spec: QuantSpec, out_f: int, in_f: int, model_dtype: str) -> in
     """Bytes the format stores for one quantized [out_f, in_f] Linear weight (bias excluded)."""
     b, g = spec.bits, _n_groups(in_f, spec.group_size)
     if spec.family == "gptq":
-        _need(in_f * b % 32 == 0 and out_f * b % 32 == 0, spec, out_f, in_f, "in·bits and out·bits multiples of 32")
+        _need(
+            in_f * b % 32 == 0 and out_f * b % 32 == 0,
+            spec,
+            out_f,
+            in_f,
+            "in·bits and out·bits multiples of 32",
+        )
         return 4 * (in_f * b // 32) * out_f + 4 * g * (out_f * b // 32) + 2 * g * out_f + 4 * in_f
     if spec.family == "awq":
         _need(out_f % 8 == 0, spec, out_f, in_f, "out_features a multiple of 8")
@@ -182,12 +187,18 @@ def target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], model_dtype: st
                  n_gqa: int = 1) -> list[TensorBytes]:  # fmt: skip
     """Per-tensor bytes after quantizing to ``spec``."""
     if spec.family == "stored":
-        return [TensorBytes(t.name, t.shape, t.dtype, t.dtype, t.nbytes, t.dtype not in _FLOAT) for t in tensors]
+        return [
+            TensorBytes(t.name, t.shape, t.dtype, t.dtype, t.nbytes, t.dtype not in _FLOAT) for t in tensors
+        ]
     if spec.family == "cast":
         out = []
         for t in tensors:
             if t.dtype not in _INTEGER:
-                out.append(TensorBytes(t.name, t.shape, t.dtype, spec.dtype, t.numel * ELEMENT_SIZES[spec.dtype], False))
+                out.append(
+                    TensorBytes(
+                        t.name, t.shape, t.dtype, spec.dtype, t.numel * ELEMENT_SIZES[spec.dtype], False
+                    )
+                )
             else:
                 out.append(TensorBytes(t.name, t.shape, t.dtype, t.dtype, t.nbytes, False))
         return out
@@ -199,7 +210,9 @@ def target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], model_dtype: st
             nbytes = linear_bytes(spec, t.shape[0], t.shape[1], model_dtype)
             out.append(TensorBytes(t.name, t.shape, t.dtype, f"{spec.name}", nbytes, True))
         else:
-            keep = t.dtype if t.dtype in _INTEGER else model_dtype  # ggml block types dequantize to the model dtype
+            keep = (
+                t.dtype if t.dtype in _INTEGER else model_dtype
+            )  # ggml block types dequantize to the model dtype
             if spec.family in ("gptq", "awq") and t.dtype not in _INTEGER:
                 keep = "F16"  # GPTQ/AWQ checkpoints are saved in float16
             out.append(TensorBytes(t.name, t.shape, t.dtype, keep, t.numel * ELEMENT_SIZES[keep], False))

@@ -106,10 +106,14 @@ def performance(a: ModelArch, gpu: GPU, active_params: int, active_bytes: int, k
         out["decode_latency_s"] = read / (gpu.bandwidth * n_gpus)
         out["decode_latency_formula"] = (f"(active weight bytes {active_bytes} + KV bytes {kv_bytes_one_seq} × batch "
                                          f"{batch}) ÷ (bandwidth × {n_gpus} GPUs)")  # fmt: skip
-        out["decode_tokens_per_s_bound"] = batch / out["decode_latency_s"] if out["decode_latency_s"] else None
+        out["decode_tokens_per_s_bound"] = (
+            batch / out["decode_latency_s"] if out["decode_latency_s"] else None
+        )
     if gpu.flops:
         prompt = batch * (context * 2 * mm + attention_flops(a, context) * context // 2)
         out["prefill_flops"] = prompt
         out["prefill_time_s"] = prompt / (gpu.flops * n_gpus)
-        out["prefill_formula"] = "batch × (ctx × 2 × matmul params + causal attention ≈ attn(ctx) × ctx / 2) ÷ FLOP/s"
+        out["prefill_formula"] = (
+            "batch × (ctx × 2 × matmul params + causal attention ≈ attn(ctx) × ctx / 2) ÷ FLOP/s"
+        )
     return out

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.estimate.tensors import ELEMENT_SIZES
-from llmq.estimate.tensors import Tensor as TensorInfo
+from llmq.io.base import ELEMENT_SIZES, TensorInfo
 
 # Bounds on lengths read from untrusted headers, checked before anything is allocated.
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
@@ -94,7 +93,9 @@ def parse_safetensors_header(read_at: ReadAt, file_name: str) -> tuple[list[Tens
         for d in shape:
             numel *= d
         if end - start != numel * ELEMENT_SIZES[dtype] or start < 0:
-            raise CorruptFile(f"{file_name}: {name!r} occupies {end - start} bytes, its shape needs a different size")
+            raise CorruptFile(
+                f"{file_name}: {name!r} occupies {end - start} bytes, its shape needs a different size"
+            )
         infos.append(TensorInfo(name, dtype, shape, end - start, file=file_name, offset=8 + n + start))
     return infos, meta
 
@@ -323,7 +324,9 @@ class _Hub:
         except RepositoryNotFoundError:
             raise BadInput(f"{self.repo_id}: no such repository on {self.endpoint}") from None
         except Exception as exc:  # httpx/OS errors: one clear line, never a traceback
-            raise BadInput(f"{self.repo_id}: fetching {filename} failed ({type(exc).__name__}: {exc})") from None
+            raise BadInput(
+                f"{self.repo_id}: fetching {filename} failed ({type(exc).__name__}: {exc})"
+            ) from None
         return _read_json(Path(local))
 
     def read_at(self, filename: str) -> ReadAt:
@@ -354,11 +357,17 @@ class _Hub:
 
     def list_files(self) -> list[str]:
         if self.offline:
-            raise BadInput(f"{self.repo_id}: name the GGUF file (owner/name:file.gguf) when HF_HUB_OFFLINE is set")
+            raise BadInput(
+                f"{self.repo_id}: name the GGUF file (owner/name:file.gguf) when HF_HUB_OFFLINE is set"
+            )
         try:
-            return list(self.hf.HfApi(endpoint=self.endpoint).list_repo_files(self.repo_id, revision=self.revision))
+            return list(
+                self.hf.HfApi(endpoint=self.endpoint).list_repo_files(self.repo_id, revision=self.revision)
+            )
         except Exception as exc:
-            raise BadInput(f"{self.repo_id}: listing the repository failed ({type(exc).__name__}: {exc})") from None
+            raise BadInput(
+                f"{self.repo_id}: listing the repository failed ({type(exc).__name__}: {exc})"
+            ) from None
 
 
 def load_hub(spec: str) -> ModelSource:

@@ -12,8 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmq.estimate.arch import RECURRENT, ModelArch
-from llmq.estimate.tensors import ELEMENT_SIZES
-from llmq.estimate.tensors import Tensor as TensorInfo
+from llmq.io.base import ELEMENT_SIZES, TensorInfo
 
 
 def _t(name: str, shape: tuple[int, ...], dtype: str) -> TensorInfo:
@@ -55,7 +54,11 @@ def _attention(p: str, a: ModelArch, cfg: Mapping[str, Any], layer: int, dt: str
     out = [_t(f"{p}.q_proj.weight", (q, h), dt), _t(f"{p}.k_proj.weight", (k, h), dt),
            _t(f"{p}.v_proj.weight", (v, h), dt), _t(f"{p}.o_proj.weight", (h, a.n_heads * a.head_dim_v), dt)]  # fmt: skip
     if cfg.get("attention_bias") or a.arch in ("qwen2", "qwen2_moe"):
-        out += [_t(f"{p}.q_proj.bias", (q,), dt), _t(f"{p}.k_proj.bias", (k,), dt), _t(f"{p}.v_proj.bias", (v,), dt)]
+        out += [
+            _t(f"{p}.q_proj.bias", (q,), dt),
+            _t(f"{p}.k_proj.bias", (k,), dt),
+            _t(f"{p}.v_proj.bias", (v,), dt),
+        ]
     if a.arch.startswith(("qwen3", "gemma3", "olmo2")):  # per-head q/k norms
         out += [_t(f"{p}.q_norm.weight", (a.head_dim_k,), dt), _t(f"{p}.k_norm.weight", (a.head_dim_k,), dt)]
     return out

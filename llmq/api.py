@@ -75,11 +75,11 @@ def inspect(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, An
     from llmq.io import open_checkpoint
 
     p = resolve_model(path)
-    with open_checkpoint(p, allow_pickle=allow_pickle) as reader:
+    with open_checkpoint(p, allow_pickle=allow_pickle, header_only=True) as reader:
         infos = list(reader.infos())
         meta: dict[str, str] = {}
         for k, v in (reader.metadata or {}).items():
-            if isinstance(v, list):
+            if isinstance(v, list) or type(v).__name__ == "SkippedStrings":
                 meta[k] = f"[{len(v)} items]" if len(v) > 8 else repr(v)
             else:
                 s = repr(v) if not isinstance(v, str) else v

@@ -265,7 +265,7 @@ def load_local(path: Path, spec: str) -> ModelSource:
         raise BadInput(f"{spec}: no config.json, safetensors or GGUF file in the directory")
     from llmq.io import open_checkpoint
 
-    with open_checkpoint(path) as reader:
+    with open_checkpoint(path, header_only=True) as reader:
         infos = list(reader.infos())
         if reader.kind == "gguf":
             return ModelSource(spec, "gguf", gguf_metadata=dict(reader.metadata), tensors=infos,

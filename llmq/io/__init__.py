@@ -54,12 +54,15 @@ def detect_kind(path: str | os.PathLike) -> str:
     raise BadInput(f"{p.name}: not a .safetensors, .gguf or model directory")
 
 
-def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False):
-    """A reader for a .safetensors file, a Hugging Face model directory, or a (split) GGUF file."""
+def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, header_only: bool = False):
+    """A reader for a .safetensors file, a Hugging Face model directory, or a (split) GGUF file.
+
+    ``header_only``: the caller wants shapes, types and scalar metadata; GGUF vocabularies stay undecoded.
+    """
     if detect_kind(path) == "gguf":
         from llmq.io.gguf import GGUFReader
 
-        return GGUFReader(path)
+        return GGUFReader(path, decode_strings=not header_only)
     p = Path(path)
     if allow_pickle and _is_pickle(p):
         from llmq.io.pickle import PickleReader

@@ -38,13 +38,27 @@ MAX_NESTING = 4
 _U64 = struct.Struct("<Q")
 
 
+class SkippedStrings:
+    """Stands for a string array that was not decoded (header-only users: inspect, the estimator)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"[{self.count} strings]"
+
+
 class _Cursor:
     """Bounded little-endian reads from a bytes-like header region."""
 
-    def __init__(self, buf: bytes, path: Path):
+    def __init__(self, buf: bytes, path: Path, decode_strings: bool = True):
         self.buf = buf
         self.pos = 0
         self.path = path
+        self.decode_strings = decode_strings
 
     def _need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > len(self.buf):
@@ -67,7 +81,7 @@ class _Cursor:
         # surrogateescape keeps invalid UTF-8 (it happens in byte-level vocabularies) round-trippable
         return raw.decode("utf-8", errors="surrogateescape")
 
-    def string_array(self, count: int, what: str) -> list[str]:
+    def string_array(self, count: int, what: str) -> list[str] | SkippedStrings:
         # the hot path of every header (vocabularies of 100k+ tokens and merges): one tight loop, bytes slices
         buf, pos, end = self.buf, self.pos, len(self.buf)
         unpack = _U64.unpack_from
@@ -80,10 +94,11 @@ class _Cursor:
             pos += 8
             if n > end - pos:
                 raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
-            append(buf[pos : pos + n].decode("utf-8", errors="surrogateescape"))
+            if self.decode_strings:
+                append(buf[pos : pos + n].decode("utf-8", errors="surrogateescape"))
             pos += n
         self.pos = pos
-        return out
+        return out if self.decode_strings else SkippedStrings(count)
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
@@ -123,8 +138,9 @@ class _Cursor:
 class GGUFFile:
     """The parsed header of one GGUF file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, decode_strings: bool = True):
         self.path = path
+        self.decode_strings = decode_strings
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -145,7 +161,7 @@ class GGUFFile:
             f.seek(0)
             buf = f.read(window)
             try:
-                self._parse_header(_Cursor(buf, path))
+                self._parse_header(_Cursor(buf, path, self.decode_strings))
                 return
             except CorruptFile:
                 if window >= self.size:
@@ -260,9 +276,10 @@ class GGUFReader:
     kind = "gguf"
     config = None
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, decode_strings: bool = True):
+        """``decode_strings=False`` leaves string arrays (vocabularies, merges) as :class:`SkippedStrings`."""
         self.path = Path(path)
-        self.files = [GGUFFile(p) for p in split_paths(self.path)]
+        self.files = [GGUFFile(p, decode_strings) for p in split_paths(self.path)]
         first = self.files[0]
         self.metadata: dict[str, Any] = {k: v for k, v in first.kv.items() if not k.startswith("split.")}
         self.kv_types = {k: v for k, v in first.kv_types.items() if not k.startswith("split.")}

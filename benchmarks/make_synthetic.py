@@ -52,6 +52,12 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     ap.add_argument("--shard-size", type=int, default=2 * 1000**3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--tokenizer-from",
+        type=Path,
+        default=None,
+        help="copy tokenizer files from this HF directory (a vocabulary llama.cpp's converter knows)",
+    )
     a = ap.parse_args()
     code, size = {"float32": ("F32", 4), "bfloat16": ("BF16", 2), "float16": ("F16", 2)}[a.dtype]
     specs = tensors(a)
@@ -79,6 +85,13 @@ def main() -> None:
         "bos_token_id": 0, "eos_token_id": 0, "torch_dtype": a.dtype,
     }  # fmt: skip
     (a.out / "config.json").write_text(json.dumps(cfg, indent=2))
+    if a.tokenizer_from:
+        import shutil
+
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+            if (a.tokenizer_from / name).exists():
+                shutil.copy(a.tokenizer_from / name, a.out / name)
+        return
     from tests.helpers import write_tokenizer
 
     write_tokenizer(a.out, min(a.vocab, 512))

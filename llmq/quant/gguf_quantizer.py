@@ -219,8 +219,10 @@ class GGUFQuantizer:
 
 
 def _gguf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
-    with _GGUFSource(src) as s:
-        return s.infos(), s.meta
+    from llmq.io.gguf import GGUFReader
+
+    with GGUFReader(src, decode_strings=False) as r:  # the type rules never look at the vocabulary
+        return list(r.infos()), r.metadata
 
 
 def _hf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from test_gguf_support import ggml_quantize_chunk, outlier_matrix, smollm2_reader
+from gguf_helpers import ggml_quantize_chunk, outlier_matrix, smollm2_reader
 
 from llmq.errors import ShapeError, UnsupportedType
 from llmq.quant import gguf_blocks as gb

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_gguf_support import LLAMA_FTYPES, gguf_tensors, llama_quantize, smollm2_reader
+from gguf_helpers import LLAMA_FTYPES, gguf_tensors, llama_quantize, smollm2_reader
 
 from llmq.errors import BadInput
 from llmq.quant.gguf_mix import FILE_TYPES, choose_types, ggml_type_nbytes

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_gguf_support import gguf_tensors, llama_quantize, tiny_llama_tensors, write_llama_gguf
+from gguf_helpers import gguf_tensors, llama_quantize, tiny_llama_tensors, write_llama_gguf
 
 from llmq.errors import BadInput, OutputExists, UnsupportedType
 from llmq.quant.base import quantizers

@@ -36,7 +36,8 @@ def identical(a: Path, b: Path) -> tuple[bool, int, int]:
 
 
 def bench(label: str, src: Path, work: Path, outtype: str, peer: Path) -> dict:
-    ours, theirs = work / f"{label}-llmq.gguf", work / f"{label}-peer.gguf"
+    slug = "".join(c if c.isalnum() else "-" for c in label.split(" (")[0])
+    ours, theirs = work / f"{slug}-llmq.gguf", work / f"{slug}-peer.gguf"
     for p in (ours, theirs):
         p.unlink(missing_ok=True)
     # warm the page cache so neither side pays the first read
@@ -76,9 +77,10 @@ def main() -> None:
     if not a.skip_1b:
         big = work / "llama-1b-bf16"
         if not big.exists():
-            subprocess.run(
-                [sys.executable, str(REPO / "benchmarks" / "make_synthetic.py"), str(big)], check=True
-            )
+            # SmolLM2's tokenizer (a vocabulary the peer recognises) on a 1.17B llama: hidden 2048, 22 layers
+            cmd = [sys.executable, str(REPO / "benchmarks" / "make_synthetic.py"), str(big), "--vocab", "49152",
+                   "--tokenizer-from", str(smol)]  # fmt: skip
+            subprocess.run(cmd, check=True)
         rows.append(bench("generated llama 1.1B (bf16 → f16)", big, work, "f16", peer))
     lines = [
         "| model | tensors | llmq s | convert_hf_to_gguf.py s | time ratio | llmq peak RSS MiB | peer peak RSS MiB | RSS ratio | tensor data identical |",

@@ -18,12 +18,13 @@ def _noop(stage: str, done: float, total: float) -> None:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto", *, force: bool = False,
-            max_shard_size: str | int | None = None, revision: str | None = None, progress: Progress = _noop):  # fmt: skip
+            max_shard_size: str | int | None = None, revision: str | None = None, allow_pickle: bool = False,
+            progress: Progress = _noop):  # fmt: skip
     """Convert an HF safetensors model (directory or hub id) to GGUF, or a GGUF file to an HF directory."""
     from llmq.convert import convert as _convert
 
     return _convert(resolve_model(src, revision), dst, outtype, force=force, max_shard_size=max_shard_size,
-                    progress=progress)  # fmt: skip
+                    allow_pickle=allow_pickle, progress=progress)  # fmt: skip
 
 
 def _method(method: str):
@@ -69,16 +70,16 @@ def quantize_plan(src: str | os.PathLike, method: str, **options: Any) -> dict[s
     }
 
 
-def inspect(path: str | os.PathLike) -> dict[str, Any]:
+def inspect(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, Any]:
     """Header-only report of a checkpoint: metadata, per-tensor dtype/shape/bytes/bits per weight."""
     from llmq.io import open_checkpoint
 
     p = resolve_model(path)
-    with open_checkpoint(p) as reader:
+    with open_checkpoint(p, allow_pickle=allow_pickle, header_only=True) as reader:
         infos = list(reader.infos())
         meta: dict[str, str] = {}
         for k, v in (reader.metadata or {}).items():
-            if isinstance(v, list):
+            if isinstance(v, list) or type(v).__name__ == "SkippedStrings":
                 meta[k] = f"[{len(v)} items]" if len(v) > 8 else repr(v)
             else:
                 s = repr(v) if not isinstance(v, str) else v

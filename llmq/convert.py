@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ from llmq.io import (
     SafetensorsWriter,
     check_output,
     detect_kind,
+    open_checkpoint,
 )
 from llmq.io.base import TensorInfo
-from llmq.io.ggml_types import GGUFValueType, is_block_type, type_nbytes
+from llmq.io.ggml_types import GGUFValueType, type_nbytes
 from llmq.io.names import (
     Arch,
     arch_for_gguf,
@@ -42,6 +43,7 @@ from llmq.io.names import (
     shifted_norm,
     unpermute_qk,
 )
+from llmq.io.rows import row_chunks, to_float32
 
 # llama.cpp's LlamaFileType for the types the converter writes
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
@@ -80,7 +82,8 @@ class ConvertResult:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto", *, force: bool = False,
-            max_shard_size: str | int | None = None, progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+            max_shard_size: str | int | None = None, allow_pickle: bool = False,
+            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
     """Convert an HF safetensors directory to GGUF, or a GGUF file to an HF safetensors directory.
 
     The direction follows the input. ``outtype``: f32|f16|bf16|q8_0|auto for HF → GGUF; f32|f16|bf16|auto for
@@ -95,7 +98,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto
         raise BadInput(
             f"{src}: converting to GGUF needs a Hugging Face model directory (config.json + tokenizer)"
         )
-    return hf_to_gguf(src, dst, outtype, force=force, progress=progress)
+    return hf_to_gguf(src, dst, outtype, force=force, allow_pickle=allow_pickle, progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -223,12 +226,22 @@ def encode(data: np.ndarray, ggml_type: str) -> np.ndarray:
     if ggml_type == "F32":
         return data.astype(np.float32, copy=False)
     if ggml_type == "F16":
-        return data.astype(np.float16)
+        return to_f16(data)
     if ggml_type == "BF16":
         return f32_to_bf16_bits(data)
     if ggml_type == "Q8_0":
         return quantize_q8_0(data)
     raise UnsupportedType(f"the converter cannot write {ggml_type}; use `llmq quantize --method gguf`")
+
+
+def to_f16(x: np.ndarray) -> np.ndarray:
+    """float32 → float16, round to nearest even. Big slices go through torch (SIMD, threads: 2x numpy here);
+    both give identical bits, which tests/test_convert.py checks."""
+    if x.size < 1 << 20:
+        return x.astype(np.float16)
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.float16).numpy()
 
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -264,12 +277,12 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     return out.reshape(rows.shape[0], -1)
 
 
-def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
+def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False, allow_pickle: bool = False,
                progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
     t0 = time.perf_counter()
     if outtype not in (*FILE_TYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, q8_0, auto for HF → GGUF")
-    reader = SafetensorsReader(src)
+    reader = open_checkpoint(src, allow_pickle=allow_pickle)
     config = reader.config
     if config is None:
         raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
@@ -320,13 +333,11 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         for t, data in extra:
             w.write(t.name, data)
         for info, target, heads in plan:
-            data = reader.read_float(info.name)
-            if heads:
-                data = permute_qk(data, heads)
-            if shifted_norm(arch, target.name):
-                data = data + np.float32(arch.norm_shift)
-            w.write(target.name, encode(data, target.dtype))
-            del data
+            shift = np.float32(arch.norm_shift) if shifted_norm(arch, target.name) else None
+            w.write(
+                target.name,
+                _stream(reader, info, heads, permute_qk, shift, lambda x, t=target.dtype: encode(x, t)),
+            )
             done += target.nbytes
             progress("convert", done, total)
         w.close()
@@ -469,12 +480,13 @@ def _cast_hf(data: np.ndarray, outtype: str) -> np.ndarray:
     if outtype == "f32":
         return data.astype(np.float32, copy=False)
     if outtype == "f16":
-        return data.astype(np.float16)
+        return to_f16(data)
     return f32_to_bf16_bits(data)
 
 
 def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
-               max_shard_size: str | int | None = None, progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+               max_shard_size: str | int | None = None, allow_pickle: bool = False,
+            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
     t0 = time.perf_counter()
     if outtype not in (*HF_OUTTYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, auto for GGUF → HF")
@@ -515,16 +527,10 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         w = SafetensorsWriter(tmp, max_shard_bytes=shard_bytes, metadata={"llmq_version": __version__})
         w.plan([t for _, t, _ in order])
         for info, target, heads in order:
-            if is_block_type(info.dtype) or info.dtype != "F32" or heads or shifted_norm(arch, info.name):
-                data = reader.read_float(info.name)
-            else:
-                data = reader.read_raw(info.name)
-            if heads:
-                data = unpermute_qk(data, heads)
-            if shifted_norm(arch, info.name):
-                data = data - np.float32(arch.norm_shift)
-            w.write(target.name, _cast_hf(data, outtype))
-            del data
+            shift = -np.float32(arch.norm_shift) if shifted_norm(arch, info.name) else None
+            w.write(
+                target.name, _stream(reader, info, heads, unpermute_qk, shift, lambda x: _cast_hf(x, outtype))
+            )
             done += info.nbytes
             progress("convert", done, total)
         files = w.close()
@@ -540,6 +546,18 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     return ConvertResult(src, dst, "gguf->hf", outtype, arch.gguf_arch, len(plan),
                          sum(i.nbytes for i, _, _ in plan), out_bytes, time.perf_counter() - t0,
                          [dst / f.name for f in files], types)  # fmt: skip
+
+
+def _stream(reader, info: TensorInfo, heads: int | None, permute, shift, encode_fn) -> Iterator[np.ndarray]:
+    """One tensor as encoded slices of rows (whole rotary heads for q/k), so memory holds a few MB at a time."""
+    per_head = info.shape[0] // heads if heads else 1
+    for start, stop in row_chunks(info, per_head):
+        x = to_float32(reader.read_rows(info.name, start, stop), info.dtype)
+        if heads:
+            x = permute(x, (stop - start) // per_head)
+        if shift is not None:
+            x = x + shift
+        yield encode_fn(x)
 
 
 def _hf_sort_key(name: str) -> tuple:

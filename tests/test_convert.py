@@ -107,6 +107,16 @@ def test_outtypes_match_reference_encoders(tiny_llama, tmp_path):
                               np.asarray(want).reshape(-1).view(np.uint8))  # fmt: skip
 
 
+def test_f16_paths_agree():
+    from llmq.convert import to_f16
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(3 << 20) * 3e4).astype(np.float32)
+    x[:8] = [np.nan, np.inf, -np.inf, 65520.0, 65519.0, 6e-8, -0.0, 1e-10]
+    assert np.array_equal(to_f16(x).view(np.uint16), x.astype(np.float16).view(np.uint16))
+    assert np.array_equal(to_f16(x[:1000]).view(np.uint16), x[:1000].astype(np.float16).view(np.uint16))
+
+
 def test_encoders_on_edge_values():
     import gguf
 
@@ -222,3 +232,23 @@ def test_streaming_peak_rss(tmp_path):
         f"peak RSS {peak / 2**20:.0f} MiB, largest tensor {largest / 2**20:.0f} MiB"
     )
     assert (tmp_path / "big.gguf").stat().st_size > total // 2
+
+
+def test_pickle_checkpoint_only_with_opt_in(tiny_llama, tmp_path):
+    import torch
+
+    d = tmp_path / "pt"
+    d.mkdir()
+    src = open_checkpoint(tiny_llama)
+    torch.save({n: src.read(n) for n in src.names()}, d / "pytorch_model.bin")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (d / f).write_bytes((tiny_llama / f).read_bytes())
+    from llmq.errors import UnsafeCheckpoint
+
+    with pytest.raises(UnsafeCheckpoint, match="--allow-pickle"):
+        convert(d, tmp_path / "x.gguf")
+    convert(d, tmp_path / "x.gguf", "f32", allow_pickle=True)
+    convert(tiny_llama, tmp_path / "y.gguf", "f32")
+    a, b = open_checkpoint(tmp_path / "x.gguf"), open_checkpoint(tmp_path / "y.gguf")
+    for n in a.names():
+        assert np.array_equal(a.read_raw(n), b.read_raw(n))

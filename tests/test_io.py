@@ -328,7 +328,7 @@ def _pad(b: bytes) -> bytes:
     [
         (b"GGML" + b"\0" * 40, "bad magic"),
         (b"GGUF" + struct.pack("<IQQ", 1, 0, 0), "version"),
-        (_gguf_header(0, n_kv=1 << 60), "absurd counts"),
+        (_gguf_header(0, n_kv=1 << 60), "more than"),
         (_gguf_header(0, struct.pack("<Q", 1 << 50), 1), "absurd string"),
         (_gguf_header(0, _s("k") + struct.pack("<IIQ", 9, 4, 1 << 40), 1), "exceeds the file"),
         (_gguf_header(0, _s("k") + struct.pack("<I", 77), 1), "unknown GGUF value type"),

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.options import Force, Json, Quiet, human_bytes, print_json, progress_bar
+from llmq.cli.options import AllowPickle, Force, Json, Quiet, human_bytes, print_json, progress_bar
 
 
 def convert_cmd(
@@ -22,6 +22,7 @@ def convert_cmd(
         str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
     ] = None,
     force: Force = False,
+    allow_pickle: AllowPickle = False,
     json_out: Json = False,
     quiet: Quiet = False,
 ) -> None:
@@ -30,7 +31,7 @@ def convert_cmd(
 
     with progress_bar("convert", enabled=not (quiet or json_out)) as progress:
         result = api.convert(src, dst, outtype=outtype, force=force, max_shard_size=max_shard_size,
-                             revision=revision, progress=progress)  # fmt: skip
+                             revision=revision, allow_pickle=allow_pickle, progress=progress)  # fmt: skip
     if json_out:
         print_json(result.to_dict())
         return

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.options import Json, human_bytes, print_json
+from llmq.cli.options import AllowPickle, Json, human_bytes, print_json
 
 
 def inspect_cmd(
@@ -15,12 +15,13 @@ def inspect_cmd(
     ],
     tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="List every tensor.")] = True,
     metadata: Annotated[bool, typer.Option("--metadata/--no-metadata", help="Show metadata keys.")] = True,
+    allow_pickle: AllowPickle = False,
     json_out: Json = False,
 ) -> None:
     """Show a checkpoint's metadata and tensors (dtype, shape, bytes, bits per weight)."""
     from llmq import api
 
-    report = api.inspect(path)
+    report = api.inspect(path, allow_pickle=allow_pickle)
     if json_out:
         print_json(report)
         return

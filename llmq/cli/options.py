@@ -11,6 +11,9 @@ import typer
 
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite the output if it exists.")]
 Json = Annotated[bool, typer.Option("--json", help="Print a JSON result instead of tables (for scripts).")]
+AllowPickle = Annotated[
+    bool, typer.Option("--allow-pickle", help="Read pickle checkpoints (.bin/.pt): only for files you trust.")
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 

@@ -75,6 +75,47 @@ class TensorInfo:
         return 8.0 * self.nbytes / self.numel if self.numel else 0.0
 
 
+def as_bytes(data) -> memoryview:
+    """A numpy array or torch tensor's bytes, without a dtype round trip (bf16 has no numpy type)."""
+    import numpy as np
+
+    if isinstance(data, np.ndarray):
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    import torch
+
+    t = data.detach().contiguous().cpu()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def byte_chunks(data) -> Iterator[memoryview]:
+    """``data`` is one array/tensor or an iterable of them (a tensor streamed in row slices)."""
+    import numpy as np
+
+    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
+        yield as_bytes(data)
+        return
+    for part in data:
+        yield as_bytes(part)
+
+
+def write_tensor(fh, name: str, data, expected: int) -> None:
+    """Append a planned tensor's bytes to ``fh``; the byte count must equal the plan."""
+    import numpy as np
+
+    if (isinstance(data, np.ndarray) or hasattr(data, "detach")) and as_bytes(data).nbytes != expected:
+        raise BadInput(f"tensor {name}: {as_bytes(data).nbytes} bytes given, {expected} planned")
+    written = 0
+    for chunk in byte_chunks(data):
+        written += chunk.nbytes
+        if written > expected:
+            raise BadInput(f"tensor {name}: more than the {expected} planned bytes given")
+        fh.write(chunk)
+    if written != expected:
+        raise BadInput(f"tensor {name}: {written} bytes given, {expected} planned")
+
+
 def check_no_overlap(infos: Iterable[TensorInfo], file_name: str) -> None:
     """Untrusted headers: two tensors may not share bytes (a crafted file could alias weights)."""
     spans = sorted((t.offset or 0, (t.offset or 0) + t.nbytes, t.name) for t in infos if t.nbytes)

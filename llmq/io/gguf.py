@@ -17,33 +17,48 @@ from typing import Any
 
 import numpy as np
 
-from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import TensorInfo, check_no_overlap
+from llmq.errors import BadInput, CorruptFile, UnsupportedType
+from llmq.io.base import TensorInfo, check_no_overlap, write_tensor
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
     GGML_TYPE_BY_ID,
     GGML_TYPES,
     GGUF_DEFAULT_ALIGNMENT,
     GGUF_MAGIC,
-    NUMPY_DTYPES,
     NUMPY_SCALARS,
     SCALAR_FORMATS,
     GGUFValueType,
     is_block_type,
 )
+from llmq.io.rows import read_rows, to_float32
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_STRING = 1 << 30  # no GGUF key, token or template is a GiB long
 MAX_NESTING = 4
+_U64 = struct.Struct("<Q")
+
+
+class SkippedStrings:
+    """Stands for a string array that was not decoded (header-only users: inspect, the estimator)."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __repr__(self) -> str:
+        return f"[{self.count} strings]"
 
 
 class _Cursor:
     """Bounded little-endian reads from a bytes-like header region."""
 
-    def __init__(self, buf: memoryview, path: Path):
+    def __init__(self, buf: bytes, path: Path, decode_strings: bool = True):
         self.buf = buf
         self.pos = 0
         self.path = path
+        self.decode_strings = decode_strings
 
     def _need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > len(self.buf):
@@ -61,10 +76,29 @@ class _Cursor:
         if n > MAX_STRING:
             raise CorruptFile(f"{self.path.name}: absurd string length {n} in {what}")
         self._need(n, what)
-        raw = bytes(self.buf[self.pos : self.pos + n])
+        raw = self.buf[self.pos : self.pos + n]
         self.pos += n
         # surrogateescape keeps invalid UTF-8 (it happens in byte-level vocabularies) round-trippable
         return raw.decode("utf-8", errors="surrogateescape")
+
+    def string_array(self, count: int, what: str) -> list[str] | SkippedStrings:
+        # the hot path of every header (vocabularies of 100k+ tokens and merges): one tight loop, bytes slices
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = _U64.unpack_from
+        out: list[str] = []
+        append = out.append
+        for _ in range(count):
+            if pos + 8 > end:
+                raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > end - pos:
+                raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
+            if self.decode_strings:
+                append(buf[pos : pos + n].decode("utf-8", errors="surrogateescape"))
+            pos += n
+        self.pos = pos
+        return out if self.decode_strings else SkippedStrings(count)
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
@@ -90,6 +124,8 @@ class _Cursor:
             )
             if count * min_size > len(self.buf) - self.pos:
                 raise CorruptFile(f"{self.path.name}: array of {count} elements in {what} exceeds the file")
+            if svt == GGUFValueType.STRING:
+                return self.string_array(count, what)
             if svt in NUMPY_SCALARS:
                 dt = np.dtype(NUMPY_SCALARS[svt])
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
@@ -102,8 +138,9 @@ class _Cursor:
 class GGUFFile:
     """The parsed header of one GGUF file."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, decode_strings: bool = True):
         self.path = path
+        self.decode_strings = decode_strings
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -122,9 +159,9 @@ class GGUFFile:
         window = min(self.size, 1 << 24)
         while True:
             f.seek(0)
-            buf = memoryview(f.read(window))
+            buf = f.read(window)
             try:
-                self._parse_header(_Cursor(buf, path))
+                self._parse_header(_Cursor(buf, path, self.decode_strings))
                 return
             except CorruptFile:
                 if window >= self.size:
@@ -141,7 +178,10 @@ class GGUFFile:
         n_kv = cur.unpack("<Q", "metadata count")
         # each KV takes at least 8+4 bytes, each tensor info at least 8+4+8+4+8
         if n_kv * 12 > self.size or n_tensors * 32 > self.size:
-            raise CorruptFile(f"{path.name}: absurd counts ({n_tensors} tensors, {n_kv} keys)")
+            raise CorruptFile(
+                f"{path.name}: header declares {n_tensors} tensors and {n_kv} keys, more than a {self.size}-byte "
+                "file can hold (truncated or corrupt)"
+            )
         self.kv: dict[str, Any] = {}
         self.kv_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         for i in range(n_kv):
@@ -230,29 +270,16 @@ def split_paths(path: Path) -> list[Path]:
     return paths
 
 
-def read_array(info: TensorInfo) -> np.ndarray:
-    """The tensor's bytes as a fresh numpy array: elements for plain types, [rows, row_bytes] uint8 for blocks."""
-    assert info.file is not None and info.offset is not None
-    buf = np.empty(info.nbytes, dtype=np.uint8)
-    with open(info.file, "rb") as f:
-        f.seek(info.offset)
-        got = f.readinto(memoryview(buf))
-    if got != info.nbytes:
-        raise CorruptFile(f"{Path(info.file).name}: tensor {info.name} is truncated")
-    if is_block_type(info.dtype):
-        return buf.reshape(-1, info.nbytes // max(1, info.numel // info.shape[-1]))
-    return buf.view(np.dtype(NUMPY_DTYPES[info.dtype])).reshape(info.shape)
-
-
 class GGUFReader:
     """Reader over a GGUF file or a complete llama.cpp split (metadata from the first split)."""
 
     kind = "gguf"
     config = None
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, decode_strings: bool = True):
+        """``decode_strings=False`` leaves string arrays (vocabularies, merges) as :class:`SkippedStrings`."""
         self.path = Path(path)
-        self.files = [GGUFFile(p) for p in split_paths(self.path)]
+        self.files = [GGUFFile(p, decode_strings) for p in split_paths(self.path)]
         first = self.files[0]
         self.metadata: dict[str, Any] = {k: v for k, v in first.kv.items() if not k.startswith("split.")}
         self.kv_types = {k: v for k, v in first.kv_types.items() if not k.startswith("split.")}
@@ -287,30 +314,18 @@ class GGUFReader:
             raise BadInput(f"{self.path.name}: no tensor named {name}") from None
 
     def read_raw(self, name: str) -> np.ndarray:
-        return read_array(self.info(name))
+        return read_rows(self.info(name))
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return read_rows(self.info(name), start, stop)
 
     def read_float(self, name: str) -> np.ndarray:
         """The tensor dequantized to float32 numpy, in torch shape."""
         info = self.info(name)
-        raw = read_array(info)
-        if info.dtype == "F32":
-            return raw
-        if info.dtype == "F16":
-            return raw.astype(np.float32)
-        if info.dtype == "BF16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
-        if info.dtype in ("F64", "I8", "I16", "I32", "I64"):
-            return raw.astype(np.float32)
-        from gguf import GGMLQuantizationType
-        from gguf.quants import dequantize
-
         try:
-            out = dequantize(raw, GGMLQuantizationType[info.dtype])
-        except NotImplementedError:
-            from llmq.errors import UnsupportedType
-
-            raise UnsupportedType(f"gguf-py cannot dequantize {info.dtype} (tensor {name})") from None
-        return np.asarray(out, dtype=np.float32).reshape(info.shape)
+            return to_float32(read_rows(info), info.dtype).reshape(info.shape)
+        except UnsupportedType as e:
+            raise UnsupportedType(f"{e} (tensor {name})") from None
 
     def read(self, name: str, dequantize: bool = True):
         import torch
@@ -474,14 +489,11 @@ class GGUFFileWriter:
             raise RuntimeError(
                 f"tensors must be written in planned order: expected {expected.name}, got {name}"
             )
-        arr = np.ascontiguousarray(data)
-        if arr.nbytes != expected.nbytes:
-            raise BadInput(f"tensor {name}: {arr.nbytes} bytes given, {expected.nbytes} planned")
         while self._file_of[name] != self._file_idx:
             self._open_next()
         assert self._fh is not None
-        self._fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        pad = _align(arr.nbytes, self.alignment) - arr.nbytes
+        write_tensor(self._fh, name, data, expected.nbytes)
+        pad = _align(expected.nbytes, self.alignment) - expected.nbytes
         if pad:
             self._fh.write(b"\0" * pad)
         self._queue.pop()

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
-from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap
+from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, write_tensor
 from llmq.io.ggml_types import NUMPY_DTYPES
+from llmq.io.rows import read_rows, to_float32
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX_NAME = "model.safetensors.index.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+from llmq.io import PICKLE_SUFFIXES  # noqa: E402 - one definition for both places
 
 
 def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -88,17 +89,6 @@ def _entry_info(path: Path, name: str, entry: Any, data_start: int, data_len: in
     return TensorInfo(name, dtype, tuple(shape), nbytes, str(path), data_start + offs[0])
 
 
-def read_array(info: TensorInfo) -> np.ndarray:
-    """A fresh numpy array with the tensor's elements (bf16 as uint16 bit patterns)."""
-    assert info.file is not None and info.offset is not None
-    buf = np.empty(info.nbytes, dtype=np.uint8)
-    with open(info.file, "rb") as f:
-        f.seek(info.offset)
-        if f.readinto(memoryview(buf)) != info.nbytes:
-            raise CorruptFile(f"{Path(info.file).name}: tensor {info.name} is truncated")
-    return buf.view(np.dtype(NUMPY_DTYPES[info.dtype])).reshape(info.shape)
-
-
 def to_torch(arr: np.ndarray, dtype: str):
     import torch
 
@@ -143,21 +133,16 @@ class SafetensorsReader:
 
     kind = "safetensors"
 
-    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+    def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.config: dict[str, Any] | None = None
         if self.path.is_dir():
             pickles = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
             has_st = any(self.path.glob("*.safetensors"))
             if pickles and not has_st:
-                if not allow_pickle:
-                    raise UnsafeCheckpoint(
-                        f"{self.path} holds only pickle checkpoints ({pickles[0]}); pickle can run code on load. "
-                        "Convert it to safetensors, or pass --allow-pickle if you trust it"
-                    )
                 raise UnsafeCheckpoint(
-                    f"{self.path}: reading pickle checkpoints is not supported; convert them with "
-                    "transformers' save_pretrained(safe_serialization=True) first"
+                    f"{self.path} holds only pickle checkpoints ({pickles[0]}); pickle can run code on load. "
+                    "Convert it to safetensors, or pass --allow-pickle if you trust it"
                 )
             files, weight_map = _shard_files(self.path)
             cfg = self.path / "config.json"
@@ -172,7 +157,7 @@ class SafetensorsReader:
             if self.path.suffix in PICKLE_SUFFIXES:
                 raise UnsafeCheckpoint(
                     f"{self.path.name} is a pickle checkpoint; pickle can run code on load. Convert it to "
-                    "safetensors first (transformers' save_pretrained(safe_serialization=True))"
+                    "safetensors, or pass --allow-pickle if you trust it"
                 )
             files, weight_map = [self.path], None
         self.files = files
@@ -207,18 +192,18 @@ class SafetensorsReader:
             raise BadInput(f"{self.path.name}: no tensor named {name}") from None
 
     def read_raw(self, name: str) -> np.ndarray:
-        return read_array(self.info(name))
+        return read_rows(self.info(name))
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return read_rows(self.info(name), start, stop)
 
     def read_float(self, name: str) -> np.ndarray:
         info = self.info(name)
-        arr = read_array(info)
-        if info.dtype == "BF16":
-            return (arr.astype(np.uint32) << 16).view(np.float32)
-        return arr.astype(np.float32, copy=False)
+        return to_float32(read_rows(info), info.dtype)
 
     def read(self, name: str, dequantize: bool = True):
         info = self.info(name)
-        return to_torch(read_array(info), info.dtype)
+        return to_torch(read_rows(info), info.dtype)
 
     def close(self) -> None:
         return None
@@ -304,13 +289,10 @@ class SafetensorsWriter:
             raise RuntimeError(
                 f"tensors must be written in planned order: expected {expected.name}, got {name}"
             )
-        arr = _as_bytes(data)
-        if arr.nbytes != expected.nbytes:
-            raise BadInput(f"tensor {name}: {arr.nbytes} bytes given, {expected.nbytes} planned")
         while self._cur != self._file_of[name]:
             self._open(self._cur + 1)
         assert self._fh is not None
-        self._fh.write(memoryview(arr))
+        write_tensor(self._fh, name, data, expected.nbytes)
         self._next += 1
 
     def _finish(self) -> None:
@@ -339,18 +321,6 @@ class SafetensorsWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-
-
-def _as_bytes(data) -> np.ndarray:
-    if isinstance(data, np.ndarray):
-        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    # torch tensor: reinterpret its storage as bytes without a dtype round trip (bf16 has no numpy type)
-    import torch
-
-    t = data.detach().contiguous().cpu()
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _numpy_code(dt: np.dtype) -> str:

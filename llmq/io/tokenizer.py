@@ -144,17 +144,17 @@ def _spm_vocab(w: _Writer, hf_dir: Path, config: dict) -> None:
     except (OSError, RuntimeError) as e:
         raise CorruptFile(f"cannot load {hf_dir / 'tokenizer.model'}: {e}") from e
     n = config.get("vocab_size_per_layer_input") or config.get("vocab_size") or sp.vocab_size()
-    tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(n)]
+    tokens: list[str] = [f"[PAD{i}]" for i in range(n)]
     scores: list[float] = [-10000.0] * n
     types: list[int] = [int(T.UNUSED)] * n
     for i in range(min(n, sp.vocab_size())):
-        tokens[i] = sp.IdToPiece(i).encode("utf-8")
+        tokens[i] = sp.IdToPiece(i)
         scores[i] = float(sp.GetScore(i))
         types[i] = int(_spm_type(sp, i))
     if (hf_dir / "added_tokens.json").is_file():
         for text, i in read_json(hf_dir / "added_tokens.json").items():
             if isinstance(i, int) and 0 <= i < n:
-                tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, int(T.USER_DEFINED)
+                tokens[i], scores[i], types[i] = text, -1000.0, int(T.USER_DEFINED)
     if (hf_dir / "tokenizer_config.json").is_file():
         decoder = read_json(hf_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
         for key, data in decoder.items():
@@ -166,7 +166,7 @@ def _spm_vocab(w: _Writer, hf_dir: Path, config: dict) -> None:
             else:
                 text = text.replace("\u2581", " ")  # llama.cpp matches user-defined tokens on raw text
                 types[i] = int(T.USER_DEFINED)
-            scores[i], tokens[i] = -1000.0, text.encode("utf-8")
+            scores[i], tokens[i] = -1000.0, text
     w.put("tokenizer.ggml.model", "llama", V.STRING)
     w.put("tokenizer.ggml.pre", "default", V.STRING)
     w.put("tokenizer.ggml.tokens", tokens, V.ARRAY)
@@ -236,17 +236,17 @@ def _llama_hf_vocab(w: _Writer, hf_dir: Path, tc: dict) -> None:
     reverse = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
     special_texts = _special_token_texts(tc, hf_dir)
     added = sorted((i, a) for i, a in tok.get_added_tokens_decoder().items() if i >= n_base)
-    tokens: list[bytes] = []
+    tokens: list[str] = []
     types: list[int] = []
     for i in range(n_base):
         text = reverse[i]
-        tokens.append(text.encode("utf-8"))
+        tokens.append(text)
         if _is_byte_token(text):
             types.append(int(T.BYTE))
         else:
             types.append(int(T.CONTROL if text in special_texts else T.NORMAL))
     for _, a in added:
-        tokens.append(a.content.encode("utf-8"))
+        tokens.append(a.content)
         types.append(int(T.CONTROL if a.content in special_texts else T.USER_DEFINED))
     w.put("tokenizer.ggml.model", "llama", V.STRING)
     w.put("tokenizer.ggml.pre", "default", V.STRING)

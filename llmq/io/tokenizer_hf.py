@@ -16,11 +16,13 @@ anything else, as the `tokenizers` added vocabulary does.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from llmq.errors import CorruptFile, UnsupportedType
 from llmq.io.tokenizer_pre import PRE_SPECS, PreSpec
+from llmq.io.tokenizer_spm import spm_model_proto
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 _SPECIAL_KINDS = ("bos", "eos", "unk", "sep", "pad", "mask")
@@ -59,13 +61,14 @@ _FORCED_USER_DEFINED = frozenset({"<|channel|>", "<|message|>", "<|start|>", "<|
 
 
 def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for the tokenizer in `gguf_metadata`."""
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json for the tokenizer in `gguf_metadata`, plus
+    tokenizer.model for a sentencepiece ("llama") vocabulary."""
     md = gguf_metadata
     model = md.get("tokenizer.ggml.model")
     tokens = _str_list(md.get("tokenizer.ggml.tokens"), "tokenizer.ggml.tokens")
     if not tokens:
         raise CorruptFile("GGUF has no tokenizer.ggml.tokens")
-    types = _types(md, tokens)
+    files: dict[str, bytes] = {}
     if model == "gpt2":
         pre = str(md.get("tokenizer.ggml.pre") or "default")
         spec = PRE_SPECS.get(pre)
@@ -74,30 +77,26 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
                 f"llmq cannot express llama.cpp's pre-tokenizer {pre!r} as a tokenizer.json"
             )
         tok = _bpe_tokenizer(tokens, _str_list(md.get("tokenizer.ggml.merges"), "merges"), spec)
-        add_bos, add_eos = _flag(md, "add_bos", spec.add_bos), _flag(md, "add_eos", False)
-        clean = spec.clean_spaces
+        add_bos = _flag(md, "add_bos", spec.add_bos)
+        listed = _add_special_tokens(tok, tokens, _types(md, tokens))
     elif model == "llama":
-        scores = md.get("tokenizer.ggml.scores")
-        scores = [float(s) for s in scores] if scores is not None else [0.0] * len(tokens)
-        if len(scores) < len(tokens):
-            raise CorruptFile("tokenizer.ggml.scores is shorter than tokenizer.ggml.tokens")
-        prefix = _flag(md, "add_space_prefix", True)
-        tok = _spm_tokenizer(tokens, scores, _special_id(md, "unk", len(tokens)), prefix)
-        add_bos, add_eos, clean = _flag(md, "add_bos", True), _flag(md, "add_eos", False), False
+        tok, spm_file, listed = _spm_from_gguf(md, tokens)
+        if spm_file is not None:
+            files["tokenizer.model"] = spm_file
+        add_bos = _flag(md, "add_bos", True)
     else:
         raise UnsupportedType(f"GGUF tokenizer model {model!r} is not supported (only 'gpt2' and 'llama')")
 
-    added = _add_special_tokens(tok, tokens, types)
     ids = {k: i for k in _SPECIAL_KINDS if (i := _special_id(md, k, len(tokens))) is not None}
-    _post_processor(tok, tokens, ids, add_bos, add_eos)
+    _post_processor(tok, tokens, ids, add_bos, _flag(md, "add_eos", False))
     names = {f"{k}_token": tokens[i] for k, i in ids.items()}
-    config = {
+    config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **names,
-        # transformers ignores (and warns about) space clean-up for BPE; llama.cpp only uses it when decoding
-        "clean_up_tokenization_spaces": clean and model != "gpt2",
+        # llama.cpp only cleans spaces when decoding, and transformers ignores (and warns about) it for BPE
+        "clean_up_tokenization_spaces": False,
         "model_max_length": _context_length(md),
-        "added_tokens_decoder": {str(i): _added_entry(tokens[i], special) for i, special in added},
+        "added_tokens_decoder": {str(i): _added_entry(tokens[i], special) for i, special in listed},
     }
     # Flags the GGUF states are carried over as such (the post-processor already applies them), so that converting
     # back to GGUF gives the same keys; an absent flag stays absent.
@@ -105,13 +104,46 @@ def hf_tokenizer_files(gguf_metadata: Mapping[str, object]) -> dict[str, bytes]:
                       ("add_space_prefix", "add_prefix_space")):  # fmt: skip
         if md.get(f"tokenizer.ggml.{key}") is not None:
             config[name] = bool(md[f"tokenizer.ggml.{key}"])
-    if isinstance(md.get("tokenizer.chat_template"), str):
-        config["chat_template"] = md["tokenizer.chat_template"]
-    return {
-        "tokenizer.json": tok.to_str(pretty=False).encode("utf-8"),
-        "tokenizer_config.json": _json_bytes(config),
-        "special_tokens_map.json": _json_bytes(names),
-    }
+    if (template := _chat_template(md)) is not None:
+        config["chat_template"] = template
+    files["tokenizer.json"] = tok.to_str(pretty=False).encode("utf-8")
+    files["tokenizer_config.json"] = _json_bytes(config)
+    files["special_tokens_map.json"] = _json_bytes(names)
+    return files
+
+
+def _spm_from_gguf(md: Mapping[str, object], tokens: list[str]):
+    """The tokenizers object, the rebuilt tokenizer.model (or None) and the added tokens for tokenizer_config."""
+    raw = md.get("tokenizer.ggml.scores")
+    scores = [float(s) for s in raw] if raw is not None else [0.0] * len(tokens)  # type: ignore[union-attr]
+    if len(scores) < len(tokens):
+        raise CorruptFile("tokenizer.ggml.scores is shorter than tokenizer.ggml.tokens")
+    prefix = _flag(md, "add_space_prefix", True)
+    tok = _spm_tokenizer(tokens, scores, _special_id(md, "unk", len(tokens)), prefix)
+    stored = _types(md, tokens, adjust=False)
+    model = spm_model_proto(
+        tokens, scores, stored, add_space_prefix=prefix,
+        **{f"{k}_id": _special_id(md, k, len(tokens)) for k in ("unk", "bos", "eos", "pad")},
+    )  # fmt: skip
+    added = _add_special_tokens(tok, tokens, _types(md, tokens))
+    if model is not None:
+        # The reference re-types and re-scores (-1000) every token of added_tokens_decoder; tokenizer.model already
+        # carries the types of control/unknown tokens, so list only those the GGUF has in that re-scored form.
+        added = [(i, sp) for i, sp in added if stored[i] == USER_DEFINED or scores[i] == -1000.0]
+    return tok, model, added
+
+
+def _chat_template(md: Mapping[str, object]) -> str | list[dict[str, str]] | None:
+    default = md.get("tokenizer.chat_template")
+    names = md.get("tokenizer.chat_templates")
+    if not names:
+        return default if isinstance(default, str) else None
+    out = [{"name": "default", "template": default}] if isinstance(default, str) else []
+    for name in _str_list(names, "tokenizer.chat_templates"):
+        text = md.get(f"tokenizer.chat_template.{name}")
+        if isinstance(text, str):
+            out.append({"name": name, "template": text})
+    return out
 
 
 # ---------------------------------------------------------------- metadata helpers
@@ -128,12 +160,15 @@ def _str_list(value: Any, what: str) -> list[str]:
     return out
 
 
-def _types(md: Mapping[str, object], tokens: list[str]) -> list[int]:
+def _types(md: Mapping[str, object], tokens: list[str], *, adjust: bool = True) -> list[int]:
+    """Token types as stored, or (adjust) as llama.cpp ends up treating them after its name-based fix-ups."""
     raw = md.get("tokenizer.ggml.token_type")
     types = [int(t) for t in raw] if raw is not None else [NORMAL] * len(tokens)  # type: ignore[union-attr]
     if len(types) < len(tokens):
         raise CorruptFile("tokenizer.ggml.token_type is shorter than tokenizer.ggml.tokens")
     types = types[: len(tokens)]
+    if not adjust:
+        return types
     forced = set(_EOG_NAMES)
     for key, names in _NAMES_IF_UNSET.items():
         if key not in md:
@@ -192,9 +227,8 @@ def _bpe_tokenizer(tokens: list[str], merges: list[str], spec: PreSpec):
     vocab = _vocab(tokens)
     pairs: list[tuple[str, str]] = []
     for m in merges:
-        cut = m.find(
-            " ", 1
-        )  # as llama.cpp: the first space after the first character separates the two parts
+        # as llama.cpp: the first space after the first character separates the two parts
+        cut = m.find(" ", 1)
         if cut < 0:
             raise CorruptFile(f"malformed merge {m!r} in tokenizer.ggml.merges")
         a, b = m[:cut], m[cut + 1 :]
@@ -222,7 +256,22 @@ def spm_merges(
             if a in vocab and b in vocab:
                 ranked.append((-scores[i], i, cut, a, b))
     ranked.sort()
+    _warn_on_tied_scores({i: scores[i] for _, i, _, _, _ in ranked})
     return [(a, b) for _, _, _, a, b in ranked]
+
+
+def _warn_on_tied_scores(merged: dict[int, float]) -> None:
+    """llama.cpp breaks a tie between two candidate merges by position (leftmost first), which no merge ranking can
+    express. Tokens made by merges normally have distinct scores; a vocabulary whose scores were all set to one value
+    (convert_hf_to_gguf.py does that when it only finds a tokenizer.json) cannot be reproduced exactly."""
+    tied = len(merged) - len(set(merged.values()))
+    if tied:
+        warnings.warn(
+            f"{tied} mergeable sentencepiece tokens share a score with another; llama.cpp breaks such ties by "
+            "position, so the tokenizer.json written for this GGUF may split some words differently",
+            UserWarning,
+            stacklevel=6,
+        )
 
 
 def _spm_tokenizer(tokens: list[str], scores: list[float], unk_id: int | None, add_space_prefix: bool):
@@ -270,9 +319,11 @@ def _post_processor(tok, tokens: list[str], ids: dict[str, int], add_bos: bool, 
     eos = tokens[ids["eos"]] if add_eos and "eos" in ids else None
     if bos is None and eos is None:
         return
-    first = [t for t in (bos, "$A", eos) if t]
-    second = [f"{t}:1" for t in (bos, "$B", eos) if t]
-    specials = [(t, ids[k]) for k, t in (("bos", bos), ("eos", eos)) if t]
+    # single: [bos] $A [eos]; pair: [bos] $A $B [eos]. Nothing goes between the two sequences: the reference
+    # converter would read a token there as a separator and write tokenizer.ggml.add_sep_token.
+    head, tail = [bos] if bos else [], [eos] if eos else []
     tok.post_processor = processors.TemplateProcessing(
-        single=" ".join(first), pair=" ".join(first + second), special_tokens=specials
+        single=" ".join([*head, "$A", *tail]),
+        pair=" ".join([*head, "$A", "$B:1", *tail]),
+        special_tokens=[(t, ids[k]) for k, t in (("bos", bos), ("eos", eos)) if t],
     )

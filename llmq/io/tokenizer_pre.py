@@ -123,32 +123,34 @@ def check_hash(ids: Sequence[int]) -> str:
 # --- llama.cpp's split regexes (llm_tokenizer_bpe in src/llama-vocab.cpp), written for Oniguruma, the engine of
 # the `tokenizers` package. Where llama.cpp runs a hand-written splitter instead of the regex (GPT-2, llama3,
 # qwen2), its behaviour is that of the original pattern, including GPT-2's final `\s+` alternative.
+# fmt: off
 _CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
 _CONTRACTIONS_I = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)"
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA3 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 QWEN2 = _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-QWEN35 = (
-    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+"
-)
-TEKKEN = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
-    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-GPT4O = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+QWEN35 = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+# Mistral's tekken and GPT-4o patterns: llama.cpp rewrote the case classes for its regex engine as "a letter that
+# is not a-z" / "not A-Z", which differs from the original on non-ASCII letters; llama.cpp's version is the truth.
+_UPPERISH, _LOWERISH = r"((?=[\p{L}])([^a-z]))", r"((?=[\p{L}])([^A-Z]))"
+TEKKEN = (r"[^\r\n\p{L}\p{N}]?" + _UPPERISH + "*" + _LOWERISH + r"+|[^\r\n\p{L}\p{N}]?" + _UPPERISH + "+"
+          + _LOWERISH + r"*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O = (r"[^\r\n\p{L}\p{N}]?" + _UPPERISH + "*" + _LOWERISH + "+" + _CONTRACTIONS + r"?|[^\r\n\p{L}\p{N}]?"
+         + _UPPERISH + "+" + _LOWERISH + "*" + _CONTRACTIONS + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# ... and the originals, as tokenizer.json files spell them, to recognise those tokenizers.
+_CASED_UP, _CASED_LOW = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+TEKKEN_HF = (r"[^\r\n\p{L}\p{N}]?" + _CASED_UP + "*" + _CASED_LOW + r"+|[^\r\n\p{L}\p{N}]?" + _CASED_UP + "+"
+             + _CASED_LOW + r"*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+GPT4O_HF = (r"[^\r\n\p{L}\p{N}]?" + _CASED_UP + "*" + _CASED_LOW + "+" + _CONTRACTIONS_I + r"?|[^\r\n\p{L}\p{N}]?"
+            + _CASED_UP + "+" + _CASED_LOW + "*" + _CONTRACTIONS_I + r"?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*"
+            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GPT2_NO_TAIL = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_DEEPSEEK3_MAIN = (
-    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
-    r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_DEEPSEEK3_MAIN = (r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+                   r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# fmt: on
 
 
 @dataclass(frozen=True)
@@ -162,83 +164,40 @@ class PreSpec:
     add_sep: bool = False
 
 
+# fmt: off
 _FAMILIES: list[tuple[tuple[str, ...], PreSpec]] = [
-    (
-        (
-            "llama-bpe",
-            "llama3",
-            "llama-v3",
-            "falcon3",
-            "falcon-h1",
-            "pixtral",
-            "midm-2.0",
-            "lfm2",
-            "jina-v5-nano",
-        ),
-        PreSpec((LLAMA3,), ignore_merges=True, add_bos=True),
-    ),
+    (("llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"),
+     PreSpec((LLAMA3,), ignore_merges=True, add_bos=True)),
     (("dbrx", "smaug-bpe"), PreSpec((LLAMA3,))),
     (("chatglm-bpe",), PreSpec((LLAMA3,))),
     (("glm4", "glm5"), PreSpec((LLAMA3,), ignore_merges=True)),
-    (
-        ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b", "mellum2"),
-        PreSpec((r"\p{N}", GPT2)),
-    ),
+    (("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b", "mellum2"),
+     PreSpec((r"\p{N}", GPT2))),
     (("command-r",), PreSpec((r"\p{N}", GPT2), clean_spaces=False)),
-    (
-        (
-            "gpt-2",
-            "phi-2",
-            "mpt",
-            "olmo",
-            "jais",
-            "exaone4",
-            "jina-es",
-            "jina-de",
-            "gigachat",
-            "jina-v2-es",
-            "jina-v2-de",
-            "a.x-4.0",
-            "mellum",
-            "modern-bert",
-        ),
-        PreSpec((GPT2,)),
-    ),
+    (("gpt-2", "phi-2", "mpt", "olmo", "jais", "exaone4", "jina-es", "jina-de", "gigachat", "jina-v2-es",
+      "jina-v2-de", "a.x-4.0", "mellum", "modern-bert"), PreSpec((GPT2,))),
     (("trillion", "granite-docling"), PreSpec((GPT2,), clean_spaces=False)),
     (("roberta-bpe", "jina-v1-en", "jina-v2-code"), PreSpec((GPT2,), add_sep=True)),
-    (
-        ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open"),
-        PreSpec((QWEN2,), clean_spaces=False),
-    ),
+    (("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "hunyuan", "solar-open"),
+     PreSpec((QWEN2,), clean_spaces=False)),
     (("stablelm2", "megrez"), PreSpec((QWEN2,))),
     (("qwen35",), PreSpec((QWEN35,), clean_spaces=False)),
     (("grok-2",), PreSpec((QWEN2,), clean_spaces=False)),
     (("tekken",), PreSpec((TEKKEN,), ignore_merges=True, add_bos=True, clean_spaces=False)),
     (("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), PreSpec((GPT4O,), clean_spaces=False)),
-    (
-        ("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"),
-        PreSpec((r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", _DEEPSEEK3_MAIN), clean_spaces=False),
-    ),
-    (
-        ("deepseek-coder",),
-        PreSpec((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"), clean_spaces=False),
-    ),
+    (("deepseek-v3", "hunyuan-dense", "joyai-llm", "hy_v4"),
+     PreSpec((r"\p{N}{1,3}", r"[一-龥぀-ゟ゠-ヿ]+", _DEEPSEEK3_MAIN), clean_spaces=False)),
+    (("deepseek-coder",),
+     PreSpec((r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", r"[一-龥ࠀ-一가-퟿]+", r"\p{N}"), clean_spaces=False)),
     (("falcon",), PreSpec((r"[\p{P}\$\+<=>\^~\|`]+", GPT2, r"[0-9][0-9][0-9]"))),
     (("poro-chat",), PreSpec((r" ?[^(\s|.,!?…。，、।۔،)]+",), clean_spaces=False)),
     (("bloom", "gpt3-finnish"), PreSpec((r" ?[^(\s|.,!?…。，、।۔،)]+",))),
     (("viking",), PreSpec((r" ?[^(\s|.,!?…。，、।۔،)]+", r"\p{N}"), clean_spaces=False)),
-    (
-        ("seed-coder",),
-        PreSpec(
-            (
-                _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+",
-            ),
-            clean_spaces=False,
-        ),
-    ),
+    (("seed-coder",), PreSpec((_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\p{N}\r\n]+"
+                              r"|\s*[\r\n]+|\s+(?!\S)|\s+",), clean_spaces=False)),
     (("default",), PreSpec((r"[\p{P}\$\+<=>\^~\|]+", GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"))),
 ]
+# fmt: on
 
 PRE_SPECS: dict[str, PreSpec] = {name: spec for names, spec in _FAMILIES for name in names}
 
@@ -252,6 +211,8 @@ def _canonical_regex(rx: str) -> str:
 _PRE_BY_REGEXES: dict[tuple[str, ...], str] = {}
 for _names, _spec in _FAMILIES:
     _PRE_BY_REGEXES.setdefault(tuple(_canonical_regex(r) for r in _spec.regexes), _names[0])
+_PRE_BY_REGEXES[(_canonical_regex(TEKKEN_HF),)] = "tekken"
+_PRE_BY_REGEXES[(_canonical_regex(GPT4O_HF),)] = "gpt-4o"
 
 
 def pre_from_regexes(regexes: Sequence[str]) -> str | None:

@@ -1,0 +1,80 @@
+"""Reading a tensor's rows from disk (pread, no mmap) and turning raw rows into float32.
+
+Shared by both formats: a tensor is ``rows × row_bytes`` contiguous bytes at ``info.offset`` in ``info.file``.
+Pipelines read big tensors a slice of rows at a time so resident memory stays at a few MB per step, not a whole
+embedding matrix plus its float32 copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llmq.errors import CorruptFile, UnsupportedType
+from llmq.io.base import TensorInfo
+from llmq.io.ggml_types import NUMPY_DTYPES, is_block_type
+
+CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MiB of float32 per step
+
+
+def n_rows(info: TensorInfo) -> int:
+    return info.numel // info.shape[-1] if info.shape and info.shape[-1] else 1
+
+
+def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) as a fresh array: [rows, *inner] elements for plain types, [rows, row_bytes] uint8
+    for ggml block types (the whole tensor, in its own shape, when start=0 and stop=None)."""
+    if info.file is None or info.offset is None:
+        raise ValueError(f"tensor {info.name} has no location")
+    rows = n_rows(info)
+    stop = rows if stop is None else stop
+    row_bytes = info.nbytes // rows if rows else 0
+    count = (stop - start) * row_bytes
+    buf = np.empty(count, dtype=np.uint8)
+    with open(info.file, "rb") as f:
+        f.seek(info.offset + start * row_bytes)
+        if f.readinto(memoryview(buf)) != count:
+            raise CorruptFile(f"{Path(info.file).name}: tensor {info.name} is truncated")
+    if is_block_type(info.dtype):
+        return buf.reshape(stop - start, row_bytes)
+    arr = buf.view(np.dtype(NUMPY_DTYPES[info.dtype]))
+    if start == 0 and stop == rows:
+        return arr.reshape(info.shape)
+    return arr.reshape(stop - start, *info.shape[-1:])
+
+
+def row_chunks(
+    info: TensorInfo, multiple: int = 1, max_elements: int = CHUNK_ELEMENTS
+) -> Iterator[tuple[int, int]]:
+    """(start, stop) row ranges covering the tensor, each a multiple of ``multiple`` rows (e.g. a head)."""
+    rows = n_rows(info)
+    row_len = info.shape[-1] if info.shape else 1
+    step = max(multiple, (max_elements // max(1, row_len)) // multiple * multiple)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of raw rows/elements of ``dtype`` (dequantizing ggml block types with gguf-py)."""
+    if dtype == "F32":
+        return raw
+    if dtype == "BF16":
+        # bf16 is the high half of a little-endian float32: interleave with zeros (2x faster than a shift)
+        out = (
+            np.zeros(raw.shape[:-1] + (raw.shape[-1] * 2,), dtype=np.uint16)
+            if raw.ndim
+            else np.zeros(2, np.uint16)
+        )
+        out[..., 1::2] = raw
+        return out.view(np.float32)
+    if dtype in ("F16", "F64", "I8", "I16", "I32", "I64"):
+        return raw.astype(np.float32)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        return np.asarray(dequantize(raw, GGMLQuantizationType[dtype]), dtype=np.float32)
+    except (NotImplementedError, KeyError):
+        raise UnsupportedType(f"gguf-py cannot dequantize {dtype}") from None

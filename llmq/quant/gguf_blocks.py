@@ -1,0 +1,456 @@
+"""GGUF block encoders, bit-exact with ggml-quants.c: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K.
+
+``quantize(x, type_name, imatrix=None)`` takes float32 rows ``(nrows, n_per_row)`` and returns the raw blocks
+``(nrows, row_bytes)`` as uint8, exactly the bytes ``ggml_quantize_chunk`` writes: without an importance matrix
+the ``quantize_row_*_ref`` paths, with one the ``quantize_row_*_impl`` paths (the imatrix is a per-column weight
+of length n_per_row, as llama.cpp passes it). All blocks of a chunk of rows are processed at once by numpy;
+there is no Python loop over blocks. The algorithm (scale search) lives in :mod:`llmq.quant.gguf_search`, the
+byte layout of each block here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from llmq.errors import ShapeError, UnsupportedType
+from llmq.quant.gguf_search import (
+    F32,
+    GROUP_MAX_EPS,
+    first_absmax,
+    make_q3_quants,
+    make_qkx_quants,
+    make_qp_quants,
+    make_qx_quants,
+    nearest_int,
+    ssum,
+)
+
+QK_K = 256
+# ggml type -> (elements per block, bytes per block)
+BLOCK_SIZES: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}  # fmt: skip
+SUPPORTED_TYPES = tuple(BLOCK_SIZES)
+
+
+def _f16(v: np.ndarray) -> np.ndarray:
+    """GGML_FP32_TO_FP16 (round to nearest even) as little-endian bytes, shape (..., 2)."""
+    return np.asarray(v, dtype=F32).astype("<f2").view(np.uint8).reshape(*np.shape(v), 2)
+
+
+def _f16_back(v: np.ndarray) -> np.ndarray:
+    """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))."""
+    return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
+
+
+def _roundf(v: np.ndarray) -> np.ndarray:
+    """C roundf: half away from zero (np.round would round half to even)."""
+    t = np.trunc(v)
+    return t + np.sign(v) * (np.abs(v - t) >= F32(0.5))
+
+
+def _u8(v: np.ndarray) -> np.ndarray:
+    """C conversion of an int to uint8_t (wraps)."""
+    return (v.astype(np.int64) & 0xFF).astype(np.uint8)
+
+
+def _em(blocks: np.ndarray) -> np.ndarray:
+    """(M, n) groups -> element-major (n, M) contiguous."""
+    return np.ascontiguousarray(blocks.T)
+
+
+def _nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return (lo.astype(np.uint8) & 0xF) | ((hi.astype(np.uint8) & 0xF) << 4)
+
+
+def _row_sigma2(x: np.ndarray, factor: float = 1.0) -> np.ndarray:
+    """sum(x^2)/n of each row summed in order (the legacy *_impl's sigma2), shape (R, 1)."""
+    n = x.shape[1]
+    s = ssum(_em(x * x))
+    return ((F32(factor) * s) / F32(n))[:, None] if factor != 1.0 else (s / F32(n))[:, None]
+
+
+# ----------------------------------------------------------------------------------------------- legacy 32-blocks
+
+
+def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    b = x.reshape(-1, 32)
+    amax = np.abs(np.maximum(b.max(axis=1), -b.min(axis=1)))  # abs: ggml's running max starts at +0.0
+    d = amax / F32(127)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    v = b * idv[:, None]
+    # roundf (half away from zero) as trunc(v + copysign(0.5 - 2^-25, v)): exact for |v| < 2^23
+    v += np.copysign(F32(0.49999997), v)
+    np.trunc(v, out=v)
+    out = np.empty((b.shape[0], 34), dtype=np.uint8)
+    out[:, :2] = _f16(d)
+    out[:, 2:] = v.astype(np.int8).view(np.uint8)
+    return out
+
+
+def _signed_absmax(b: np.ndarray) -> np.ndarray:
+    """Per row of ``b`` (M, n): the value with the largest |x|, the first one on a tie (ggml's strict > loop)."""
+    mx, mn = b.max(axis=1), b.min(axis=1)
+    vmax = np.where(mx >= -mn, mx, mn)
+    tie = (mx == -mn) & (mx != 0)
+    if tie.any():  # +a and -a both present: whichever comes first
+        rows = b[tie]
+        vmax[tie] = rows[np.arange(len(rows)), np.argmax(np.abs(rows), axis=1)]
+    vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
+    return vmax
+
+
+def _first_zero_sign(b: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """ggml's min/max loops keep the first of equal values: a zero extreme has the sign of the first zero."""
+    z = ext == 0
+    if z.any():
+        rows = b[z]
+        ext[z] = rows[np.arange(len(rows)), np.argmax(rows == 0, axis=1)]
+    return ext
+
+
+def _abs_max_scale(b: np.ndarray, div: float) -> tuple[np.ndarray, np.ndarray]:
+    d = _signed_absmax(b) / F32(div)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    return d, idv
+
+
+def _min_max_scale(b: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mn, mx = _first_zero_sign(b, b.min(axis=1)), _first_zero_sign(b, b.max(axis=1))
+    d = (mx - mn) / F32(levels)
+    with np.errstate(divide="ignore"):
+        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+    return d, idv, mn
+
+
+def _qh_bits(q: np.ndarray) -> np.ndarray:
+    """The 5th bit of each of the 32 quants of a block as a little-endian uint32, shape (M, 4)."""
+    bits = ((q.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
+    return np.bitwise_or.reduce(bits, axis=1).astype("<u4").view(np.uint8).reshape(-1, 4)
+
+
+def _legacy_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """qw[j] * sqrt(sigma2 + x[j]^2) with the row's sigma2: the legacy *_impl importance weights, as (M, 32)."""
+    sigma2 = _row_sigma2(x)
+    return (qw[None, :] * np.sqrt(sigma2 + x * x)).reshape(-1, 32)
+
+
+def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    b = x.reshape(-1, 32)
+    if qw is None:
+        d, idv = _abs_max_scale(b, -8)
+        q = b * idv[:, None]
+        q += F32(8.5)
+        np.trunc(q, out=q)
+        np.minimum(q, F32(15), out=q)
+    else:
+        d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
+        q = L.T
+    return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    b = x.reshape(-1, 32)
+    if qw is None:
+        d, idv = _abs_max_scale(b, -16)
+        q = b * idv[:, None]
+        q += F32(16.5)
+        np.trunc(q, out=q)
+        np.minimum(q, F32(31), out=q)
+    else:
+        d, L = make_qx_quants(_em(b), 16, _em(_legacy_weights(x, qw)))
+        q = L.T
+    q = q.astype(np.uint8)
+    return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    b = x.reshape(-1, 32)
+    if qw is None:
+        d, idv, mn = _min_max_scale(b, 15)
+        q = np.minimum(F32(15), np.trunc((b - mn[:, None]) * idv[:, None] + F32(0.5)))
+    else:
+        d, the_min, L = make_qkx_quants(_em(b), _em(_legacy_weights(x, qw)), 15, -0.9, 0.05, 36, False)
+        mn, q = -the_min, L.T
+    return np.concatenate([_f16(d), _f16(mn), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    b = x.reshape(-1, 32)
+    if qw is None:
+        d, idv, mn = _min_max_scale(b, 31)
+        q = _u8(np.trunc((b - mn[:, None]) * idv[:, None] + F32(0.5)))
+    else:
+        d, the_min, L = make_qkx_quants(_em(b), _em(_legacy_weights(x, qw)), 31, -0.9, 0.05, 36, False)
+        mn, q = -the_min, L.T.astype(np.uint8)
+    return np.concatenate([_f16(d), _f16(mn), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------- K-quant packing
+
+
+def _pack_2bit(L: np.ndarray) -> np.ndarray:
+    """qs of Q2_K/Q3_K: per 128 quants, byte l holds quants l, l+32, l+64, l+96 (2 bits each). L: (nb, 256)."""
+    q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
+    out = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    return out.reshape(-1, 64)
+
+
+def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
+    """The 12 scale bytes of Q4_K/Q5_K: 8 6-bit scales and 8 6-bit mins. ls, lm: (nb, 8) uint8."""
+    ls, lm = ls.astype(np.uint8), lm.astype(np.uint8)
+    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    out[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    out[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return out
+
+
+def _pack_scales_q3(ls: np.ndarray) -> np.ndarray:
+    """The 12 scale bytes of Q3_K from 16 6-bit values (already offset by 32). ls: (nb, 16)."""
+    ls = ls.astype(np.uint8)
+    out = np.zeros((ls.shape[0], 12), dtype=np.uint8)
+    out[:, 0:8] = (ls[:, :8] & 0xF) | ((ls[:, 8:] & 0xF) << 4)
+    hi = (ls >> 4).reshape(-1, 4, 4)  # j = 4*a + b -> bits 2a of byte 8+b
+    out[:, 8:12] = hi[:, 0] | (hi[:, 1] << 2) | (hi[:, 2] << 4) | (hi[:, 3] << 6)
+    return out
+
+
+def _requant(
+    x: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray, lo: int, hi: int
+) -> np.ndarray:
+    """Final quants from the stored (fp16-rounded) scales: nearest_int((x + m)/d) where d != 0, else keep L.
+
+    x, L: (nb, nsub, n); d, m: (nb, nsub).
+    """
+    nz = d != 0
+    dd = np.where(nz, d, F32(1))[..., None]
+    v = x if m is None else x + m[..., None]
+    q = np.clip(nearest_int(v / dd), F32(lo), F32(hi))
+    return np.where(nz[..., None], q, L)
+
+
+def _kquant_subblocks(x: np.ndarray, n: int) -> np.ndarray:
+    return _em(x.reshape(-1, n))
+
+
+def _super_weights(x: np.ndarray, qw: np.ndarray, n: int, factor: float) -> np.ndarray:
+    """K-quant impl weights qw * sqrt(sigma2 + x^2), sigma2 = factor*sum(x^2)/256 per super-block."""
+    sb = x.reshape(-1, QK_K)
+    s = ssum(_em(sb * sb))
+    sigma2 = (F32(factor) * s) / F32(QK_K)
+    qwb = np.broadcast_to(qw.reshape(1, -1), x.shape).reshape(-1, QK_K)
+    return (qwb * np.sqrt(sigma2[:, None] + sb * sb)).reshape(-1, n), sigma2
+
+
+def _q2_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    nb = x.size // QK_K
+    X = _kquant_subblocks(x, 16)
+    if qw is None:
+        W = np.abs(X)
+        scales, mins, L = make_qkx_quants(X, W, 3, -0.5, 0.1, 15, True)
+        scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            ls = np.where(
+                max_scale[:, None] > 0, nearest_int((F32(15) / max_scale)[:, None] * scales), F32(0)
+            )
+            lm = np.where(max_min[:, None] > 0, nearest_int((F32(15) / max_min)[:, None] * mins), F32(0))
+        sc = _u8(ls) | _u8(lm.astype(np.int64) << 4)
+        d = np.where(max_scale > 0, max_scale / F32(15), F32(0))
+        dmin = np.where(max_min > 0, max_min / F32(15), F32(0))
+    else:
+        W, _ = _super_weights(x, qw, 16, 1.0)
+        W = _em(W)
+        sw = ssum(W).reshape(nb, 16)
+        scales, mins, L = make_qkx_quants(X, W, 3, -0.9, 0.05, 36, False)
+        d, Ls = make_qp_quants(_em(scales.reshape(nb, 16)), 15, _em(sw))
+        dmin, Lm = make_qp_quants(_em(mins.reshape(nb, 16)), 15, _em(sw))
+        sc = _u8(Ls.T) | _u8(Lm.T.astype(np.int64) << 4)
+    dq, mq = _f16_back(d), _f16_back(dmin)
+    dsub = dq[:, None] * (sc & 0xF).astype(F32)
+    msub = mq[:, None] * (sc >> 4).astype(F32)
+    Lf = _requant(x.reshape(nb, 16, 16), dsub, msub, L.T.reshape(nb, 16, 16), 0, 3)
+    return np.concatenate([sc, _pack_2bit(Lf.reshape(nb, QK_K)), _f16(d), _f16(dmin)], axis=1)
+
+
+def _q3_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    nb = x.size // QK_K
+    X = _kquant_subblocks(x, 16)
+    if qw is None:
+        scales, L = make_q3_quants(X, 4)
+        scales = scales.reshape(nb, 16)
+        _, max_scale = first_absmax(_em(scales))
+        nz = max_scale != 0
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            iscale = F32(-32) / np.where(nz, max_scale, F32(1))
+            lq = nearest_int(iscale[:, None] * scales)
+        lq = (lq.astype(np.int64) + 128) % 256 - 128  # int8_t conversion
+        ls = np.where(nz[:, None], np.clip(lq, -32, 31) + 32, 0)
+        with np.errstate(divide="ignore"):
+            d = np.where(nz, F32(1) / iscale, F32(0))
+    else:
+        W, _ = _super_weights(x, qw, 16, 2.0)
+        W = _em(W)
+        sw = ssum(W).reshape(nb, 16)
+        scales, L = make_qx_quants(X, 4, W)
+        d, Ls = make_qx_quants(_em(scales.reshape(nb, 16)), 32, _em(sw))
+        ls = Ls.T.astype(np.int64)
+    sc = _pack_scales_q3(ls)
+    dsub = _f16_back(d)[:, None] * (ls - 32).astype(F32)
+    Lf = _requant(x.reshape(nb, 16, 16), dsub, None, L.T.reshape(nb, 16, 16) - F32(4), -4, 3) + F32(4)
+    Lf = Lf.reshape(nb, 8, 32).astype(np.uint8)  # quant j -> hmask byte j % 32, bit j // 32
+    high = Lf > 3
+    hmask = np.bitwise_or.reduce(high.astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
+    low = np.where(high, Lf - 4, Lf).reshape(nb, QK_K)
+    return np.concatenate([hmask, _pack_2bit(low), sc, _f16(d)], axis=1)
+
+
+def _q45_K(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, ...]:
+    """Shared part of Q4_K and Q5_K: scales/mins search and the final quants (nb, 256)."""
+    nb = x.size // QK_K
+    X = _kquant_subblocks(x, 32)
+    if qw is None:
+        av_x = np.sqrt(ssum(X * X) / F32(32))
+        W = av_x[None, :] + np.abs(X)
+        rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
+        scales, mins, L = make_qkx_quants(X, W, nmax, rmin, 0.1, nstep, False)
+        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+        max_scale = np.maximum(scales.max(axis=1), F32(0))
+        max_min = np.maximum(mins.max(axis=1), F32(0))
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inv_s = np.where(max_scale > 0, F32(63) / np.where(max_scale > 0, max_scale, F32(1)), F32(0))
+            inv_m = np.where(max_min > 0, F32(63) / np.where(max_min > 0, max_min, F32(1)), F32(0))
+            ls = np.minimum(_u8(nearest_int(inv_s[:, None] * scales)), 63)
+            lm = np.minimum(_u8(nearest_int(inv_m[:, None] * mins)), 63)
+        d, dmin = max_scale / F32(63), max_min / F32(63)
+    else:
+        W, sigma2 = _super_weights(x, qw, 32, 2.0)
+        W = _em(W)
+        sw = ssum(W).reshape(nb, 8)
+        scales, mins, L = make_qkx_quants(X, W, nmax, -0.9, 0.05, 36, False)
+        d, Ls = make_qp_quants(_em(scales.reshape(nb, 8)), 63, _em(sw))
+        dmin, Lm = make_qp_quants(_em(mins.reshape(nb, 8)), 63, _em(sw))
+        ls, lm = _u8(Ls.T), _u8(Lm.T)
+    dsub = _f16_back(d)[:, None] * ls.astype(F32)
+    msub = _f16_back(dmin)[:, None] * lm.astype(F32)
+    Lf = _requant(x.reshape(nb, 8, 32), dsub, msub, L.T.reshape(nb, 8, 32), 0, nmax)
+    return d, dmin, _pack_scales_k4(ls, lm), Lf.reshape(nb, QK_K).astype(np.uint8)
+
+
+def _q4_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    d, dmin, sc, L = _q45_K(x, qw, 15)
+    q = L.reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([_f16(d), _f16(dmin), sc, qs], axis=1)
+
+
+def _q5_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    d, dmin, sc, L = _q45_K(x, qw, 31)
+    q = L.reshape(-1, 4, 2, 32)  # chunk c of 64 quants: low half bit 2c, high half bit 2c+1 of qh
+    hib = (q >> 4).astype(np.uint8)
+    shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None]
+    qh = np.bitwise_or.reduce((hib[:, :, 0] << shifts) | (hib[:, :, 1] << (shifts + 1)), axis=1)
+    lo = q & 0xF
+    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
+    return np.concatenate([_f16(d), _f16(dmin), sc, qh, qs], axis=1)
+
+
+def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    nb = x.size // QK_K
+    X = _kquant_subblocks(x, 16)
+    W = None if qw is None else _em(np.broadcast_to(qw.reshape(1, -1), x.shape).reshape(-1, 16))
+    scales, L = make_qx_quants(X, 32, W)
+    scales = scales.reshape(nb, 16)
+    max_abs, max_scale = first_absmax(_em(scales))
+    zero = max_abs < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = F32(-128) / np.where(zero, F32(1), max_scale)
+        d = np.where(zero, F32(0), F32(1) / iscale)
+        sc = np.minimum(F32(127), nearest_int(iscale[:, None] * scales)).astype(np.int64)
+    sc = np.where(zero[:, None], 0, sc)
+    dsub = _f16_back(d)[:, None] * sc.astype(F32)
+    Lf = _requant(x.reshape(nb, 16, 16), dsub, None, L.T.reshape(nb, 16, 16) - F32(32), -32, 31) + F32(32)
+    q = Lf.reshape(nb, 2, 4, 32).astype(np.uint8)  # half h, quarter k of 32
+    lo, hi = q & 0xF, q >> 4
+    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    out = np.concatenate(
+        [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.astype(np.int8).view(np.uint8), _f16(d)], axis=1
+    )
+    out[zero] = 0  # ggml memsets an all-zero super-block
+    return out
+
+
+_ENCODERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
+    "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
+    "Q2_K": _q2_K, "Q3_K": _q3_K, "Q4_K": _q4_K, "Q5_K": _q5_K, "Q6_K": _q6_K,
+}  # fmt: skip
+
+# rows per work item: about 64K values keeps the temporaries of the searches in cache
+_CHUNK_VALUES = 1 << 16
+
+
+def row_bytes(type_name: str, n_per_row: int) -> int:
+    blck, nbytes = BLOCK_SIZES[type_name]
+    return n_per_row // blck * nbytes
+
+
+def quantize(
+    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None, threads: int | None = None
+) -> np.ndarray:
+    """Encode float32 rows ``x`` (nrows, n_per_row) as ggml ``type_name`` blocks: uint8 (nrows, row_bytes).
+
+    ``imatrix`` (n_per_row,) switches to llama.cpp's importance-weighted search where ggml has one (Q8_0 ignores
+    it, as ggml does).
+    """
+    type_name = type_name.upper()
+    if type_name not in _ENCODERS:
+        raise UnsupportedType(f"no GGUF encoder for {type_name} (have {', '.join(SUPPORTED_TYPES)})")
+    x = np.asarray(x, dtype=F32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise ShapeError(f"expected 2-D rows, got shape {x.shape}")
+    nrows, n = x.shape
+    blck, _ = BLOCK_SIZES[type_name]
+    if n % blck:
+        raise ShapeError(f"row length {n} is not a multiple of the {type_name} block size {blck}")
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=F32).reshape(-1)
+        if qw.size != n:
+            raise ShapeError(f"imatrix has {qw.size} values, the rows have {n}")
+    enc = _ENCODERS[type_name]
+    out = np.empty((nrows, row_bytes(type_name, n)), dtype=np.uint8)
+    step = max(1, _CHUNK_VALUES // n)
+
+    def work(r0: int) -> None:
+        out[r0 : r0 + step] = enc(np.ascontiguousarray(x[r0 : r0 + step]), qw).reshape(-1, out.shape[1])
+
+    starts = range(0, nrows, step)
+    nthreads = threads or min(8, os.cpu_count() or 1)
+    if nthreads <= 1 or len(starts) == 1:
+        for r0 in starts:
+            work(r0)
+    else:
+        # numpy releases the GIL inside its loops, so chunks on threads overlap well
+        with ThreadPoolExecutor(nthreads) as pool:
+            list(pool.map(work, starts))
+    return out
+
+
+def dequantize(raw: np.ndarray, type_name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decode ggml blocks back to float32 (via gguf-py's reference decoders)."""
+    import gguf
+
+    data = gguf.quants.dequantize(np.ascontiguousarray(raw).reshape(-1), gguf.GGMLQuantizationType[type_name])
+    return np.asarray(data, dtype=F32).reshape(shape)

@@ -1,0 +1,237 @@
+"""The scale searches of ggml's K-quants (make_qx_quants, make_q3_quants, make_qkx2/3_quants, make_qp_quants).
+
+Every function works on many groups at once in *element-major* layout: ``X`` has shape ``(n, M)`` -- element
+``i`` of all ``M`` groups is the contiguous row ``X[i]``. That layout matters for bit-exactness: ggml sums the
+``n`` elements of a group one after the other in float32, and numpy's reduction along axis 0 of a C-contiguous
+array does exactly that (along the last axis it would use pairwise summation and round differently).
+Every arithmetic step is written in the same order and precision as ggml-quants.c (float32, no FMA), and
+``nearest_int`` is round-half-to-even like ggml's magic-number trick.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+GROUP_MAX_EPS = F32(1e-15)
+
+
+def ssum(a: np.ndarray) -> np.ndarray:
+    """Sequential float32 sum over axis 0 (ggml's ``for (i...) s += a[i]``)."""
+    if a.ndim == 2 and a.shape[1] >= 16:
+        # axis-0 reduction of a C-contiguous array accumulates row after row: sequential per column
+        return np.add.reduce(np.ascontiguousarray(a), axis=0)
+    # few columns: numpy would make the reduction axis the inner loop and sum pairwise
+    out = a[0].copy()
+    for row in a[1:]:
+        out += row
+    return out
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml's nearest_int, as float32 values (round half to even)."""
+    return np.rint(v)
+
+
+def first_absmax(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(amax, the signed value at the first index of the largest |x|) per group, as ggml's strict ``>`` loop."""
+    idx = np.argmax(np.abs(X), axis=0)
+    vmax = np.take_along_axis(X, idx[None, :], axis=0)[0]
+    return np.abs(vmax), vmax
+
+
+def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """make_qx_quants with rmse_type 1: returns (scale (M,), L (n, M) float in [0, 2*nmax))."""
+    amax, vmax = first_absmax(X)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1), vmax)
+    w = X * X if qw is None else qw
+    wx = w * X
+    fn = F32(nmax)
+    lq, tmp = np.empty_like(X), np.empty_like(X)
+
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.multiply(iscale, X, out=lq)
+            np.rint(lq, out=lq)
+            np.maximum(lq, -fn, out=lq)
+            np.minimum(lq, fn - 1, out=lq)
+        np.multiply(wx, lq, out=tmp)
+        sumlx = ssum(tmp)
+        np.multiply(w, lq, out=tmp)
+        np.multiply(tmp, lq, out=tmp)
+        return sumlx, ssum(tmp)
+
+    sumlx, suml2 = trial(-fn / safe_max)
+    L = lq + fn
+    pos = suml2 != 0
+    scale = np.where(pos, sumlx / np.where(pos, suml2, F32(1)), F32(0))
+    best = scale * sumlx
+    for i in range(-9, 10):
+        if i == 0:
+            continue
+        iscale = -(fn + F32(0.1) * F32(i)) / safe_max
+        sumlx, suml2 = trial(iscale)
+        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
+        if better.any():
+            np.add(lq, fn, out=L, where=better[None, :])
+            new_scale = sumlx / np.where(better, suml2, F32(1))
+            scale = np.where(better, new_scale, scale)
+            best = np.where(better, new_scale * sumlx, best)
+    scale = np.where(zero, F32(0), scale)
+    L[:, zero] = 0
+    return scale, L
+
+
+def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants with do_rmse: a greedy coordinate search on the weighted squared error (w = x^2)."""
+    amax, vmax = first_absmax(X)
+    zero = amax < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1), vmax)
+    fn = F32(nmax)
+    iscale = -fn / safe_max
+    L = np.clip(nearest_int(iscale * X), -fn, fn - 1)
+    w = X * X
+    wx = w * X
+    sumlx = ssum(wx * L)
+    suml2 = ssum((w * L) * L)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for _ in range(5):
+            changed = False
+            for i in range(X.shape[0]):
+                wi, xi, wxi, Li = w[i], X[i], wx[i], L[i]
+                slx = sumlx - wxi * Li
+                ok = slx > 0
+                sl2 = suml2 - (wi * Li) * Li
+                new_l = np.clip(nearest_int(xi * sl2 / np.where(ok, slx, F32(1))), -fn, fn - 1)
+                ok &= new_l != Li
+                slx = slx + wxi * new_l
+                sl2 = sl2 + (wi * new_l) * new_l
+                ok &= (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
+                if ok.any():
+                    changed = True
+                    L[i] = np.where(ok, new_l, Li)
+                    sumlx = np.where(ok, slx, sumlx)
+                    suml2 = np.where(ok, sl2, suml2)
+            # a group where nothing changed stays unchanged in later passes, as ggml's early break
+            if not changed:
+                break
+        scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    L = L + fn
+    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L)
+
+
+def make_qkx_quants(
+    X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """make_qkx2_quants / make_qkx3_quants (identical when weights are given): (scale, the_min, L)."""
+    xmin = np.minimum(X.min(axis=0), F32(0))
+    xmax = X.max(axis=0)
+    sum_w = ssum(W)
+    sum_x = ssum(W * X)
+    flat = xmax == xmin
+    rng = np.where(flat, F32(1), xmax - xmin)
+    fn = F32(nmax)
+
+    la, t1, t2 = np.empty_like(X), np.empty_like(X), np.empty_like(X)
+
+    def error(scale: np.ndarray, mn: np.ndarray, L: np.ndarray) -> np.ndarray:
+        np.multiply(scale, L, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w
+        np.add(t2, mn, out=t2)
+        np.subtract(t2, X, out=t2)
+        if use_mad:
+            np.abs(t2, out=t2)
+        else:
+            np.multiply(t2, t2, out=t2)
+        np.multiply(t2, W, out=t2)
+        return ssum(t2)
+
+    iscale = fn / rng
+    scale = F32(1) / iscale
+    L = np.clip(nearest_int(iscale * (X - xmin)), F32(0), fn)
+    best = error(scale, xmin, L)
+    mn = xmin
+    Xm = X - mn
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for i in range(nstep + 1):
+            # ggml keeps using the best min found so far for the range and the offset
+            iscale = ((F32(rmin) + F32(rdelta) * F32(i)) + fn) / np.where(flat, F32(1), xmax - mn)
+            np.multiply(iscale, Xm, out=la)
+            np.rint(la, out=la)
+            np.maximum(la, F32(0), out=la)
+            np.minimum(la, fn, out=la)
+            np.multiply(W, la, out=t1)
+            sum_l = ssum(t1)
+            np.multiply(t1, la, out=t2)
+            sum_l2 = ssum(t2)
+            np.multiply(t1, X, out=t2)
+            sum_xl = ssum(t2)
+            D = sum_w * sum_l2 - sum_l * sum_l
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            clamp = this_min > 0
+            this_min = np.where(clamp, F32(0), this_min)
+            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
+            cur = error(this_scale, this_min, la)
+            better = (D > 0) & (cur < best)
+            if better.any():
+                np.copyto(L, la, where=better[None, :])
+                best = np.where(better, cur, best)
+                scale = np.where(better, this_scale, scale)
+                mn = np.where(better, this_min, mn)
+                np.subtract(X, mn, out=Xm)
+    scale = np.where(flat, F32(0), scale)
+    mn = np.where(flat, xmin, mn)
+    L = np.where(flat, F32(0), L)
+    return scale, -mn, L
+
+
+def make_qp_quants(X: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """make_qp_quants: quantize non-negative super-block scales/mins to [0, nmax] with weights ``qw``."""
+    vmax = np.maximum(X.max(axis=0), F32(0))
+    zero = vmax < GROUP_MAX_EPS
+    safe_max = np.where(zero, F32(1), vmax)
+    fn = F32(nmax)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = fn / safe_max
+        L = nearest_int(iscale * X)
+        scale = F32(1) / iscale
+        diff = X - scale * L
+        best = ssum((qw * diff) * diff)
+        for i in range(-4, 5):
+            if i == 0:
+                continue
+            iscale_is = (F32(0.1) * F32(i) + fn) / safe_max
+            scale_is = F32(1) / iscale_is
+            lq = np.minimum(fn, nearest_int(iscale_is * X))
+            diff = X - scale_is * lq
+            mse = ssum((qw * diff) * diff)
+            better = mse < best
+            best = np.where(better, mse, best)
+            iscale = np.where(better, iscale_is, iscale)
+        L = np.minimum(fn, nearest_int(iscale * X))
+        wx = qw * X
+        sumlx = ssum(wx * L)
+        suml2 = ssum((qw * L) * L)
+        for _ in range(5):
+            changed = False
+            for i in range(X.shape[0]):
+                wi, xi, wxi, Li = qw[i], X[i], wx[i], L[i]
+                slx = sumlx - wxi * Li
+                sl2 = suml2 - (wi * Li) * Li
+                ok = (slx > 0) & (sl2 > 0)
+                new_l = np.minimum(fn, nearest_int(xi * sl2 / np.where(ok, slx, F32(1))))
+                ok &= new_l != Li
+                slx = slx + wxi * new_l
+                sl2 = sl2 + (wi * new_l) * new_l
+                ok &= (slx * slx) * suml2 > (sumlx * sumlx) * sl2
+                if ok.any():
+                    changed = True
+                    L[i] = np.where(ok, new_l, Li)
+                    sumlx = np.where(ok, slx, sumlx)
+                    suml2 = np.where(ok, sl2, suml2)
+            if not changed:
+                break
+        d = np.where(suml2 > 0, sumlx / suml2, F32(0))
+    return np.where(zero, F32(0), d), np.where(zero, F32(0), L)

@@ -1,0 +1,148 @@
+"""The gguf quantizer plugin end to end: files byte-identical to llama_model_quantize, imatrix, requantizing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf_helpers import gguf_tensors, llama_quantize, tiny_llama_tensors, write_llama_gguf
+
+from llmq.errors import BadInput, OutputExists, UnsupportedType
+from llmq.quant.base import quantizers
+from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
+from llmq.quant.imatrix import Imatrix, save_imatrix
+
+pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
+    t = tiny_llama_tensors(hidden=256, n_layers=4, ff=512, vocab=256, n_head=4, n_kv=1, seed=3)
+    return write_llama_gguf(tmp_path_factory.mktemp("q") / "tiny-f32.gguf", t, n_head=4, n_kv=1), t
+
+
+def test_registered() -> None:
+    # (the registry's get() imports every built-in method module; checking the decorator's entry needs only ours)
+    assert quantizers._items["gguf"] is GGUFQuantizer
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q5_1", "Q6_K", "F16"])
+def test_file_identical_to_llama_cpp(tmp_path, tiny_src, ftype: str) -> None:
+    src, _ = tiny_src
+    ref, out = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_quantize(src, ref, ftype)
+    res = GGUFQuantizer().run(src, out, GGUFQuantConfig(type=ftype))
+    assert out.read_bytes() == ref.read_bytes()
+    assert res.output_bytes == out.stat().st_size
+    assert {t.name: t.dtype for t in res.tensors} == {n: v[0] for n, v in gguf_tensors(out).items()}
+
+
+def test_plan_matches_output(tmp_path, tiny_src) -> None:
+    src, _ = tiny_src
+    cfg = GGUFQuantConfig(type="Q4_K_S", tensor_type=("ffn_down=q8_0",))
+    planned = GGUFQuantizer().plan(src, cfg)
+    res = GGUFQuantizer().run(src, tmp_path / "o.gguf", cfg)
+    assert [(t.name, t.dtype, t.nbytes) for t in planned] == [
+        (t.name, t.dtype, t.nbytes) for t in res.tensors
+    ]
+    assert all(t.dtype == "Q8_0" for t in planned if "ffn_down" in t.name)
+
+
+def test_imatrix_matches_llama_cpp(tmp_path, tiny_src) -> None:
+    src, tensors = tiny_src
+    rng = np.random.default_rng(7)
+    im = Imatrix(datasets=["unit"], chunk_count=3, chunk_size=128)
+    for name, a in tensors.items():
+        if a.ndim == 2 and name != "token_embd.weight":
+            im.sums[name] = (rng.random((1, a.shape[1])) * 50).astype(np.float32)
+            im.counts[name] = np.array([384])
+    imfile = save_imatrix(im, tmp_path / "imatrix.gguf")
+    for ftype in ("Q4_K_M", "Q2_K_S", "Q4_0"):
+        ref, out = tmp_path / f"ref-{ftype}.gguf", tmp_path / f"ours-{ftype}.gguf"
+        llama_quantize(src, ref, ftype, imatrix=im.weights())
+        GGUFQuantizer().run(src, out, GGUFQuantConfig(type=ftype, imatrix=str(imfile)))
+        ours, theirs = gguf_tensors(out), gguf_tensors(ref)
+        for name, (t, raw, _) in theirs.items():
+            assert ours[name][0] == t, name
+            assert (ours[name][1] == raw).all(), (ftype, name)
+    import gguf
+
+    meta = gguf.GGUFReader(str(out)).fields
+    assert meta["quantize.imatrix.entries_count"].contents() == len(im.sums)
+    assert meta["quantize.imatrix.dataset"].contents() == "unit"
+
+
+def test_q2_k_s_needs_imatrix(tmp_path, tiny_src) -> None:
+    with pytest.raises(BadInput, match="importance matrix"):
+        GGUFQuantizer().run(tiny_src[0], tmp_path / "o.gguf", GGUFQuantConfig(type="Q2_K_S"))
+    assert not (tmp_path / "o.gguf").exists()
+
+
+def test_requantize_needs_flag(tmp_path, tiny_src) -> None:
+    q8 = tmp_path / "q8.gguf"
+    GGUFQuantizer().run(tiny_src[0], q8, GGUFQuantConfig(type="Q8_0"))
+    with pytest.raises(BadInput, match="allow-requantize"):
+        GGUFQuantizer().run(q8, tmp_path / "q4.gguf", GGUFQuantConfig(type="Q4_0"))
+    with pytest.warns(UserWarning, match="requantizing"):
+        res = GGUFQuantizer().run(
+            q8, tmp_path / "q4.gguf", GGUFQuantConfig(type="Q4_0", allow_requantize=True)
+        )
+    assert res.notes and (tmp_path / "q4.gguf").exists()
+
+
+def test_config_validation_and_outputs(tmp_path, tiny_src) -> None:
+    with pytest.raises(BadInput):
+        GGUFQuantConfig(type="Q7_K")
+    with pytest.raises(UnsupportedType):
+        GGUFQuantConfig(type="IQ2_XXS")
+    with pytest.raises(BadInput):
+        GGUFQuantConfig(tensor_type=("nopattern",))
+    with pytest.raises(BadInput):
+        GGUFQuantConfig.from_options("gguf", {"group_size": 128})
+    cfg = GGUFQuantConfig.from_options("gguf", {"type": "q4_k_m", "tensor_type": ("attn_v=Q8_0",)})
+    assert GGUFQuantConfig.from_dict(cfg.to_dict()) == cfg and cfg.type == "Q4_K_M"
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"x")
+    with pytest.raises(OutputExists):
+        GGUFQuantizer().run(tiny_src[0], out, GGUFQuantConfig(type="Q8_0"))
+    with pytest.raises(BadInput):
+        GGUFQuantizer().run(tiny_src[0], tiny_src[0], GGUFQuantConfig(type="Q8_0"), force=True)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(BadInput):
+        GGUFQuantizer().run(bad, tmp_path / "o2.gguf", GGUFQuantConfig(type="Q8_0"))
+
+
+def test_hf_directory_source_and_calibration(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from helpers import make_tiny_model
+
+    from llmq.convert import convert
+    from llmq.quant.imatrix import load_imatrix
+
+    hf = make_tiny_model(tmp_path / "hf", hidden=256, layers=2, vocab=512, ffn=512)
+    ours, ref, f32 = tmp_path / "ours.gguf", tmp_path / "ref.gguf", tmp_path / "f32.gguf"
+    GGUFQuantizer().run(hf, ours, GGUFQuantConfig(type="Q4_K_M"))
+    convert(hf, f32, outtype="f32")
+    llama_quantize(f32, ref, "Q4_K_M")
+    assert ours.read_bytes() == ref.read_bytes()
+    assert not list(tmp_path.glob(".llmq-gguf-*"))  # the intermediate f32 GGUF is gone
+
+    cfg = GGUFQuantConfig(type="Q3_K_M", calibration="pydoc", nsamples=2, seqlen=64,
+                          save_imatrix=str(tmp_path / "im.gguf"))  # fmt: skip
+    res = GGUFQuantizer().run(hf, tmp_path / "q3.gguf", cfg)
+    im = load_imatrix(tmp_path / "im.gguf")
+    assert len(im) == 14 and im.chunk_count == 2 and im.datasets == ["pydoc_data.topics"]
+    assert int(im.counts["blk.0.attn_q.weight"][0]) == 128
+    assert res.output_bytes == (tmp_path / "q3.gguf").stat().st_size
+
+
+def test_plan_from_hf_directory(tmp_path) -> None:
+    pytest.importorskip("transformers")
+    from helpers import make_tiny_model
+
+    hf = make_tiny_model(tmp_path / "hf", hidden=256, layers=2, vocab=512, ffn=512, shards=1)
+    plan = GGUFQuantizer().plan(hf, GGUFQuantConfig(type="Q4_K_M"))
+    res = GGUFQuantizer().run(hf, tmp_path / "o.gguf", GGUFQuantConfig(type="Q4_K_M"))
+    assert [(t.name, t.dtype, t.nbytes) for t in plan] == [(t.name, t.dtype, t.nbytes) for t in res.tensors]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gguf_helpers import ggml_quantize_chunk, outlier_matrix, smollm2_reader
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from gguf_helpers import ggml_quantize_chunk, outlier_matrix, smollm2_reader
 
 from llmq.errors import ShapeError, UnsupportedType
 from llmq.quant import gguf_blocks as gb

@@ -105,9 +105,9 @@ class Scorer:
         if not np.array_equal(np.asarray(base.targets[lo:hi]), targets):
             raise BadInput("the evaluated tokens differ from the base's: different tokenizer or text")
         dev = logits.device
-        ids = torch.from_numpy(np.asarray(base.topk_ids[lo:hi], dtype=np.int64)).to(dev)
-        logp_b = torch.from_numpy(np.asarray(base.topk_logp[lo:hi], dtype=np.float32)).to(dev).double()
-        rest_b = torch.from_numpy(np.asarray(base.log_rest[lo:hi], dtype=np.float32)).to(dev).double()
+        ids = torch.from_numpy(np.array(base.topk_ids[lo:hi], dtype=np.int64)).to(dev)
+        logp_b = torch.from_numpy(np.array(base.topk_logp[lo:hi], dtype=np.float32)).to(dev).double()
+        rest_b = torch.from_numpy(np.array(base.log_rest[lo:hi], dtype=np.float32)).to(dev).double()
         top_q = logits.argmax(dim=-1)
         logq = logits.gather(1, ids).double() - lse.double()[:, None]
         kld = (logp_b.exp() * (logp_b - logq)).sum(dim=-1)
@@ -115,7 +115,7 @@ class Scorer:
         # The tail bucket: p_rest_b * log(p_rest_b / q_rest); nothing when the base had no mass left.
         tail = torch.where(torch.isfinite(rest_b), rest_b.exp() * (rest_b - rest_q), torch.zeros_like(rest_b))
         kld = kld + tail
-        nll_b = torch.from_numpy(np.asarray(base.nll[lo:hi], dtype=np.float64)).to(dev)
+        nll_b = torch.from_numpy(np.array(base.nll[lo:hi], dtype=np.float64)).to(dev)
         p_diff = torch.exp(-nll) - torch.exp(-nll_b)
         self._p.kld.append(kld.cpu().numpy())
         self._p.p_diff.append(p_diff.cpu().numpy())

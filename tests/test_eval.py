@@ -146,7 +146,9 @@ def test_scorer_nll_and_exact_kld_with_full_top_k():
     base = _record(p, targets, k=50)
     s = Scorer(50, base=base)
     s.add(q.clone(), targets)
-    ref_nll = torch.nn.functional.cross_entropy(q.double(), torch.from_numpy(targets).long(), reduction="none")
+    ref_nll = torch.nn.functional.cross_entropy(
+        q.double(), torch.from_numpy(targets).long(), reduction="none"
+    )
     assert np.allclose(s.nll, ref_nll.numpy(), atol=1e-5)
     kld, p_diff, same = s.kld_arrays()
     assert np.allclose(kld, _full_kld(p, q).numpy(), atol=1e-5)
@@ -291,7 +293,9 @@ def test_kld_against_base_model_and_saved_file(tiny, tmp_path):
     assert same.kld.same_top.value == 1.0 and same.kld.ppl_ratio.value == pytest.approx(1.0, abs=1e-6)
     assert other.kld.kld_mean.value > 0.01 and other.kld.kld_mean.se > 0
     assert other.kld.ppl_base.value == pytest.approx(base_res.ppl.value, rel=1e-6)
-    _, (from_file,) = compare([str(tiny["b"])], PerplexityConfig(dataset=cfg.dataset), base=str(tmp_path / "base.bin"))
+    _, (from_file,) = compare(
+        [str(tiny["b"])], PerplexityConfig(dataset=cfg.dataset), base=str(tmp_path / "base.bin")
+    )
     assert from_file.kld.kld_mean.value == pytest.approx(other.kld.kld_mean.value, rel=1e-6)
     assert from_file.ppl.value == pytest.approx(other.ppl.value, rel=1e-6)
 
@@ -352,5 +356,7 @@ def test_cli_json_output_chart(tiny, tmp_path):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = _cli(args)  # outputs exist, no --force: refused before any evaluation
     assert isinstance(r.exception, LlmqError) and "exists" in str(r.exception)
-    r = _cli(["eval", "perplexity", str(tiny["a"]), "--dataset", str(tiny["text"]), "--ctx", "64", "--chunks", "2"])
+    r = _cli(
+        ["eval", "perplexity", str(tiny["a"]), "--dataset", str(tiny["text"]), "--ctx", "64", "--chunks", "2"]
+    )
     assert r.exit_code == 0 and "PPL" in r.output

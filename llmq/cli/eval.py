@@ -8,7 +8,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -89,32 +96,51 @@ def _write_json(path: Path, payload: dict, force: bool) -> None:
 
 @eval_app.command("perplexity")
 def perplexity(
-    models: Annotated[list[str], typer.Argument(help="Models: GGUF files, HF checkpoint dirs, or 'smollm2'.")],
-    base: Annotated[str | None, typer.Option("--base", help="Base model, or a saved base-logits file, for KLD.")] = None,
-    dataset: Annotated[str, typer.Option("--dataset", help="wikitext2, pydocs or a text file.")] = "wikitext2",
+    models: Annotated[
+        list[str], typer.Argument(help="Models: GGUF files, HF checkpoint dirs, or 'smollm2'.")
+    ],
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model, or a saved base-logits file, for KLD.")
+    ] = None,
+    dataset: Annotated[
+        str, typer.Option("--dataset", help="wikitext2, pydocs or a text file.")
+    ] = "wikitext2",
     ctx: Annotated[int, typer.Option("--ctx", help="Tokens per window.")] = 512,
-    chunks: Annotated[int | None, typer.Option("--chunks", help="Evaluate at most this many windows.")] = None,
+    chunks: Annotated[
+        int | None, typer.Option("--chunks", help="Evaluate at most this many windows.")
+    ] = None,
     stride: Annotated[
-        int | None, typer.Option("--stride", help="Strided sliding window (transformers guide) with this stride.")
+        int | None,
+        typer.Option("--stride", help="Strided sliding window (transformers guide) with this stride."),
     ] = None,
     batch: Annotated[int | None, typer.Option("--batch", help="Windows per forward pass.")] = None,
-    backend: Annotated[str | None, typer.Option("--backend", help="torch or llamacpp (default: from input).")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda (torch backend; llama.cpp GPU builds).")] = "cpu",
-    dtype: Annotated[str | None, typer.Option("--dtype", help="torch compute dtype: float32/float16/bfloat16.")] = None,
+    backend: Annotated[
+        str | None, typer.Option("--backend", help="torch or llamacpp (default: from input).")
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="cpu or cuda (torch backend; llama.cpp GPU builds).")
+    ] = "cpu",
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="torch compute dtype: float32/float16/bfloat16.")
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     top_k: Annotated[int, typer.Option("--top-k", help="Base log-probs kept per token for KLD.")] = 64,
     save_logits: Annotated[
-        Path | None, typer.Option("--save-logits", help="Write the base's (or first model's) compact logits here.")
+        Path | None,
+        typer.Option("--save-logits", help="Write the base's (or first model's) compact logits here."),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Save the results as JSON.")] = None,
-    chart: Annotated[Path | None, typer.Option("--chart", help="PNG: bits per weight against KLD (needs matplotlib).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite --output/--chart/--save-logits files.")] = False,
+    chart: Annotated[
+        Path | None, typer.Option("--chart", help="PNG: bits per weight against KLD (needs matplotlib).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite --output/--chart/--save-logits files.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Perplexity (llama-perplexity's protocol by default) and, with --base, KL divergence of each model."""
-    from llmq.eval.perplexity import PerplexityConfig, compare
-
     from llmq.errors import require
+    from llmq.eval.perplexity import PerplexityConfig, compare
     from llmq.io.base import check_output
 
     # Every output is validated before minutes of evaluation, not after.

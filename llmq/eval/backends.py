@@ -329,7 +329,9 @@ class LlamaCppBackend(Backend):
         L = self._L
         n_win, length = windows.shape
         if n_win > self.n_seq or length > self.ctx_len:
-            raise BadInput(f"{n_win} windows of {length} tokens exceed the context ({self.n_seq}x{self.ctx_len})")
+            raise BadInput(
+                f"{n_win} windows of {length} tokens exceed the context ({self.n_seq}x{self.ctx_len})"
+            )
         n = n_win * length
         b = self._batch
         np.ctypeslib.as_array(b.token, shape=(self._batch_cap,))[:n] = windows.reshape(-1)

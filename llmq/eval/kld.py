@@ -125,8 +125,10 @@ def read_base_logits(path: str | Path) -> BaseLogits:
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if offset + nbytes > size:
             raise CorruptFile(f"{p}: truncated ({name} runs past the end of the file)")
-        arrays[name] = np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape) if nbytes else np.zeros(
-            shape, dtype
+        arrays[name] = (
+            np.memmap(p, dtype=dtype, mode="r", offset=offset, shape=shape)
+            if nbytes
+            else np.zeros(shape, dtype)
         )
         offset += nbytes + _pad(nbytes)
     base = BaseLogits(header=header, **arrays)

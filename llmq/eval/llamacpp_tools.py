@@ -88,7 +88,9 @@ def _source(work: Path, version: str, log) -> Path | None:
 
 def _build(tree: Path, work: Path, log) -> Path | None:
     build = work / "build"
-    jobs = str(max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    jobs = str(
+        max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    )
     configure = [
         "cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
         # The same CPU code paths as the llama-cpp-python wheel built on this machine (GGML_NATIVE).

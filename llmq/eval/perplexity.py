@@ -124,9 +124,16 @@ def strided_windows(tokens: np.ndarray, ctx: int, stride: int, chunks: int | Non
         start, stop = first_label - 1, len(win) - 1
         g = Group(win[None, :].copy(), start, stop, win[None, first_label:].copy())
         last = groups[-1] if groups else None
-        if last is not None and last.windows.shape[1] == len(win) and (last.start, last.stop) == (start, stop):
+        if (
+            last is not None
+            and last.windows.shape[1] == len(win)
+            and (last.start, last.stop) == (start, stop)
+        ):
             groups[-1] = Group(
-                np.concatenate([last.windows, g.windows]), start, stop, np.concatenate([last.targets, g.targets])
+                np.concatenate([last.windows, g.windows]),
+                start,
+                stop,
+                np.concatenate([last.targets, g.targets]),
             )
         else:
             groups.append(g)

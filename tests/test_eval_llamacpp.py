@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmq.errors import BadInput, BackendError
+from llmq.errors import BackendError, BadInput
 from llmq.eval.perplexity import PerplexityConfig, compare, evaluate, load_eval_text, prepare_text
 
 pytest.importorskip("llama_cpp")
@@ -82,6 +82,22 @@ def test_gguf_self_kld_is_zero_and_bad_model(text_file, tmp_path):
         evaluate(str(bad), _cfg(text_file))
     with pytest.raises(BadInput, match="Hugging Face"):
         evaluate(str(_smollm2()), _cfg(text_file, backend="torch"))
+
+
+def test_hf_and_gguf_paths_agree_on_the_same_f32_model(text_file, tmp_path_factory):
+    from llmq.convert import convert
+
+    root = tmp_path_factory.mktemp("smol_f32")
+    hf, gguf = root / "hf", root / "smol-f32.gguf"
+    convert(str(_smollm2()), str(hf), outtype="f32")
+    convert(str(hf), str(gguf), outtype="f32")
+    cfg = _cfg(text_file, chunks=2, ctx=64)
+    r_gguf, _ = evaluate(str(gguf), cfg)
+    r_hf, _ = evaluate(str(hf), cfg)
+    assert r_hf.backend == "torch" and r_gguf.backend == "llamacpp" and r_hf.n_scored == r_gguf.n_scored
+    assert math.isclose(r_hf.ppl.value, r_gguf.ppl.value, rel_tol=1e-3)
+    _, (kl,) = compare([str(hf)], cfg, base=str(gguf))  # same tokenizer: the KLD is numerics only
+    assert kl.kld.kld_mean.value < 1e-4 and kl.kld.same_top.value > 0.99
 
 
 def test_same_ppl_as_llama_perplexity(text_file):

@@ -32,7 +32,9 @@ from llmq.eval.perplexity import PerplexityConfig, compare, evaluate, load_eval_
 ROOT = Path(__file__).resolve().parent
 
 
-def gguf_vs_llama_perplexity(gguf: str, text_file: Path, ctx: int, chunks: int, threads: int) -> dict:
+def gguf_vs_llama_perplexity(
+    gguf: str, text_file: Path, ctx: int, chunks: int, threads: int, repeat: int = 2
+) -> dict:
     from llmq.eval.backends import resolve_model
     from llmq.eval.llamacpp_tools import llama_perplexity
 
@@ -40,7 +42,7 @@ def gguf_vs_llama_perplexity(gguf: str, text_file: Path, ctx: int, chunks: int, 
     model = str(resolve_model(gguf))
     cfg = PerplexityConfig(dataset=str(text_file), ctx=ctx, chunks=chunks, threads=threads)
     runs: dict[str, list] = {"llmq": [], "llama-perplexity": []}
-    for _ in range(2):  # alternate the two, keep the best of each (a shared machine is noisy)
+    for _ in range(repeat):  # alternate the two, keep the best of each (a shared machine is noisy)
         t0 = time.perf_counter()
         res, _ = evaluate(model, cfg)
         runs["llmq"].append((time.perf_counter() - t0, res.ppl.value, res.ppl.se, res.n_evaluated))
@@ -85,7 +87,9 @@ def plain_transformers_loop(model_dir: str, tokens: np.ndarray, ctx: int, chunks
     return {"ppl": math.exp(nll / count), "seconds": seconds, "tokens_per_s": chunks * ctx / seconds}
 
 
-def hf_vs_plain_loop(hf_dir: str, text: str, ctx: int, chunks: int, threads: int, batch: int | None) -> dict:
+def hf_vs_plain_loop(
+    hf_dir: str, text: str, ctx: int, chunks: int, threads: int, batch: int | None, repeat: int = 2
+) -> dict:
     from llmq.eval.backends import TorchBackend
 
     be = TorchBackend(Path(hf_dir), threads=threads)
@@ -96,7 +100,7 @@ def hf_vs_plain_loop(hf_dir: str, text: str, ctx: int, chunks: int, threads: int
         raise SystemExit("this comparison assumes a vocabulary without BOS (as SmolLM2's)")
     cfg = PerplexityConfig(ctx=ctx, chunks=chunks, threads=threads, batch=batch)
     best_llmq, best_plain = None, None
-    for _ in range(2):
+    for _ in range(repeat):
         res, _ = evaluate(hf_dir, cfg, tokens=tokens)
         plain = plain_transformers_loop(hf_dir, tokens, ctx, chunks, threads)
         if best_llmq is None or res.seconds < best_llmq.seconds:
@@ -181,6 +185,7 @@ def main() -> None:
     ap.add_argument("--table-chunks", type=int, default=8)
     ap.add_argument("--skip-gguf", action="store_true")
     ap.add_argument("--name", default="perplexity")
+    ap.add_argument("--repeat", type=int, default=2, help="runs of each side; the best is kept")
     args = ap.parse_args()
 
     text = load_eval_text("wikitext2")
@@ -196,7 +201,9 @@ def main() -> None:
             )
             print(json.dumps(report["gguf"], indent=1))
         if args.hf:
-            report["hf"] = hf_vs_plain_loop(args.hf, text, args.ctx, args.chunks, args.threads, args.batch)
+            report["hf"] = hf_vs_plain_loop(
+                args.hf, text, args.ctx, args.chunks, args.threads, args.batch, args.repeat
+            )
             print(json.dumps(report["hf"], indent=1))
         if args.table:
             base, *models = args.table

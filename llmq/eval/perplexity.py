@@ -160,43 +160,10 @@ def _batches(groups: list[Group], batch: int) -> Iterator[tuple[np.ndarray, int,
 
 
 def load_eval_text(spec: str) -> str:
-    """Evaluation text: wikitext2 / pydocs / a file (llmq.calib.load_text once the calibration layer has it)."""
-    try:
-        from llmq.calib import load_text
-    except ImportError:
-        load_text = None
-    if load_text is not None:
-        return load_text(spec, split="test")
-    return _fallback_text(spec)
+    """Evaluation text: wikitext2 / pydocs / c4 / ... / a file, through llmq.calib (test split)."""
+    from llmq.calib import load_text
 
-
-def _shared_dir() -> Path:
-    import os
-
-    env = os.environ.get("LLMQ_SHARED")
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve().parents[2] / ".." / "shared"
-    return here if here.is_dir() else Path("/work/shared")
-
-
-def _fallback_text(spec: str) -> str:
-    if spec == "wikitext2":
-        p = _shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.raw"
-        if not p.is_file():
-            raise BadInput(f"wikitext-2 test split not found at {p} (set LLMQ_SHARED)")
-        return p.read_text(encoding="utf-8")
-    if spec == "pydocs":
-        from pydoc_data.topics import topics
-
-        return "\n\n".join(topics[k] for k in sorted(topics))
-    p = Path(spec)
-    if not p.is_file():
-        raise BadInput(f"dataset {spec!r} is neither wikitext2, pydocs nor a readable file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise BadInput(f"{p} is not UTF-8 text ({e})") from e
+    return load_text(spec, split="test")
 
 
 def prepare_text(text: str) -> str:

@@ -115,11 +115,16 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: torch.dtype | s
     path = Path(path)
     if path.suffix == ".gguf":
         return _load_gguf(path, device, dtype)
+    from llmq.io import open_checkpoint
+
     mdir = _model_dir(path)
     config = json.loads((mdir / "config.json").read_text())
     torch_dtype = _default_dtype(config, device, dtype)
+    # the weights' headers first: a directory without usable weights fails here, before a model of the
+    # config's size is allocated
+    reader = open_checkpoint(mdir)
     model = _skeleton(mdir, config, torch_dtype)
-    _fill(model, mdir, config, torch_dtype, unpack_once)
+    _fill(model, reader, config, torch_dtype, unpack_once)
     return model.to(device).eval()
 
 
@@ -146,13 +151,11 @@ def _quantized_layers(reader_names: list[str], fmt) -> list[str]:
     return sorted({n[: -len(suffix)] for n in reader_names if n.endswith(suffix)})
 
 
-def _fill(model: nn.Module, mdir: Path, config: dict, dtype: torch.dtype, unpack_once: bool) -> None:
+def _fill(model: nn.Module, reader, config: dict, dtype: torch.dtype, unpack_once: bool) -> None:
     from llmq.formats import detect_format, get_format
-    from llmq.formats._iocompat import open_source
 
     qcfg = config.get("quantization_config")
     fmt_name = detect_format(qcfg)
-    reader = open_source(mdir)
     try:
         names = list(reader.names()) if hasattr(reader, "names") else [i.name for i in reader.infos()]
         consumed: set[str] = set()

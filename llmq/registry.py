@@ -17,7 +17,9 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()):
+    def __init__(
+        self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()
+    ):
         self.kind = kind
         self.entry_point_group = entry_point_group
         self.builtin_modules = builtin_modules

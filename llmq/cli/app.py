@@ -29,15 +29,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors (or set LLMQ_DEBUG=1)."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show full tracebacks on errors (or set LLMQ_DEBUG=1)."
+    ),
 ) -> None:
     _state["debug"] = debug
 
 
 def _register() -> None:
     # Explicit list: each module adds its commands; all of them import only typer/rich at module level.
-    from llmq.cli import convert, estimate, eval as eval_cmd, inspect, quantize
+    from llmq.cli import convert, estimate, inspect, quantize
+    from llmq.cli import eval as eval_cmd
 
     for mod in (convert, quantize, eval_cmd, estimate, inspect):
         mod.register(app)

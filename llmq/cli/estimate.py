@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-estimate_app = typer.Typer(help="Estimate memory: weights, KV cache, overhead; what fits where.", no_args_is_help=True)
+estimate_app = typer.Typer(
+    help="Estimate memory: weights, KV cache, overhead; what fits where.", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmq.errors import BadInput, OutputExists
+from llmq.errors import BadInput, CorruptFile, OutputExists
 
 # Plain (non-block) element types: name -> bytes per element. Names follow safetensors' dtype codes, which are
 # also ggml's names for the types both know (F32, F16, BF16, I8, ...).
@@ -73,6 +73,14 @@ class TensorInfo:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+
+
+def check_no_overlap(infos: Iterable[TensorInfo], file_name: str) -> None:
+    """Untrusted headers: two tensors may not share bytes (a crafted file could alias weights)."""
+    spans = sorted((t.offset or 0, (t.offset or 0) + t.nbytes, t.name) for t in infos if t.nbytes)
+    for (_s0, e0, n0), (s1, _e1, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            raise CorruptFile(f"{file_name}: tensors {n0} and {n1} overlap")
 
 
 class CheckpointReader(Protocol):

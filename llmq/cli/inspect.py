@@ -1,0 +1,52 @@
+"""`llmq inspect FILE`: header, metadata and per-tensor types of a checkpoint, without reading weights."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmq.cli.options import Json, human_bytes, print_json
+
+
+def inspect_cmd(
+    path: Annotated[
+        str, typer.Argument(help="A .safetensors file, HF model directory, .gguf file or 'smollm2'.")
+    ],
+    tensors: Annotated[bool, typer.Option("--tensors/--no-tensors", help="List every tensor.")] = True,
+    metadata: Annotated[bool, typer.Option("--metadata/--no-metadata", help="Show metadata keys.")] = True,
+    json_out: Json = False,
+) -> None:
+    """Show a checkpoint's metadata and tensors (dtype, shape, bytes, bits per weight)."""
+    from llmq import api
+
+    report = api.inspect(path)
+    if json_out:
+        print_json(report)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    s = report["summary"]
+    console.print(
+        f"[bold]{report['path']}[/bold]  {report['kind']}  {s['n_tensors']} tensors, "
+        f"{s['n_params']:,} parameters, {human_bytes(s['tensor_bytes'])}, {s['bits_per_weight']:.3f} bits/weight"
+    )
+    console.print("types: " + ", ".join(f"{t}×{n}" for t, n in sorted(s["types"].items())))
+    if metadata and report["metadata"]:
+        table = Table("key", "value", title="metadata")
+        for k, v in report["metadata"].items():
+            table.add_row(k, v)
+        console.print(table)
+    if tensors:
+        table = Table("name", "dtype", "shape", "bytes", "bpw", title="tensors")
+        for t in report["tensors"]:
+            table.add_row(
+                t["name"], t["dtype"], "×".join(map(str, t["shape"])), f"{t['nbytes']:,}", f"{t['bpw']:.3f}"
+            )
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_cmd)

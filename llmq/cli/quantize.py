@@ -1,0 +1,198 @@
+"""`llmq quantize SRC -o OUT --method M`: every method is a plugin; the options it does not use are refused."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmq.cli.options import Force, Json, Quiet, human_bytes, print_json, progress_bar
+
+_M = "Method"
+_G = "GPTQ / AWQ / RTN"
+_F = "GGUF"
+_C = "Calibration"
+_N = "NF4 / FP4"
+
+
+def quantize_cmd(
+    src: Annotated[str, typer.Argument(help="HF model directory, GGUF file, hub repo id, or 'smollm2'.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output .gguf file or directory.")],
+    method: Annotated[
+        str, typer.Option("--method", "-m", help="rtn | nf4 | gguf | gptq | awq", rich_help_panel=_M)
+    ],
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format", help="gptq | awq | compressed-tensors | bnb | fake | gguf", rich_help_panel=_M
+        ),
+    ] = None,
+    bits: Annotated[
+        int | None, typer.Option("--bits", help="Integer bits (2-8).", rich_help_panel=_G)
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option("--group-size", help="Columns per scale; -1 = per channel.", rich_help_panel=_G),
+    ] = None,
+    sym: Annotated[
+        bool | None,
+        typer.Option("--sym/--asym", help="Symmetric or asymmetric (zero point).", rich_help_panel=_G),
+    ] = None,
+    act_order: Annotated[
+        bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ desc_act.", rich_help_panel=_G)
+    ] = None,
+    static_groups: Annotated[
+        bool | None, typer.Option("--static-groups/--no-static-groups", rich_help_panel=_G)
+    ] = None,
+    true_sequential: Annotated[
+        bool | None, typer.Option("--true-sequential/--no-true-sequential", rich_help_panel=_G)
+    ] = None,
+    damp_percent: Annotated[
+        float | None,
+        typer.Option("--damp-percent", help="GPTQ dampening (fraction of mean diag H).", rich_help_panel=_G),
+    ] = None,
+    skip_indivisible: Annotated[
+        bool | None,
+        typer.Option(
+            "--skip-indivisible/--no-skip-indivisible",
+            help="Leave layers whose width does not divide the group size unquantized.",
+            rich_help_panel=_G,
+        ),
+    ] = None,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore", help="Glob of tensors/modules to leave unquantized (repeatable).", rich_help_panel=_G
+        ),
+    ] = None,
+    only: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--only", help="Quantize only matching tensors/modules (repeatable).", rich_help_panel=_G
+        ),
+    ] = None,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--no-resume",
+            help="GPTQ/AWQ: skip blocks finished by an interrupted run.",
+            rich_help_panel=_G,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu | cuda | cuda:N", rich_help_panel=_G)
+    ] = None,
+    quant_type: Annotated[
+        str | None, typer.Option("--quant-type", help="nf4 | fp4", rich_help_panel=_N)
+    ] = None,
+    blocksize: Annotated[
+        int | None, typer.Option("--blocksize", help="NF4/FP4 block size (64).", rich_help_panel=_N)
+    ] = None,
+    double_quant: Annotated[
+        bool | None, typer.Option("--double-quant/--no-double-quant", rich_help_panel=_N)
+    ] = None,
+    compute_dtype: Annotated[
+        str | None, typer.Option("--compute-dtype", help="bnb_4bit_compute_dtype.", rich_help_panel=_N)
+    ] = None,
+    gguf_type: Annotated[
+        str | None, typer.Option("--type", help="GGUF file type: Q4_K_M, Q8_0, Q2_K, ...", rich_help_panel=_F)
+    ] = None,
+    imatrix: Annotated[
+        str | None,
+        typer.Option("--imatrix", help="llama.cpp importance matrix (.dat or .gguf).", rich_help_panel=_F),
+    ] = None,
+    save_imatrix: Annotated[
+        str | None,
+        typer.Option("--save-imatrix", help="Write the computed imatrix here.", rich_help_panel=_F),
+    ] = None,
+    allow_requantize: Annotated[
+        bool | None,
+        typer.Option("--allow-requantize", help="Allow a quantized GGUF as input.", rich_help_panel=_F),
+    ] = None,
+    pure: Annotated[
+        bool | None,
+        typer.Option("--pure", help="No per-tensor mix rules: one type everywhere.", rich_help_panel=_F),
+    ] = None,
+    output_tensor_type: Annotated[
+        str | None, typer.Option("--output-tensor-type", rich_help_panel=_F)
+    ] = None,
+    token_embedding_type: Annotated[
+        str | None, typer.Option("--token-embedding-type", rich_help_panel=_F)
+    ] = None,
+    leave_output_tensor: Annotated[
+        bool | None, typer.Option("--leave-output-tensor", rich_help_panel=_F)
+    ] = None,
+    tensor_type: Annotated[
+        list[str] | None,
+        typer.Option("--tensor-type", help="PATTERN=TYPE override (repeatable).", rich_help_panel=_F),
+    ] = None,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            "--calibration", help="pydocs | wikitext2 | c4 | pile-val | ptb | FILE", rich_help_panel=_C
+        ),
+    ] = None,
+    nsamples: Annotated[
+        int | None, typer.Option("--nsamples", help="Calibration samples.", rich_help_panel=_C)
+    ] = None,
+    seqlen: Annotated[
+        int | None, typer.Option("--seqlen", help="Tokens per calibration sample.", rich_help_panel=_C)
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", rich_help_panel=_C)] = None,
+    max_shard_size: Annotated[str | None, typer.Option("--max-shard-size", help="e.g. 5GB")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be written; read no weights.")
+    ] = False,
+    force: Force = False,
+    json_out: Json = False,
+    quiet: Quiet = False,
+) -> None:
+    """Quantize a model with one of the built-in or plugin methods."""
+    from llmq import api
+
+    options = {
+        "format": fmt, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
+        "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp_percent,
+        "skip_indivisible": skip_indivisible, "ignore": tuple(ignore) if ignore else None,
+        "only": tuple(only) if only else None, "resume": resume, "device": device, "quant_type": quant_type,
+        "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype, "type": gguf_type,
+        "imatrix": imatrix, "save_imatrix": save_imatrix, "allow_requantize": allow_requantize, "pure": pure,
+        "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type,
+        "leave_output_tensor": leave_output_tensor, "tensor_type": tuple(tensor_type) if tensor_type else None,
+        "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+        "max_shard_size": max_shard_size,
+    }  # fmt: skip
+    options = {k: v for k, v in options.items() if v is not None}
+    if dry_run:
+        plan = api.quantize_plan(src, method, **options)
+        if json_out:
+            print_json(plan)
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(
+            "tensor", "dtype", "shape", "bytes", title=f"{method}: would write {len(plan['tensors'])} tensors"
+        )
+        for t in plan["tensors"]:
+            table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])), f"{t['nbytes']:,}")
+        Console().print(table)
+        typer.echo(f"total {human_bytes(plan['total_bytes'])}, {plan['bits_per_weight']:.3f} bits/weight")
+        return
+    with progress_bar(method, enabled=not (quiet or json_out)) as progress:
+        result = api.quantize(src, output, method, force=force, progress=progress, **options)
+    if json_out:
+        print_json(result.to_dict())
+        return
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    d = result.to_dict()
+    bpw = f", {d['bits_per_weight']:.3f} bits/weight" if d["bits_per_weight"] else ""
+    typer.echo(
+        f"{result.method} → {result.output} [{result.format}, {human_bytes(result.output_bytes)}{bpw}, "
+        f"{result.seconds:.1f} s]"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize_cmd)

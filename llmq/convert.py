@@ -1,0 +1,533 @@
+"""safetensors (Hugging Face layout) ⇄ GGUF conversion, streamed one tensor at a time.
+
+Each direction validates everything it can from the headers first (architecture, names, shapes, types, output
+path), then loops read → transform → write → drop, so peak memory is about one tensor. Outputs are written under
+a temporary name and renamed when complete. Tensor math is numpy; torch is never imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmq import __version__
+from llmq.errors import BadInput, ShapeError, UnsupportedType
+from llmq.io import (
+    AtomicOutput,
+    GGUFFileWriter,
+    GGUFReader,
+    SafetensorsReader,
+    SafetensorsWriter,
+    check_output,
+    detect_kind,
+)
+from llmq.io.base import TensorInfo
+from llmq.io.ggml_types import GGUFValueType, is_block_type, type_nbytes
+from llmq.io.names import (
+    Arch,
+    arch_for_gguf,
+    arch_for_hf,
+    gguf_to_hf_name,
+    hf_to_gguf_name,
+    permute_qk,
+    qk_heads,
+    unpermute_qk,
+)
+
+# llama.cpp's LlamaFileType for the types the converter writes
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+GGML_OF_OUTTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+HF_OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
+SOURCE_CONFIG_KEY = "llmq.hf_config"  # the source config.json, so GGUF -> HF restores it exactly
+
+Progress = Callable[[str, float, float], None]
+
+
+def _no_progress(stage: str, done: float, total: float) -> None:
+    return None
+
+
+@dataclass
+class ConvertResult:
+    src: Path
+    dst: Path
+    direction: str  # "hf->gguf" | "gguf->hf"
+    outtype: str
+    arch: str
+    n_tensors: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+    types: dict[str, int] = field(default_factory=dict)  # output tensor type -> count
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "src": str(self.src), "dst": str(self.dst), "direction": self.direction, "outtype": self.outtype,
+            "arch": self.arch, "n_tensors": self.n_tensors, "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes, "seconds": round(self.seconds, 3),
+            "files": [str(f) for f in self.files], "types": self.types,
+        }  # fmt: skip
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto", *, force: bool = False,
+            max_shard_size: str | int | None = None, progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+    """Convert an HF safetensors directory to GGUF, or a GGUF file to an HF safetensors directory.
+
+    The direction follows the input. ``outtype``: f32|f16|bf16|q8_0|auto for HF → GGUF; f32|f16|bf16|auto for
+    GGUF → HF (auto keeps a 16-bit source type and dequantizes everything else to f32).
+    """
+    src, dst = Path(src), Path(dst)
+    kind = detect_kind(src)
+    check_output(dst, force, inputs=[src])
+    if kind == "gguf":
+        return gguf_to_hf(src, dst, outtype, force=force, max_shard_size=max_shard_size, progress=progress)
+    if not src.is_dir():
+        raise BadInput(
+            f"{src}: converting to GGUF needs a Hugging Face model directory (config.json + tokenizer)"
+        )
+    return hf_to_gguf(src, dst, outtype, force=force, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF -> GGUF
+
+
+def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Rope settings from a transformers 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters) config."""
+    params = dict(config.get("rope_parameters") or {})
+    if "full_attention" in params and isinstance(params["full_attention"], dict):
+        params = dict(params["full_attention"])
+    legacy = config.get("rope_scaling") or {}
+    for k, v in legacy.items():
+        params.setdefault(k, v)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    if "rope_theta" not in params and config.get("rope_theta") is not None:
+        params["rope_theta"] = config["rope_theta"]
+    return params
+
+
+def _head_dim(config: Mapping[str, Any]) -> int:
+    hd = config.get("head_dim")
+    return int(hd) if hd else int(config["hidden_size"]) // int(config["num_attention_heads"])
+
+
+def _llama3_rope_factors(params: Mapping[str, Any], dim: int) -> np.ndarray:
+    # the per-frequency factors llama.cpp reads from rope_freqs.weight for rope_type "llama3"
+    base = float(params.get("rope_theta", 10000.0))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor = params.get("factor", 8.0)
+    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
+    old_ctx = params.get("original_max_position_embeddings", 8192)
+    low_wl, high_wl = old_ctx / low, old_ctx / high
+    out = []
+    for f in freqs.tolist():
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wl - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+def hf_metadata(
+    arch: Arch, config: Mapping[str, Any], name: str, file_type: int
+) -> list[tuple[str, Any, Any]]:
+    """The general.* and architecture KVs llama.cpp reads, as convert_hf_to_gguf.py writes them."""
+    a = arch.gguf_arch
+    U32, F32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+    kv: list[tuple[str, Any, Any]] = [
+        ("general.type", "model", None),
+        ("general.name", name, None),
+        (f"{a}.block_count", int(config["num_hidden_layers"]), U32),
+    ]
+    ctx = config.get("max_position_embeddings")
+    if ctx is not None:
+        kv.append((f"{a}.context_length", int(ctx), U32))
+    kv += [
+        (f"{a}.embedding_length", int(config["hidden_size"]), U32),
+        (f"{a}.feed_forward_length", int(config["intermediate_size"]), U32),
+        (f"{a}.attention.head_count", int(config["num_attention_heads"]), U32),
+        (
+            f"{a}.attention.head_count_kv",
+            int(config.get("num_key_value_heads") or config["num_attention_heads"]),
+            U32,
+        ),
+    ]
+    rope = rope_parameters(config)
+    rtype = str(rope.get("rope_type") or "default").lower()
+    if rtype == "linear" and rope.get("factor") is not None:
+        kv += [
+            (f"{a}.rope.scaling.type", "linear", None),
+            (f"{a}.rope.scaling.factor", float(rope["factor"]), F32),
+        ]
+    elif rtype == "yarn" and rope.get("factor") is not None:
+        kv += [
+            (f"{a}.rope.scaling.type", "yarn", None),
+            (f"{a}.rope.scaling.factor", float(rope["factor"]), F32),
+            (f"{a}.rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), U32),
+        ]
+    elif rtype not in ("default", "llama3"):
+        raise UnsupportedType(f"rope_type {rtype!r} is not supported by the converter yet")
+    kv.append((f"{a}.rope.freq_base", float(rope.get("rope_theta", 10000.0)), F32))
+    kv.append((f"{a}.attention.layer_norm_rms_epsilon", float(config.get("rms_norm_eps", 1e-6)), F32))
+    if config.get("head_dim") is not None:
+        kv += [(f"{a}.attention.key_length", int(config["head_dim"]), U32),
+               (f"{a}.attention.value_length", int(config["head_dim"]), U32)]  # fmt: skip
+    kv.append(("general.file_type", file_type, U32))
+    if a == "llama":
+        kv.append((f"{a}.vocab_size", int(config["vocab_size"]), U32))
+        kv.append((f"{a}.rope.dimension_count", _head_dim(config), U32))
+    kv.append(("general.quantization_version", 2, U32))
+    return kv
+
+
+def _auto_outtype(reader: SafetensorsReader) -> str:
+    for t in reader.infos():
+        if len(t.shape) < 2:
+            continue
+        return "bf16" if t.dtype == "BF16" else "f16"
+    return "f16"
+
+
+def _target_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
+    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return "F32"
+    t = GGML_OF_OUTTYPE[outtype]
+    if t == "Q8_0" and shape[-1] % 32:
+        return "F16"  # as convert_hf_to_gguf.py: rows that don't fill Q8_0 blocks fall back to F16
+    return t
+
+
+def encode(data: np.ndarray, ggml_type: str) -> np.ndarray:
+    """float32 data → the bytes of ``ggml_type`` (F32/F16/BF16 exact casts; Q8_0 as ggml's reference)."""
+    if ggml_type == "F32":
+        return data.astype(np.float32, copy=False)
+    if ggml_type == "F16":
+        return data.astype(np.float16)
+    if ggml_type == "BF16":
+        return f32_to_bf16_bits(data)
+    if ggml_type == "Q8_0":
+        return quantize_q8_0(data)
+    raise UnsupportedType(f"the converter cannot write {ggml_type}; use `llmq quantize --method gguf`")
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 → bfloat16 bit patterns (uint16), NaNs kept quiet (as ggml does)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    r = ((u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
+    return r
+
+
+def roundf(x: np.ndarray) -> np.ndarray:
+    """C's roundf (half away from zero), exactly: x + 0.5 would round in float32 before the floor."""
+    a = np.abs(x)
+    fl = np.floor(a)
+    return np.copysign(fl + np.floor(2 * (a - fl)), x)
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q8_0_ref over every block: d = amax/127 (fp16), q = round(x/d)."""
+    rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+    blocks = rows.reshape(-1, 32)
+    amax = np.abs(blocks).max(axis=1, keepdims=True)
+    d = amax / 127.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d != 0, 1.0 / d, 0.0).astype(np.float32)
+    q = roundf(blocks * inv).astype(np.int8)
+    out = np.empty((blocks.shape[0], 34), dtype=np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    out[:, 2:] = q.view(np.uint8)
+    return out.reshape(rows.shape[0], -1)
+
+
+def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
+               progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+    t0 = time.perf_counter()
+    if outtype not in (*FILE_TYPES, "auto"):
+        raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, q8_0, auto for HF → GGUF")
+    reader = SafetensorsReader(src)
+    config = reader.config
+    if config is None:
+        raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
+    arch = arch_for_hf(config)
+    if outtype == "auto":
+        outtype = _auto_outtype(reader)
+    n_head = int(config["num_attention_heads"])
+    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+
+    # Validate every tensor from the header before writing anything.
+    plan: list[tuple[TensorInfo, TensorInfo, int | None]] = []  # (source, target, heads to permute)
+    for info in reader.infos():
+        gname = hf_to_gguf_name(arch, info.name)
+        if gname is None:
+            continue
+        if info.dtype not in ("F32", "F16", "BF16", "F64"):
+            raise UnsupportedType(
+                f"tensor {info.name} is {info.dtype}; only float checkpoints convert to GGUF"
+            )
+        heads = qk_heads(info.name, n_head, n_head_kv) if arch.permute_qk else None
+        if heads and info.shape[0] % (2 * heads):
+            raise ShapeError(
+                f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
+            )
+        ttype = _target_type(gname, info.shape, outtype)
+        plan.append((info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)), heads))
+    if not plan:
+        raise BadInput(f"{src}: no tensors to convert")
+    rope = rope_parameters(config)
+    extra: list[tuple[TensorInfo, np.ndarray]] = []
+    if arch.gguf_arch == "llama" and str(rope.get("rope_type", "")).lower() == "llama3":
+        factors = _llama3_rope_factors(rope, _head_dim(config))
+        extra.append((TensorInfo("rope_freqs.weight", "F32", factors.shape, factors.nbytes), factors))
+
+    from llmq.io.tokenizer import gguf_tokenizer_kv
+
+    tok_kv = gguf_tokenizer_kv(src, config)
+    name = str(config.get("_name_or_path") or src.name).rstrip("/").split("/")[-1] or src.name
+    done, total = 0, sum(t.nbytes for _, t, _ in plan)
+    with AtomicOutput(dst, is_dir=False, force=force) as tmp:
+        w = GGUFFileWriter(tmp, arch.gguf_arch)
+        for key, value, vtype in hf_metadata(arch, config, name, FILE_TYPES[outtype]):
+            w.add(key, value, vtype)
+        for key, value, vtype in tok_kv:
+            w.add(key, value, vtype)
+        w.add(SOURCE_CONFIG_KEY, json.dumps(config, sort_keys=True))
+        w.plan([t for t, _ in extra] + [t for _, t, _ in plan])
+        for t, data in extra:
+            w.write(t.name, data)
+        for info, target, heads in plan:
+            data = reader.read_float(info.name)
+            if heads:
+                data = permute_qk(data, heads)
+            w.write(target.name, encode(data, target.dtype))
+            del data
+            done += target.nbytes
+            progress("convert", done, total)
+        w.close()
+    types: dict[str, int] = {}
+    for _, t, _ in plan:
+        types[t.dtype] = types.get(t.dtype, 0) + 1
+    return ConvertResult(src, dst, "hf->gguf", outtype, arch.gguf_arch, len(plan) + len(extra),
+                         sum(i.nbytes for i, _, _ in plan), dst.stat().st_size, time.perf_counter() - t0,
+                         [dst], types)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GGUF -> HF
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB' or a byte count → bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    s = value.strip().upper()
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}  # fmt: skip
+    for unit, mul in units.items():
+        if s.endswith(unit):
+            num = s[: -len(unit)].strip()
+            try:
+                return int(float(num) * mul)
+            except ValueError:
+                break
+    if s.isdigit():
+        return int(s)
+    raise BadInput(f"cannot read the size {value!r} (use e.g. 5GB, 500MB, 2GiB)")
+
+
+def _f32(value: Any) -> float:
+    """A GGUF float32 as the short decimal it was written from (9.999999747e-06 -> 1e-05)."""
+    return float(str(np.float32(value)))
+
+
+def _meta(meta: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    v = meta.get(key, default)
+    if isinstance(v, list):  # per-layer arrays (e.g. head_count_kv in some models)
+        if len(set(v)) != 1:
+            raise UnsupportedType(f"{key} varies per layer; not supported by the converter yet")
+        v = v[0]
+    return v
+
+
+def gguf_config(reader: GGUFReader, arch: Arch, torch_dtype: str) -> dict[str, Any]:
+    """config.json for the GGUF's model: the embedded source config if llmq wrote it, else from the KVs."""
+    meta = reader.metadata
+    a = arch.gguf_arch
+    src_cfg = meta.get(SOURCE_CONFIG_KEY)
+    if isinstance(src_cfg, str):
+        try:
+            cfg = json.loads(src_cfg)
+        except json.JSONDecodeError:
+            cfg = None
+        if isinstance(cfg, dict):
+            cfg = dict(cfg)
+            cfg.pop("torch_dtype", None)
+            cfg["dtype"] = torch_dtype
+            return cfg
+    required = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count"]
+    missing = [k for k in required if f"{a}.{k}" not in meta]
+    if missing:
+        raise BadInput(f"{reader.path.name}: GGUF lacks {', '.join(a + '.' + k for k in missing)}")
+    n_head = int(_meta(meta, f"{a}.attention.head_count"))
+    hidden = int(meta[f"{a}.embedding_length"])
+    tokens = meta.get("tokenizer.ggml.tokens")
+    emb = reader.info("token_embd.weight") if "token_embd.weight" in reader.names() else None
+    vocab = (
+        len(tokens) if isinstance(tokens, list) else (emb.shape[0] if emb else meta.get(f"{a}.vocab_size"))
+    )
+    head_dim = (
+        meta.get(f"{a}.attention.key_length") or meta.get(f"{a}.rope.dimension_count") or hidden // n_head
+    )
+    cfg: dict[str, Any] = {
+        "architectures": [arch.hf_class],
+        "model_type": arch.model_type,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(_meta(meta, f"{a}.feed_forward_length")),
+        "num_hidden_layers": int(meta[f"{a}.block_count"]),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(_meta(meta, f"{a}.attention.head_count_kv", n_head)),
+        "head_dim": int(head_dim),
+        "hidden_act": "silu",
+        "max_position_embeddings": int(meta.get(f"{a}.context_length", 4096)),
+        "rms_norm_eps": _f32(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        "tie_word_embeddings": "output.weight" not in reader.names(),
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "dtype": torch_dtype,
+    }
+    scaling = meta.get(f"{a}.rope.scaling.type")
+    if scaling == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{a}.rope.scaling.factor"])}
+    elif scaling == "yarn":
+        cfg["rope_scaling"] = {
+            "rope_type": "yarn",
+            "factor": float(meta[f"{a}.rope.scaling.factor"]),
+            "original_max_position_embeddings": int(meta[f"{a}.rope.scaling.original_context_length"]),
+        }
+    elif scaling not in (None, "none"):
+        raise UnsupportedType(f"rope scaling {scaling!r} is not supported by the converter yet")
+    if "rope_freqs.weight" in reader.names():
+        raise UnsupportedType(
+            "llama3-style rope_freqs in a GGUF without its source config cannot be restored"
+        )
+    if arch.attention_bias is not None:
+        cfg["attention_bias"] = arch.attention_bias
+    cfg.update(arch.extra_config)
+    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                        ("padding_token_id", "pad_token_id")):  # fmt: skip
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None:
+            cfg[hf_key] = int(v)
+    return cfg
+
+
+def _auto_hf_outtype(reader: GGUFReader) -> str:
+    kinds = {t.dtype for t in reader.infos() if len(t.shape) >= 2}
+    if kinds == {"F16"}:
+        return "f16"
+    if kinds == {"BF16"}:
+        return "bf16"
+    return "f32"
+
+
+def _cast_hf(data: np.ndarray, outtype: str) -> np.ndarray:
+    if outtype == "f32":
+        return data.astype(np.float32, copy=False)
+    if outtype == "f16":
+        return data.astype(np.float16)
+    return f32_to_bf16_bits(data)
+
+
+def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
+               max_shard_size: str | int | None = None, progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+    t0 = time.perf_counter()
+    if outtype not in (*HF_OUTTYPES, "auto"):
+        raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, auto for GGUF → HF")
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else 5 * 1000**3
+    reader = GGUFReader(src)
+    arch = arch_for_gguf(reader.arch)
+    if outtype == "auto":
+        outtype = _auto_hf_outtype(reader)
+    torch_dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[outtype]
+    config = gguf_config(reader, arch, torch_dtype)
+    n_head = int(config["num_attention_heads"])
+    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    st_type = HF_OUTTYPES[outtype]
+    plan: list[tuple[TensorInfo, TensorInfo, int | None]] = []
+    for info in reader.infos():
+        hname = gguf_to_hf_name(arch, info.name)
+        if hname is None:
+            continue
+        heads = qk_heads(hname, n_head, n_head_kv) if arch.permute_qk else None
+        if heads and info.shape[0] % (2 * heads):
+            raise ShapeError(
+                f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
+            )
+        # norms and biases stay f32 in llama.cpp; keep them at the output precision HF expects
+        target = TensorInfo(
+            hname, st_type, info.shape, int(np.prod(info.shape)) * (4 if st_type == "F32" else 2)
+        )
+        plan.append((info, target, heads))
+    if not plan:
+        raise BadInput(f"{src}: no tensors to convert")
+    order = sorted(plan, key=lambda p: _hf_sort_key(p[1].name))
+
+    from llmq.io.tokenizer import hf_tokenizer_files
+
+    tok_files = hf_tokenizer_files(reader.metadata)
+    done, total = 0, sum(i.nbytes for i, _, _ in order)
+    with AtomicOutput(dst, is_dir=True, force=force) as tmp:
+        w = SafetensorsWriter(tmp, max_shard_bytes=shard_bytes, metadata={"llmq_version": __version__})
+        w.plan([t for _, t, _ in order])
+        for info, target, heads in order:
+            if is_block_type(info.dtype) or info.dtype != "F32" or heads:
+                data = reader.read_float(info.name)
+            else:
+                data = reader.read_raw(info.name)
+            if heads:
+                data = unpermute_qk(data, heads)
+            w.write(target.name, _cast_hf(data, outtype))
+            del data
+            done += info.nbytes
+            progress("convert", done, total)
+        files = w.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for fname, content in tok_files.items():
+            (tmp / fname).write_bytes(content)
+    types: dict[str, int] = {}
+    for info, _, _ in plan:
+        types[info.dtype] = types.get(info.dtype, 0) + 1
+    out_bytes = sum(f.stat().st_size for f in dst.iterdir() if f.suffix == ".safetensors")
+    return ConvertResult(src, dst, "gguf->hf", outtype, arch.gguf_arch, len(plan),
+                         sum(i.nbytes for i, _, _ in plan), out_bytes, time.perf_counter() - t0,
+                         [dst / f.name for f in files], types)  # fmt: skip
+
+
+def _hf_sort_key(name: str) -> tuple:
+    # model.embed_tokens, then layers in numeric order, then norm and lm_head: the order HF itself saves
+    parts = name.split(".")
+    if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit():
+        return (1, int(parts[2]), name)
+    if "embed_tokens" in name:
+        return (0, 0, name)
+    return (2, 0, name)

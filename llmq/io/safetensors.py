@@ -1,0 +1,379 @@
+"""Safetensors reading and streaming writing: single files and sharded Hugging Face directories.
+
+The header parser is llmq's own (no torch, no safetensors import) and treats input as untrusted: the header length
+is bounded, every tensor's byte range must match its dtype and shape and lie inside the file, ranges may not
+overlap, and shard names in an index may not leave the model directory. The safetensors package has no
+streaming writer, so the writer computes every offset up front, writes the header, then appends tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
+from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap
+from llmq.io.ggml_types import NUMPY_DTYPES
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos (absolute offsets) and ``__metadata__`` of one .safetensors file."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise BadInput(f"no such file: {path}") from None
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptFile(f"{path.name}: too small to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n > size - 8:
+            raise CorruptFile(f"{path.name}: header length {n} is absurd or past the end of the file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFile(f"{path.name}: header is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise CorruptFile(f"{path.name}: header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptFile(f"{path.name}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_len = size - data_start
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        infos[name] = _entry_info(path, name, entry, data_start, data_len)
+    check_no_overlap(infos.values(), path.name)
+    return infos, meta
+
+
+def _entry_info(path: Path, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise CorruptFile(f"{path.name}: entry for {name} is not an object")
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offs = entry.get("data_offsets")
+    if dtype not in ELEMENT_SIZES:
+        raise CorruptFile(f"{path.name}: tensor {name} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape):
+        raise CorruptFile(f"{path.name}: tensor {name} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offs)
+        or offs[0] > offs[1]
+    ):
+        raise CorruptFile(f"{path.name}: tensor {name} has invalid data_offsets {offs!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    nbytes = numel * ELEMENT_SIZES[dtype]
+    if offs[1] - offs[0] != nbytes:
+        raise CorruptFile(
+            f"{path.name}: tensor {name} spans {offs[1] - offs[0]} bytes, its shape needs {nbytes}"
+        )
+    if offs[1] > data_len:
+        raise CorruptFile(f"{path.name}: tensor {name} data lies past the end of the file (truncated?)")
+    return TensorInfo(name, dtype, tuple(shape), nbytes, str(path), data_start + offs[0])
+
+
+def read_array(info: TensorInfo) -> np.ndarray:
+    """A fresh numpy array with the tensor's elements (bf16 as uint16 bit patterns)."""
+    assert info.file is not None and info.offset is not None
+    buf = np.empty(info.nbytes, dtype=np.uint8)
+    with open(info.file, "rb") as f:
+        f.seek(info.offset)
+        if f.readinto(memoryview(buf)) != info.nbytes:
+            raise CorruptFile(f"{Path(info.file).name}: tensor {info.name} is truncated")
+    return buf.view(np.dtype(NUMPY_DTYPES[info.dtype])).reshape(info.shape)
+
+
+def to_torch(arr: np.ndarray, dtype: str):
+    import torch
+
+    from llmq.io.base import torch_dtype
+
+    if dtype == "BF16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    if dtype in ("F8_E4M3", "F8_E5M2"):
+        return torch.from_numpy(arr.view(np.uint8)).view(torch_dtype(dtype))
+    return torch.from_numpy(arr)
+
+
+def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    index = directory / INDEX_NAME
+    if index.exists():
+        try:
+            data = json.loads(index.read_text())
+            weight_map = data["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise CorruptFile(f"{index}: not a valid safetensors index") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CorruptFile(f"{index}: weight_map must map tensor names to file names")
+        root = directory.resolve()
+        files: list[Path] = []
+        for shard in dict.fromkeys(weight_map.values()):
+            p = (directory / shard).resolve()
+            if root not in p.parents or os.path.isabs(shard):
+                raise CorruptFile(f"{index}: shard path {shard!r} leaves the model directory")
+            if not p.exists():
+                raise BadInput(f"{index}: shard {shard} is missing")
+            files.append(p)
+        return files, weight_map
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise BadInput(f"{directory}: no .safetensors files in this directory")
+    return files, None
+
+
+class SafetensorsReader:
+    """Reader over one .safetensors file or a Hugging Face model directory (sharded or not)."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
+        self.path = Path(path)
+        self.config: dict[str, Any] | None = None
+        if self.path.is_dir():
+            pickles = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            has_st = any(self.path.glob("*.safetensors"))
+            if pickles and not has_st:
+                if not allow_pickle:
+                    raise UnsafeCheckpoint(
+                        f"{self.path} holds only pickle checkpoints ({pickles[0]}); pickle can run code on load. "
+                        "Convert it to safetensors, or pass --allow-pickle if you trust it"
+                    )
+                raise UnsafeCheckpoint(
+                    f"{self.path}: reading pickle checkpoints is not supported; convert them with "
+                    "transformers' save_pretrained(safe_serialization=True) first"
+                )
+            files, weight_map = _shard_files(self.path)
+            cfg = self.path / "config.json"
+            if cfg.exists():
+                try:
+                    self.config = json.loads(cfg.read_text())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise CorruptFile(f"{cfg}: not valid JSON") from None
+                if not isinstance(self.config, dict):
+                    raise CorruptFile(f"{cfg}: not a JSON object")
+        else:
+            if self.path.suffix in PICKLE_SUFFIXES:
+                raise UnsafeCheckpoint(
+                    f"{self.path.name} is a pickle checkpoint; pickle can run code on load. Convert it to "
+                    "safetensors first (transformers' save_pretrained(safe_serialization=True))"
+                )
+            files, weight_map = [self.path], None
+        self.files = files
+        self._infos: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for f in files:
+            infos, meta = parse_header(f)
+            if not self.metadata:
+                self.metadata = dict(meta)
+            for name, info in infos.items():
+                if name in self._infos:
+                    raise CorruptFile(
+                        f"{f.name}: tensor {name} also appears in {Path(self._infos[name].file).name}"
+                    )
+                self._infos[name] = info
+        if weight_map is not None:
+            for name, shard in weight_map.items():
+                info = self._infos.get(name)
+                if info is None or Path(info.file).name != Path(shard).name:
+                    raise CorruptFile(f"{INDEX_NAME}: {name} is not in {shard}")
+
+    def infos(self) -> Iterator[TensorInfo]:
+        return iter(list(self._infos.values()))
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise BadInput(f"{self.path.name}: no tensor named {name}") from None
+
+    def read_raw(self, name: str) -> np.ndarray:
+        return read_array(self.info(name))
+
+    def read_float(self, name: str) -> np.ndarray:
+        info = self.info(name)
+        arr = read_array(info)
+        if info.dtype == "BF16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.astype(np.float32, copy=False)
+
+    def read(self, name: str, dequantize: bool = True):
+        info = self.info(name)
+        return to_torch(read_array(info), info.dtype)
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafetensorsWriter:
+    """Streams tensors into ``directory`` as model.safetensors or model-0000i-of-0000N.safetensors + index.
+
+    ``plan`` fixes shards and offsets and writes every header; ``write`` appends one tensor (numpy array or torch
+    tensor) in planned order; ``close`` fsyncs and writes the index. Atomicity is the caller's job (write into
+    an ``AtomicOutput`` directory).
+    """
+
+    def __init__(self, directory: str | os.PathLike, max_shard_bytes: int | None = None,
+                 metadata: Mapping[str, str] | None = None, base_name: str = "model"):  # fmt: skip
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.base_name = base_name
+        self._order: list[TensorInfo] = []
+        self._file_of: dict[str, int] = {}
+        self._files: list[Path] = []
+        self._fh = None
+        self._cur = -1
+        self._next = 0
+        self.total_size = 0
+
+    def plan(self, infos: Sequence[TensorInfo], metadata: Mapping[str, Any] | None = None) -> None:
+        if self._order:
+            raise RuntimeError("plan() called twice")
+        seen = set()
+        for t in infos:
+            if t.dtype not in ELEMENT_SIZES:
+                raise BadInput(f"tensor {t.name}: {t.dtype} cannot be stored in safetensors")
+            if t.name in seen:
+                raise BadInput(f"tensor {t.name} planned twice")
+            seen.add(t.name)
+        groups: list[list[TensorInfo]] = [[]]
+        size = 0
+        for t in infos:
+            if self.max_shard_bytes and groups[-1] and size + t.nbytes > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(t)
+            size += t.nbytes
+        n = len(groups)
+        if n == 1:
+            self._files = [self.directory / f"{self.base_name}.safetensors"]
+        else:
+            self._files = [
+                self.directory / f"{self.base_name}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)
+            ]
+        self._groups = groups
+        self._order = [t for g in groups for t in g]
+        self._file_of = {t.name: i for i, g in enumerate(groups) for t in g}
+        self.total_size = sum(t.nbytes for t in self._order)
+
+    def _open(self, idx: int) -> None:
+        if self._fh is not None:
+            self._finish()
+        header: dict[str, Any] = {"__metadata__": dict(self.metadata)}
+        off = 0
+        for t in self._groups[idx]:
+            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            off += t.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the safetensors package does
+        self._fh = open(self._files[idx], "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._cur = idx
+
+    def write(self, name: str, data) -> None:
+        if self._next >= len(self._order):
+            raise RuntimeError(f"write({name}) after every planned tensor was written")
+        expected = self._order[self._next]
+        if expected.name != name:
+            raise RuntimeError(
+                f"tensors must be written in planned order: expected {expected.name}, got {name}"
+            )
+        arr = _as_bytes(data)
+        if arr.nbytes != expected.nbytes:
+            raise BadInput(f"tensor {name}: {arr.nbytes} bytes given, {expected.nbytes} planned")
+        while self._cur != self._file_of[name]:
+            self._open(self._cur + 1)
+        assert self._fh is not None
+        self._fh.write(memoryview(arr))
+        self._next += 1
+
+    def _finish(self) -> None:
+        assert self._fh is not None
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+
+    def close(self) -> list[Path]:
+        if self._next != len(self._order):
+            raise RuntimeError(f"{len(self._order) - self._next} planned tensors were never written")
+        while self._cur + 1 < len(self._files):  # an empty plan still writes one valid file
+            self._open(self._cur + 1)
+        if self._fh is not None:
+            self._finish()
+        if len(self._files) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {t.name: self._files[self._file_of[t.name]].name for t in self._order},
+            }
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return list(self._files)
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _as_bytes(data) -> np.ndarray:
+    if isinstance(data, np.ndarray):
+        return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    # torch tensor: reinterpret its storage as bytes without a dtype round trip (bf16 has no numpy type)
+    import torch
+
+    t = data.detach().contiguous().cpu()
+    if t.dtype == torch.bool:
+        t = t.to(torch.uint8)
+    return t.reshape(-1).view(torch.uint8).numpy()
+
+
+def _numpy_code(dt: np.dtype) -> str:
+    for code, s in NUMPY_DTYPES.items():
+        if code not in ("BF16", "F8_E4M3", "F8_E5M2") and np.dtype(s) == dt:
+            return code
+    raise BadInput(f"numpy dtype {dt} cannot be stored in safetensors")
+
+
+def save_file(
+    tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write a small dict of tensors to one .safetensors file (tests, fixtures, small outputs)."""
+    from llmq.io.base import dtype_code
+
+    path = Path(path)
+    infos = []
+    for name, t in tensors.items():
+        if isinstance(t, np.ndarray):
+            infos.append(TensorInfo(name, _numpy_code(t.dtype), tuple(t.shape), t.nbytes))
+        else:
+            infos.append(TensorInfo(name, dtype_code(t.dtype), tuple(t.shape), t.numel() * t.element_size()))
+    w = SafetensorsWriter(path.parent, metadata=metadata, base_name=path.name.removesuffix(".safetensors"))
+    w.plan(infos)
+    for name, t in tensors.items():
+        w.write(name, t)
+    w.close()

@@ -37,7 +37,7 @@ def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int):
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(str(model))
-    from llmq.calib import calibration_samples
+    from llmq.calib.samples import calibration_samples
 
     return calibration_samples(tok, "pydocs", nsamples, seqlen, seed)
 

@@ -81,7 +81,7 @@ def test_fake_quant_output_loads_and_is_close(tiny, tmp_path):
 
 
 def test_indivisible_layers_error_or_skip(tmp_path):
-    src = make_tiny_llama(tmp_path / "m", hidden=96, inter=160)  # 160 % 64 != 0: down_proj
+    src = make_tiny_llama(tmp_path / "m", hidden=64, inter=160)  # 160 % 64 != 0: down_proj only
     with pytest.raises(ShapeError, match="mlp.down_proj"):
         run_gptq(src, tmp_path / "q", group_size=64)
     res = run_gptq(src, tmp_path / "q2", group_size=32, skip_indivisible=True)
@@ -95,16 +95,16 @@ def test_indivisible_layers_error_or_skip(tmp_path):
 
 def test_ignore_and_only(tiny):
     reader = open_source(tiny)
-    plan = make_plan(reader, GPTQConfig(format="fake-quant", ignore=("*.mlp.*",)))
+    plan = make_plan(reader, GPTQConfig(format="fake-quant", group_size=32, ignore=("*.mlp.*",)))
     assert all(not t.startswith("mlp.") for blk in plan.targets for t in blk)
-    plan = make_plan(reader, GPTQConfig(format="fake-quant", only=("model.layers.1.*",)))
+    plan = make_plan(reader, GPTQConfig(format="fake-quant", group_size=32, only=("model.layers.1.*",)))
     assert plan.targets[0] == [] and len(plan.targets[1]) == 7
     with pytest.raises(BadInput, match="no Linear"):
-        make_plan(reader, GPTQConfig(format="fake-quant", only=("nothing",)))
+        make_plan(reader, GPTQConfig(format="fake-quant", group_size=32, only=("nothing",)))
 
 
 def test_bad_calibration_and_output_checks(tiny, tmp_path):
-    config = GPTQConfig(format="fake-quant")
+    config = GPTQConfig(format="fake-quant", group_size=32)
     with pytest.raises(CalibrationError):
         quantize_blockwise(tiny, tmp_path / "q", config, GPTQBlockMethod(config), "gptq",
                            samples=torch.zeros(0, 0, dtype=torch.long))  # fmt: skip

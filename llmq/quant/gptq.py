@@ -20,7 +20,8 @@ matrix: the same result, fewer Python-level column steps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -217,11 +218,39 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_cholesky(H, damp_percent, notify, label)
-    del H
-
-    # group of each permuted position: dynamic groups follow the processing order, static ones the original
+    with single_thread():
+        U = _inverse_cholesky(H, damp_percent, notify, label)
+        del H
+        Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, blocksize,
+                                              dynamic=group_size > 0 and not static_groups)  # fmt: skip
     group_of_pos = perm // g if (static_groups or group_size <= 0) else torch.arange(cols) // g
+    inv = torch.argsort(perm)
+    qweight = Q[:, inv].to(torch.uint8)
+    g_idx = group_of_pos[inv].to(torch.int32)
+    qw = QuantizedWeight(qweight, scales, zeros.to(torch.int32), g_idx, bits, group_size, sym)
+    return qw, float(loss.sum())
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """The column loop is thousands of small vector ops: one thread avoids OpenMP spin/sync overhead, which
+    dominates (4-5x slower) when cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, blocksize: int, dynamic: bool):
+    import torch
+
+    rows, cols = W.shape
+    # group of each permuted position: dynamic groups follow the processing order, static ones the original
+    group_of_pos = torch.arange(cols) // g if dynamic else perm // g
     Q = torch.zeros(rows, cols)
     loss = torch.zeros(rows)
     for i1 in range(0, cols, blocksize):
@@ -232,7 +261,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             col = i1 + i
             gi = int(group_of_pos[col])
-            if group_size > 0 and not static_groups and col % g == 0:
+            if dynamic and col % g == 0:
                 # parameters from the current, already error-compensated columns of this group
                 cur = torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1) if col + g > i2 else W1[:, i : i + g]
                 scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym)
@@ -246,12 +275,7 @@ def gptq_quantize(
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
-    inv = torch.argsort(perm)
-    qweight = Q[:, inv].to(torch.uint8)
-    g_idx = group_of_pos[inv].to(torch.int32)
-    qw = QuantizedWeight(qweight, scales, zeros.to(torch.int32), g_idx, bits, group_size, sym)
-    return qw, float(loss.sum())
+    return Q, scales, zeros, loss
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -100,62 +100,40 @@ class BlockMethod(Protocol):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _SafetensorsDir:
-    """Read-only view of an HF directory of safetensors shards: names, shapes, per-tensor reads over mmap."""
+class SourceModel:
+    """The source HF directory through llmq.io's bounded safetensors reader, plus its config.json."""
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
+        from llmq.io import open_checkpoint
 
+        if not path.is_dir():
+            raise BadInput(f"{path}: GPTQ/AWQ need a Hugging Face safetensors directory (convert a GGUF first)")
         self.path = path
-        cfg = path / "config.json"
-        if not cfg.is_file():
+        self._reader = open_checkpoint(path)
+        if self._reader.kind != "safetensors" or not self._reader.config:
             raise BadInput(f"{path} is not a Hugging Face model directory (no config.json)")
-        try:
-            self.config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise CorruptFile(f"{cfg}: {e}") from e
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
-        if not files:
-            raise BadInput(f"{path} holds no .safetensors weights")
-        self._handles = {}
-        self._where: dict[str, str] = {}
-        for name in files:
-            f = (path / name).resolve()
-            if path.resolve() not in f.parents:
-                raise CorruptFile(f"shard {name} lies outside {path}")
-            try:
-                h = safe_open(str(f), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise CorruptFile(f"{f}: {e}") from e
-            self._handles[name] = h
-            for k in h.keys():
-                self._where[k] = name
+        self.config: dict[str, Any] = self._reader.config
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return self._reader.names()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return tuple(self._reader.info(name).shape)
+
+    def dtype(self, name: str) -> str:
+        return self._reader.info(name).dtype
 
     def read(self, name: str) -> torch.Tensor:
-        try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except KeyError:
-            raise CorruptFile(f"{self.path}: tensor {name} is missing") from None
+        if name not in self._reader.names():
+            raise CorruptFile(f"{self.path}: tensor {name} is missing")
+        return self._reader.read(name)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._reader.close()
 
 
-def open_source(src: Path) -> _SafetensorsDir:
-    if not src.is_dir():
-        raise BadInput(f"{src}: GPTQ/AWQ need a Hugging Face safetensors directory (convert a GGUF first)")
-    return _SafetensorsDir(src)
+def open_source(src: Path) -> SourceModel:
+    return SourceModel(Path(src))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,7 +155,7 @@ class Plan:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def make_plan(reader, config: BlockwiseConfig) -> Plan:
+def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
     arch = arch_for_config(reader.config)
     n = num_layers(reader.config)
     names = set(reader.names())
@@ -406,10 +384,8 @@ def forward_all(ctx: BlockContext) -> list[torch.Tensor]:
 
 
 def load_samples(src: Path, config: BlockwiseConfig, tokenizer=None):
-    try:
-        from llmq.calib import calibration_samples
-    except ImportError as e:  # pragma: no cover - until the calibration module is merged
-        raise BadInput(f"calibration sources are not available in this build: {e}") from e
+    from llmq.calib.samples import calibration_samples
+
     if tokenizer is None:
         import transformers
 

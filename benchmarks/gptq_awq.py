@@ -59,7 +59,9 @@ def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, 
     ids = torch.load(calib)
     common = dict(format="fake-quant", bits=bits, group_size=group_size, nsamples=ids.shape[0], seqlen=ids.shape[1])
     if method == "gptq":  # llm-compressor's defaults: static act-order, symmetric, damp 0.01
-        cfg = GPTQConfig(**common, sym=True, act_order=True, static_groups=True, damp_percent=0.01)
+        # one Hessian pass per block, as llm-compressor's sequential pipeline does
+        cfg = GPTQConfig(**common, sym=True, act_order=True, static_groups=True, damp_percent=0.01,
+                         true_sequential=False)
         meth = GPTQBlockMethod(cfg)
     else:
         cfg = AWQConfig(**common, sym=False)
@@ -75,7 +77,11 @@ def worker_peer(method: str, model: str, calib: str, out: str, group_size: int, 
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
+    from llmcompressor.pipelines.cache import IntermediatesCache
 
+    # llm-compressor 0.14's AWQ pins cached activations unconditionally, which fails without an accelerator;
+    # pinning only speeds up host-to-device copies, so on CPU it is skipped
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
     ids = torch.load(calib)
     sym = method == "gptq"
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
@@ -91,18 +97,34 @@ def worker_peer(method: str, model: str, calib: str, out: str, group_size: int, 
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t = time.perf_counter()
     model_obj = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(model) if Path(model, "tokenizer.json").exists() else None
     oneshot(model=model_obj, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], pipeline="sequential")
-    model_obj.save_pretrained(out + ".compressed", save_compressed=True)
+            max_seq_length=ids.shape[1], pipeline="sequential", processor=tok)
     seconds = time.perf_counter() - t
-    rss = peak_rss_mib()
-    # decompress through compressed-tensors and store a plain checkpoint for the common evaluator
-    dense = transformers.AutoModelForCausalLM.from_pretrained(out + ".compressed", dtype=torch.float32)
+    # the weights as the quantized model computes with them (compressed-tensors' fake_quantize), saved as a plain
+    # checkpoint for the common evaluator
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from safetensors.torch import save_file
 
+    sd = {}
+    for name, mod in model_obj.named_modules():
+        scheme = getattr(mod, "quantization_scheme", None)
+        if isinstance(mod, torch.nn.Linear) and scheme is not None and scheme.weights is not None:
+            zp = getattr(mod, "weight_zero_point", None)
+            w = fake_quantize(mod.weight.detach().float(), mod.weight_scale.detach(),
+                              zp.detach() if zp is not None else None, scheme.weights)
+            sd[name + ".weight"] = w
+    for k, v in model_obj.state_dict().items():
+        tied = k == "lm_head.weight" and model_obj.config.tie_word_embeddings
+        if k.endswith(".weight") and k not in sd and "weight_" not in k and not tied:
+            sd.setdefault(k, v.detach().float())
     os.makedirs(out, exist_ok=True)
-    sd = {k: v.detach().float().contiguous() for k, v in dense.state_dict().items() if k != "lm_head.weight"}
-    save_file(sd, out + "/model.safetensors", metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in sd.items()}, out + "/model.safetensors", metadata={"format": "pt"})
+    # its own packed output counts in its time, as llmq's writing does
+    t = time.perf_counter()
+    model_obj.save_pretrained(out + ".compressed", save_compressed=True)
+    seconds += time.perf_counter() - t
+    rss = peak_rss_mib()
     cfg = json.loads(Path(model, "config.json").read_text())
     Path(out, "config.json").write_text(json.dumps(cfg))
     return {"seconds": seconds, "peak_rss_mib": rss, "notes": []}
@@ -221,6 +243,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--methods", default="gptq,awq")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--rerun", action="store_true", help="redo runs whose results are already in --work")
     ap.add_argument("--peer-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--eval-chunks", type=int, default=80)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "gptq_awq")
@@ -242,26 +265,35 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     calib = args.work / "calib.pt"
-    torch.save(calibration_ids(args.model, args.nsamples, args.seqlen, 0), calib)
+    if not calib.is_file():
+        torch.save(calibration_ids(args.model, args.nsamples, args.seqlen, 0), calib)
     runs: dict[str, dict] = {}
     candidates: dict[str, Path] = {}
     for sym in (True, False):
         key = "rtn-sym" if sym else "rtn-asym"
-        rtn_baseline(args.model, args.work / key, args.bits, args.group_size, sym)
+        if not (args.work / key).is_dir():
+            rtn_baseline(args.model, args.work / key, args.bits, args.group_size, sym)
         candidates[key] = args.work / key
     peer_version = "(not run)"
-    for method in args.methods.split(","):
-        runs[f"llmq-{method}"] = run_worker(sys.executable, "llmq", method, args, calib, args.work / f"llmq-{method}")
-        print(method, "llmq", runs[f"llmq-{method}"], flush=True)
-        if not args.no_peer:
-            runs[f"llmc-{method}"] = run_worker(args.peer_python, "peer", method, args, calib,
-                                                args.work / f"llmc-{method}")  # fmt: skip
-            print(method, "peer", runs[f"llmc-{method}"], flush=True)
-            peer_version = subprocess.run([args.peer_python, "-c", "import llmcompressor;print(llmcompressor.__version__)"],
-                                          capture_output=True, text=True).stdout.strip().splitlines()[-1]  # fmt: skip
-    for key, res in runs.items():
+    todo = [(f"{tool}-{m}", m) for m in args.methods.split(",") for tool in ("llmq", "llmc")
+            if tool == "llmq" or not args.no_peer]  # fmt: skip
+    for key, method in todo:
+        saved = args.work / f"{key}.json"
+        if saved.is_file() and not args.rerun:
+            continue
+        python, kind = (sys.executable, "llmq") if key.startswith("llmq") else (args.peer_python, "peer")
+        res = run_worker(python, kind, method, args, calib, args.work / key)
+        print(key, res, flush=True)
+        saved.write_text(json.dumps(res))
+    # results of earlier invocations with the same --work directory are kept and reported too
+    for saved in sorted(args.work.glob("*.json")):
+        res = json.loads(saved.read_text())
+        runs[saved.stem] = res
         if "error" not in res:
-            candidates[key] = args.work / key
+            candidates[saved.stem] = args.work / saved.stem
+    if any(k.startswith("llmc") for k in runs) and Path(args.peer_python).exists():
+        peer_version = subprocess.run([args.peer_python, "-c", "import llmcompressor;print(llmcompressor.__version__)"],
+                                      capture_output=True, text=True).stdout.strip().splitlines()[-1]  # fmt: skip
     report = {
         "settings": {"model_name": args.model.name, "bits": args.bits, "group_size": args.group_size,
                      "nsamples": args.nsamples, "seqlen": args.seqlen, "machine":

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 N_GRID = 20
 MAX_SHRINK = 0.5
-SEARCH_TOKENS = 16384  # tokens forwarded per grid point when the inspected module is attention or the MLP
+SEARCH_TOKENS = 4096  # tokens forwarded per grid point when the inspected module is attention or the MLP
 CLIP_TOKENS = 512  # tokens of the clip search (the reference uses 512 too)
 # the attention score is sensitive to q/k ranges: the reference implementations do not clip them
 NO_CLIP = ("self_attn.q_proj", "self_attn.k_proj")
@@ -47,6 +47,7 @@ class AWQConfig(BlockwiseConfig):
     sym: bool = False  # the AWQ GEMM format stores zero points
     duo_scaling: bool = True
     n_grid: int = N_GRID
+    search_tokens: int = SEARCH_TOKENS
 
     formats: ClassVar[tuple[str, ...]] = AWQ_FORMATS
 
@@ -130,7 +131,7 @@ class AWQBlockMethod:
                 xf = x.reshape(-1, cols)
                 G.addmm_(xf.t(), xf)
         else:
-            picks = _subsample(X, SEARCH_TOKENS)
+            picks = _subsample(X, cfg.search_tokens)
             refs = [self._inspect(ctx, sg, X[b], attn_kwargs[b]) for b in picks]
 
         best, best_s = float("inf"), torch.ones(cols)
@@ -179,17 +180,18 @@ class AWQBlockMethod:
         rows, cols = W.shape
         g = cols if cfg.group_size <= 0 else cfg.group_size
         ng = cols // g
-        X = X[:: max(1, X.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS].reshape(-1, ng, g)
+        # per quantization group: [ng, tokens, g] @ [ng, g, rows] -> [ng, tokens, rows]
+        X = X[:: max(1, X.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS].reshape(-1, ng, g).transpose(0, 1).contiguous()
         w = W.reshape(rows, ng, g)
-        ref = torch.einsum("tgk,ogk->otg", X, w)
+        ref = torch.bmm(X, w.permute(1, 2, 0))
         org_max = w.abs().amax(dim=-1, keepdim=True)
         best_max = org_max.clone()
-        best_err = torch.full((rows, 1, ng, 1), float("inf")).reshape(rows, ng, 1)
+        best_err = torch.full((rows, ng, 1), float("inf"))
         for i in range(int(MAX_SHRINK * cfg.n_grid)):
             max_val = org_max * (1 - i / cfg.n_grid)
             cur = torch.clamp(w, -max_val, max_val)
             q = fake_quantize(cur.reshape(rows * ng, g), cfg.bits, g, cfg.sym).reshape(rows, ng, g)
-            err = (torch.einsum("tgk,ogk->otg", X, q) - ref).pow(2).mean(dim=1).unsqueeze(-1)
+            err = (torch.bmm(X, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).t().unsqueeze(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_max = torch.where(better, max_val, best_max)

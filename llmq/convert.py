@@ -39,6 +39,7 @@ from llmq.io.names import (
     hf_to_gguf_name,
     permute_qk,
     qk_heads,
+    shifted_norm,
     unpermute_qk,
 )
 
@@ -186,6 +187,12 @@ def hf_metadata(
     if config.get("head_dim") is not None:
         kv += [(f"{a}.attention.key_length", int(config["head_dim"]), U32),
                (f"{a}.attention.value_length", int(config["head_dim"]), U32)]  # fmt: skip
+    if a == "gemma2":
+        kv += [
+            (f"{a}.attn_logit_softcapping", float(config.get("attn_logit_softcapping") or 50.0), F32),
+            (f"{a}.final_logit_softcapping", float(config.get("final_logit_softcapping") or 30.0), F32),
+            (f"{a}.attention.sliding_window", int(config.get("sliding_window") or 4096), U32),
+        ]
     kv.append(("general.file_type", file_type, U32))
     if a == "llama":
         kv.append((f"{a}.vocab_size", int(config["vocab_size"]), U32))
@@ -251,7 +258,8 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:
         inv = np.where(d != 0, 1.0 / d, 0.0).astype(np.float32)
     q = roundf(blocks * inv).astype(np.int8)
     out = np.empty((blocks.shape[0], 34), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+    with np.errstate(over="ignore"):  # an fp16 overflow of d becomes inf, exactly as in ggml
+        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
     out[:, 2:] = q.view(np.uint8)
     return out.reshape(rows.shape[0], -1)
 
@@ -315,6 +323,8 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
             data = reader.read_float(info.name)
             if heads:
                 data = permute_qk(data, heads)
+            if shifted_norm(arch, target.name):
+                data = data + np.float32(arch.norm_shift)
             w.write(target.name, encode(data, target.dtype))
             del data
             done += target.nbytes
@@ -431,6 +441,13 @@ def gguf_config(reader: GGUFReader, arch: Arch, torch_dtype: str) -> dict[str, A
     if arch.attention_bias is not None:
         cfg["attention_bias"] = arch.attention_bias
     cfg.update(arch.extra_config)
+    if a == "gemma2":
+        cfg["attn_logit_softcapping"] = _f32(meta.get(f"{a}.attn_logit_softcapping", 50.0))
+        cfg["final_logit_softcapping"] = _f32(meta.get(f"{a}.final_logit_softcapping", 30.0))
+        cfg["sliding_window"] = int(meta.get(f"{a}.attention.sliding_window", 4096))
+        cfg["query_pre_attn_scalar"] = int(
+            head_dim
+        )  # true for Gemma 2 2B/9B; 27B's is kept in llmq.hf_config
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):  # fmt: skip
         v = meta.get(f"tokenizer.ggml.{key}")
@@ -498,12 +515,14 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         w = SafetensorsWriter(tmp, max_shard_bytes=shard_bytes, metadata={"llmq_version": __version__})
         w.plan([t for _, t, _ in order])
         for info, target, heads in order:
-            if is_block_type(info.dtype) or info.dtype != "F32" or heads:
+            if is_block_type(info.dtype) or info.dtype != "F32" or heads or shifted_norm(arch, info.name):
                 data = reader.read_float(info.name)
             else:
                 data = reader.read_raw(info.name)
             if heads:
                 data = unpermute_qk(data, heads)
+            if shifted_norm(arch, info.name):
+                data = data - np.float32(arch.norm_shift)
             w.write(target.name, _cast_hf(data, outtype))
             del data
             done += info.nbytes

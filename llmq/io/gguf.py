@@ -345,7 +345,7 @@ def _infer_vtype(value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
         return (GGUFValueType.UINT32 if 0 <= value < 1 << 32 else GGUFValueType.INT64), None
     if isinstance(value, float):
         return GGUFValueType.FLOAT32, None
-    if isinstance(value, str):
+    if isinstance(value, (str, bytes)):
         return GGUFValueType.STRING, None
     if isinstance(value, (list, tuple)):
         if not value:
@@ -359,14 +359,14 @@ def _infer_vtype(value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
     raise BadInput(f"cannot store a {type(value).__name__} in GGUF metadata")
 
 
-def _pack_string(s: str) -> bytes:
-    b = s.encode("utf-8", errors="surrogateescape")
+def _pack_string(s: str | bytes) -> bytes:
+    b = s if isinstance(s, bytes) else s.encode("utf-8", errors="surrogateescape")
     return struct.pack("<Q", len(b)) + b
 
 
 def pack_value(value: Any, vtype: GGUFValueType, sub: GGUFValueType | None = None) -> bytes:
     if vtype == GGUFValueType.STRING:
-        return _pack_string(str(value))
+        return _pack_string(value if isinstance(value, bytes) else str(value))
     if vtype == GGUFValueType.ARRAY:
         if sub is None:
             _, sub = _infer_vtype(value)

@@ -41,6 +41,14 @@ LLAMA_LAYOUT: dict[str, str] = {
     "model.layers.{bid}.mlp.down_proj.bias": "blk.{bid}.ffn_down.bias",
 }
 
+# Gemma 2/3 put a norm after attention and around the MLP
+GEMMA2_LAYOUT: dict[str, str] = {
+    **{k: v for k, v in LLAMA_LAYOUT.items() if "post_attention_layernorm" not in k},
+    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.post_attention_norm.weight",
+    "model.layers.{bid}.pre_feedforward_layernorm.weight": "blk.{bid}.ffn_norm.weight",
+    "model.layers.{bid}.post_feedforward_layernorm.weight": "blk.{bid}.post_ffw_norm.weight",
+}
+
 # HF tensors that carry no weights llama.cpp uses
 SKIPPED_HF = re.compile(r"(\.rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
 
@@ -55,6 +63,10 @@ class Arch:
     attention_bias: bool | None = None  # written into config.json when not None
     extra_config: Mapping[str, Any] = field(default_factory=dict)
     layout: Mapping[str, str] = field(default_factory=lambda: LLAMA_LAYOUT)
+    # Gemma's RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w (convert_hf_to_gguf.py adds it)
+    norm_shift: float = 0.0
+    # Gemma ties lm_head to the embeddings; llama.cpp never reads an lm_head for it
+    tied_output: bool = False
 
 
 ARCHES: dict[str, Arch] = {
@@ -63,6 +75,12 @@ ARCHES: dict[str, Arch] = {
     "qwen2": Arch("qwen2", ("Qwen2ForCausalLM",), "Qwen2ForCausalLM", "qwen2", False,
                   extra_config={"use_sliding_window": False}),
     "qwen3": Arch("qwen3", ("Qwen3ForCausalLM",), "Qwen3ForCausalLM", "qwen3", False, attention_bias=False),
+    "gemma": Arch("gemma", ("GemmaForCausalLM",), "GemmaForCausalLM", "gemma", False, attention_bias=False,
+                  extra_config={"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh"},
+                  norm_shift=1.0, tied_output=True),
+    "gemma2": Arch("gemma2", ("Gemma2ForCausalLM",), "Gemma2ForCausalLM", "gemma2", False, attention_bias=False,
+                   extra_config={"hidden_activation": "gelu_pytorch_tanh", "hidden_act": "gelu_pytorch_tanh"},
+                   layout=GEMMA2_LAYOUT, norm_shift=1.0, tied_output=True),
 }  # fmt: skip
 
 
@@ -101,7 +119,7 @@ def _compile(layout: Mapping[str, str]) -> list[tuple[re.Pattern[str], str]]:
 
 def hf_to_gguf_name(arch: Arch, name: str) -> str | None:
     """GGUF name of an HF tensor, None for tensors llama.cpp does not use; raises for unknown tensors."""
-    if SKIPPED_HF.search(name):
+    if SKIPPED_HF.search(name) or (arch.tied_output and name == "lm_head.weight"):
         return None
     for pat, dst in _compile(arch.layout):
         m = pat.match(name)
@@ -122,6 +140,11 @@ def gguf_to_hf_name(arch: Arch, name: str) -> str | None:
     raise UnsupportedArchitecture(
         f"GGUF tensor {name} has no Hugging Face name for architecture {arch.gguf_arch}"
     )
+
+
+def shifted_norm(arch: Arch, gguf_name: str) -> bool:
+    """Whether this tensor is stored as (1 + w) in GGUF for the architecture."""
+    return bool(arch.norm_shift) and gguf_name.endswith("norm.weight")
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -144,7 +144,7 @@ class AWQBlockMethod:
             s = s / (s.max() * s.min()).sqrt()
             for m, w0, on in zip(mods, originals, targeted, strict=True):
                 if on:
-                    m.weight.data.copy_(fake_quantize(w0 * s, cfg.bits, cfg.group_size, cfg.sym) / s)
+                    m.weight.data.copy_(fake_quantize(w0 * s, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero) / s)
             if linear_only:
                 dW = mods[0].weight - originals[0]
                 loss = float(torch.einsum("oi,ij,oj->", dW, G, dW))
@@ -190,7 +190,7 @@ class AWQBlockMethod:
         for i in range(int(MAX_SHRINK * cfg.n_grid)):
             max_val = org_max * (1 - i / cfg.n_grid)
             cur = torch.clamp(w, -max_val, max_val)
-            q = fake_quantize(cur.reshape(rows * ng, g), cfg.bits, g, cfg.sym).reshape(rows, ng, g)
+            q = fake_quantize(cur.reshape(rows * ng, g), cfg.bits, g, cfg.sym, cfg.min_zero).reshape(rows, ng, g)
             err = (torch.bmm(X, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).t().unsqueeze(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -226,7 +226,7 @@ class AWQBlockMethod:
             if name not in NO_CLIP and name in source:
                 X = torch.cat([x.reshape(-1, W.shape[1]) for x in feats[source[name]]])
                 W = self._clip(W, X)
-            qw = rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym)
+            qw = rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
             mod.weight.data.copy_(qw.dequantize())
             records[name] = qw
         return records
@@ -241,7 +241,7 @@ class AWQQuantizer:
     def plan(self, src: Path, config: QuantConfig):
         from llmq.quant.sequential import plan_output
 
-        return plan_output(Path(src), config)
+        return plan_output(Path(src), config, self.name)
 
     def run(self, src: Path, out: Path, config: QuantConfig, *, force: bool = False,
             progress: Progress = no_progress) -> QuantizeResult:  # fmt: skip

@@ -44,10 +44,11 @@ Notify = Callable[[str], None]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and integer zero point of the uniform grid that covers each row of ``w`` (and 0).
 
-    Symmetric grids put the zero at the middle code (2^(bits-1)), as the GPTQ formats store it.
+    Symmetric grids put the zero at the middle code (2^(bits-1)), as the GPTQ formats store it. ``min_zero=1``
+    keeps zero points >= 1 (GPTQ v1 stores zero - 1): such rows get their scale stretched over maxq - 1 steps.
     """
     import torch
 
@@ -66,6 +67,10 @@ def grid_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, to
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
         zero = torch.round(-xmin / scale)
+        if min_zero > 0:
+            low = zero < min_zero
+            scale = torch.where(low, torch.clamp(xmax, min=1e-12) / (maxq - min_zero), scale)
+            zero = torch.where(low, torch.full_like(zero, float(min_zero)), zero)
     return scale, zero
 
 
@@ -78,12 +83,12 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> torch.Tensor:
     """Round-to-nearest onto the grid, per row and group of ``group_size`` columns (-1: whole row); float out."""
     rows, cols = w.shape
     g = cols if group_size <= 0 else group_size
     wg = w.float().reshape(rows * (cols // g), g)
-    scale, zero = grid_params(wg, bits, sym)
+    scale, zero = grid_params(wg, bits, sym, min_zero)
     q = quantize_codes(wg, scale, zero, bits)
     return ((q - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(rows, cols).to(w.dtype)
 
@@ -118,7 +123,7 @@ class QuantizedWeight:
         return out
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> QuantizedWeight:
     """Plain round-to-nearest into a QuantizedWeight (AWQ's final step after scaling and clipping)."""
     import torch
 
@@ -126,7 +131,7 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> Quan
     g = cols if group_size <= 0 else group_size
     n_groups = cols // g
     wg = w.float().reshape(rows * n_groups, g)
-    scale, zero = grid_params(wg, bits, sym)
+    scale, zero = grid_params(wg, bits, sym, min_zero)
     q = quantize_codes(wg, scale, zero, bits).reshape(rows, cols)
     g_idx = (torch.arange(cols) // g).to(torch.int32)
     return QuantizedWeight(q.to(torch.uint8), scale.reshape(rows, n_groups), zero.reshape(rows, n_groups).to(
@@ -188,6 +193,7 @@ def gptq_quantize(
     static_groups: bool = False,
     damp_percent: float = 0.01,
     blocksize: int = 128,
+    min_zero: int = 0,
     notify: Notify = lambda msg: None,
     label: str = "layer",
 ) -> tuple[QuantizedWeight, float]:
@@ -212,7 +218,7 @@ def gptq_quantize(
     if static_groups or group_size <= 0:
         # group parameters from the unquantized weight, in original column order
         for gi in range(n_groups):
-            scales[:, gi], zeros[:, gi] = grid_params(W[:, gi * g : (gi + 1) * g], bits, sym)
+            scales[:, gi], zeros[:, gi] = grid_params(W[:, gi * g : (gi + 1) * g], bits, sym, min_zero)
 
     perm = torch.arange(cols)
     if act_order:
@@ -221,7 +227,7 @@ def gptq_quantize(
     with single_thread():
         U = _inverse_cholesky(H, damp_percent, notify, label)
         del H
-        Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, blocksize,
+        Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, min_zero, blocksize,
                                               dynamic=group_size > 0 and not static_groups)  # fmt: skip
     group_of_pos = perm // g if (static_groups or group_size <= 0) else torch.arange(cols) // g
     inv = torch.argsort(perm)
@@ -245,7 +251,8 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, blocksize: int, dynamic: bool):
+def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_zero: int, blocksize: int,
+                 dynamic: bool):  # fmt: skip
     import torch
 
     rows, cols = W.shape
@@ -264,7 +271,7 @@ def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, blocks
             if dynamic and col % g == 0:
                 # parameters from the current, already error-compensated columns of this group
                 cur = torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1) if col + g > i2 else W1[:, i : i + g]
-                scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym)
+                scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym, min_zero)
             w = W1[:, i]
             d = U1[i, i]
             q = quantize_codes(w, scales[:, gi], zeros[:, gi], bits)
@@ -314,7 +321,7 @@ class GPTQBlockMethod:
                 qw, _loss = gptq_quantize(W, accs[grp[0]].finish(), bits=cfg.bits, group_size=cfg.group_size,
                                           sym=cfg.sym, act_order=cfg.act_order, static_groups=cfg.static_groups,
                                           damp_percent=cfg.damp_percent, blocksize=cfg.blocksize,
-                                          notify=ctx.notes.append, label=label)  # fmt: skip
+                                          min_zero=cfg.min_zero, notify=ctx.notes.append, label=label)  # fmt: skip
                 for name, mod, part in zip(grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True):
                     mod.weight.data.copy_(part.dequantize())
                     records[name] = part
@@ -347,6 +354,11 @@ class BlockwiseConfig(QuantConfig):
     max_shard_size: str | None = None
 
     formats: ClassVar[tuple[str, ...]] = WRITE_FORMATS
+
+    @property
+    def min_zero(self) -> int:
+        """Smallest zero point the output format stores (GPTQ v1: 1)."""
+        return 1 if self.format == "gptq" and not self.sym else 0
 
     def __post_init__(self) -> None:
         if self.format not in self.formats:
@@ -389,7 +401,7 @@ class GPTQQuantizer:
     def plan(self, src: Path, config: QuantConfig):
         from llmq.quant.sequential import plan_output
 
-        return plan_output(Path(src), config)
+        return plan_output(Path(src), config, self.name)
 
     def run(self, src: Path, out: Path, config: QuantConfig, *, force: bool = False,
             progress: Progress = no_progress) -> QuantizeResult:  # fmt: skip

@@ -186,25 +186,13 @@ def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
     return Plan(arch, n, targets, indivisible, shapes)
 
 
-def plan_output(src: Path, config: BlockwiseConfig):
+def plan_output(src: Path, config: BlockwiseConfig, method_name: str = "gptq"):
     """The tensors the output will hold (names, dtypes, shapes), from the header alone."""
-    from llmq.io.base import TensorInfo
-
     reader = open_source(src)
     plan = make_plan(reader, config)
-    quantized = {plan.arch.block_prefix(i) + rel for i, blk in enumerate(plan.targets) for rel in blk}
-    out = []
-    for name in reader.names():
-        shape = reader.shape(name)
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and module in quantized and config.format != "fake-quant":
-            out.extend(planned_quantized(module, shape, config))
-        else:
-            numel = 1
-            for d in shape:
-                numel *= d
-            out.append(TensorInfo(name, "F32", shape, 4 * numel))
-    return out
+    if config.format != "fake-quant":
+        return plan_packed(reader, plan, config, method_name)
+    return list(reader._reader.infos())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -505,13 +493,6 @@ def iter_output_tensors(reader, plan: Plan, resume: ResumeDir, config: Blockwise
             yield bp + key, tensors[key]
 
 
-def planned_quantized(module: str, shape: tuple[int, ...], config: BlockwiseConfig):
-    from llmq.io.base import TensorInfo
-
-    n = shape[0] * shape[1]
-    return [TensorInfo(module + ".weight", "F32", tuple(shape), 4 * n)]
-
-
 def _write_fake_quant(tmp: Path, reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig) -> list:
     """An ordinary HF checkpoint whose quantized Linears hold their dequantized weights (source dtype)."""
     import torch
@@ -555,30 +536,96 @@ def write_output(src: Path, out: Path, reader, plan: Plan, resume: ResumeDir, co
                  method_name: str, *, force: bool) -> QuantizeResult:  # fmt: skip
     from llmq.io.base import AtomicOutput
 
-    with AtomicOutput(out, is_dir=True, force=force) as tmp:
-        if config.format == "fake-quant":
+    if config.format != "fake-quant":
+        infos = _write_packed(out, reader, plan, resume, config, method_name, force)
+    else:
+        with AtomicOutput(out, is_dir=True, force=force) as tmp:
             infos = _write_fake_quant(tmp, reader, plan, resume, config)
             (tmp / "config.json").write_text(json.dumps(reader.config, indent=2))
-        else:
-            infos = _write_packed(tmp, reader, plan, resume, config, method_name)
-        for name in _COPY_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
-        (tmp / "llmq_quantization.json").write_text(json.dumps(
-            {"method": method_name, "format": config.format, "config": config.to_dict()}, indent=2))
+            for name in _COPY_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+            (tmp / "llmq_quantization.json").write_text(json.dumps(
+                {"method": method_name, "format": config.format, "config": config.to_dict()}, indent=2))
     in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return QuantizeResult(out, method_name, config.format, config.to_dict(), input_bytes=in_bytes,
                           output_bytes=out_bytes, tensors=list(infos))  # fmt: skip
 
 
-def _write_packed(tmp: Path, reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig, method_name: str):
-    from llmq.errors import UnsupportedType
+class _QuantizedView:
+    """The source reader as the format writer sees it: block tensors come from the finished blocks (AWQ changed
+    the norms), everything else from the source; dtypes stay those of the source header."""
 
-    try:
-        from llmq.formats import write_quantized  # the packed-format writers of the calibration/RTN work
-    except ImportError:
-        raise UnsupportedType(f"the {config.format} format writer is not available in this build; "
-                              "use --format fake-quant") from None
-    return write_quantized(tmp, config.format, iter_output_tensors(reader, plan, resume, config),
-                           reader.config, config.to_dict(), method_name)
+    def __init__(self, source: SourceModel, plan: Plan, resume: ResumeDir):
+        self.source, self.plan, self.resume = source, plan, resume
+        self.path = source.path
+        self.config = source.config
+        self._block: tuple[int, dict] | None = None
+
+    def infos(self):
+        return self.source._reader.infos()
+
+    def read(self, name: str):
+        from llmq.io.base import torch_dtype
+
+        prefix = self.plan.arch.layers + "."
+        if not name.startswith(prefix):
+            return self.source.read(name)
+        i = int(name[len(prefix):].split(".", 1)[0])
+        if self._block is None or self._block[0] != i:
+            self._block = (i, self.resume.load_block(i))
+        rel = name[len(self.plan.arch.block_prefix(i)):]
+        return self._block[1][rel].to(torch_dtype(self.source.dtype(name)))
+
+
+def _scheme(config: BlockwiseConfig, method_name: str):
+    from llmq.formats.base import Scheme
+
+    extra = {"dataset": config.calibration, "nsamples": config.nsamples, "seqlen": config.seqlen}
+    for key in ("damp_percent", "static_groups", "true_sequential", "act_order"):
+        if hasattr(config, key):
+            extra[key] = getattr(config, key)
+    return Scheme(method=method_name, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                  dtype="F16", desc_act=bool(getattr(config, "act_order", False)), extra=extra)  # fmt: skip
+
+
+def _layer_specs(plan: Plan) -> list:
+    from llmq.formats.base import LayerSpec
+
+    return [LayerSpec(plan.arch.block_prefix(i) + rel, *plan.shapes[plan.arch.block_prefix(i) + rel][:2])
+            for i, blk in enumerate(plan.targets) for rel in blk]  # fmt: skip
+
+
+def plan_packed(reader: SourceModel, plan: Plan, config: BlockwiseConfig, method_name: str) -> list:
+    from llmq.formats import get_format
+    from llmq.formats.writer import plan_checkpoint
+
+    passthrough, planned = plan_checkpoint(get_format(config.format), list(reader._reader.infos()),
+                                           _layer_specs(plan), _scheme(config, method_name))  # fmt: skip
+    return [*passthrough, *planned]
+
+
+def _write_packed(out: Path, reader: SourceModel, plan: Plan, resume: ResumeDir, config: BlockwiseConfig,
+                  method_name: str, force: bool) -> list:  # fmt: skip
+    from llmq.formats import get_format
+    from llmq.formats.base import QuantizedLinear
+    from llmq.formats.writer import write_checkpoint
+
+    def produce():
+        for i, blk in enumerate(plan.targets):
+            if not blk:
+                continue
+            tensors = resume.load_block(i)
+            for rel in blk:
+                r = record_from_tensors(tensors, rel, config)
+                yield plan.arch.block_prefix(i) + rel, QuantizedLinear(
+                    qweight=r.qweight, scales=r.scales, zeros=r.zeros, bits=r.bits, group_size=r.group_size,
+                    sym=r.sym, g_idx=r.g_idx)  # fmt: skip
+
+    fmt = get_format(config.format)
+    limit = _parse_size(config.max_shard_size) if config.max_shard_size else None
+    res = write_checkpoint(out, fmt, _QuantizedView(reader, plan, resume), _layer_specs(plan), produce(),
+                           _scheme(config, method_name), force=force, max_shard_bytes=limit,
+                           card={"calibration": config.calibration})  # fmt: skip
+    return list(res.tensors)

@@ -42,6 +42,30 @@ def calibration_ids(model: Path, nsamples: int, seqlen: int, seed: int):
     return calibration_samples(tok, "pydocs", nsamples, seqlen, seed)
 
 
+def truncate_model(src: Path, dst: Path, layers: int) -> Path:
+    """The first ``layers`` decoder blocks of ``src`` (+ embeddings, final norm): a smaller but real model for
+    machines where the full run does not fit the time at hand. Both tools get the same truncated model."""
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "config.json").is_file():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["num_hidden_layers"] = layers
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        for k, v in load_file(str(f)).items():
+            if ".layers." in k and int(k.split(".layers.")[1].split(".")[0]) >= layers:
+                continue
+            tensors[k] = v
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -244,6 +268,7 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq,awq")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--rerun", action="store_true", help="redo runs whose results are already in --work")
+    ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder blocks (0: all)")
     ap.add_argument("--peer-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--eval-chunks", type=int, default=80)
     ap.add_argument("--work", type=Path, default=ROOT / "bench-out" / "gptq_awq")
@@ -264,6 +289,9 @@ def main() -> None:
     import torch
 
     args.work.mkdir(parents=True, exist_ok=True)
+    full_name = args.model.name
+    if args.layers:
+        args.model = truncate_model(args.model, args.work / f"model-{args.layers}-layers", args.layers)
     calib = args.work / "calib.pt"
     if not calib.is_file():
         torch.save(calibration_ids(args.model, args.nsamples, args.seqlen, 0), calib)
@@ -295,7 +323,8 @@ def main() -> None:
         peer_version = subprocess.run([args.peer_python, "-c", "import llmcompressor;print(llmcompressor.__version__)"],
                                       capture_output=True, text=True).stdout.strip().splitlines()[-1]  # fmt: skip
     report = {
-        "settings": {"model_name": args.model.name, "bits": args.bits, "group_size": args.group_size,
+        "settings": {"model_name": full_name + (f" truncated to its first {args.layers} blocks" if args.layers
+                                                 else ""), "bits": args.bits, "group_size": args.group_size,
                      "nsamples": args.nsamples, "seqlen": args.seqlen, "machine":
                      f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only"},
         "peer_version": peer_version, "runs": runs,

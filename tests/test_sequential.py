@@ -118,3 +118,33 @@ def test_bad_calibration_and_output_checks(tiny, tmp_path):
     with pytest.raises(OutputExists):
         run_gptq(tiny, tmp_path / "exists")
     assert not (tmp_path / "q").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_skips_finished_blocks(tmp_path):
+    src = make_tiny_llama(tmp_path / "m", layers=3)
+    config = GPTQConfig(format="fake-quant", group_size=32, nsamples=8, seqlen=32)
+    seen: list[str] = []
+
+    def stop_after_first_block(stage, done, total):
+        seen.append(stage)
+        if stage.startswith("block 2/"):
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        quantize_blockwise(src, tmp_path / "q", config, GPTQBlockMethod(config), "gptq", samples=samples(),
+                           progress=stop_after_first_block)  # fmt: skip
+    assert not (tmp_path / "q").exists() and list(tmp_path.glob(".q.llmq-partial/block_*"))
+    resumed = GPTQConfig(format="fake-quant", group_size=32, nsamples=8, seqlen=32, resume=True)
+    stages: list[str] = []
+    res = quantize_blockwise(src, tmp_path / "q", resumed, GPTQBlockMethod(resumed), "gptq", samples=samples(),
+                             progress=lambda s, d, t: stages.append(s))  # fmt: skip
+    assert any("resumed after block 1" in n for n in res.notes)
+    assert [s for s in stages if s.startswith("block")] == ["block 3/3"]
+    quantize_blockwise(src, tmp_path / "ref", config, GPTQBlockMethod(config), "gptq", samples=samples())
+    a, b = open_source(tmp_path / "q"), open_source(tmp_path / "ref")
+    for name in a.names():
+        assert torch.equal(a.read(name), b.read(name)), name

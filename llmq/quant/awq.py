@@ -115,7 +115,8 @@ class AWQBlockMethod:
         cfg = self.config
         X = feats[sg.linears[0]]
         cols = X[0].shape[-1]
-        x_mean = torch.zeros(cols)
+        dev = X[0].device
+        x_mean = torch.zeros(cols, device=dev)
         n = 0
         for x in X:
             x_mean += x.reshape(-1, cols).abs().sum(0)
@@ -126,7 +127,7 @@ class AWQBlockMethod:
         w_mean = _w_mean(torch.cat(originals, dim=0), cfg.group_size)
         linear_only = sg.inspect in sg.linears
         if linear_only:
-            G = torch.zeros(cols, cols)
+            G = torch.zeros(cols, cols, device=dev)
             for x in X:
                 xf = x.reshape(-1, cols)
                 G.addmm_(xf.t(), xf)
@@ -134,7 +135,7 @@ class AWQBlockMethod:
             picks = _subsample(X, cfg.search_tokens)
             refs = [self._inspect(ctx, sg, X[b], attn_kwargs[b]) for b in picks]
 
-        best, best_s = float("inf"), torch.ones(cols)
+        best, best_s = float("inf"), torch.ones(cols, device=dev)
         for k in range(cfg.n_grid):
             r = k / cfg.n_grid
             if cfg.duo_scaling:
@@ -186,7 +187,7 @@ class AWQBlockMethod:
         ref = torch.bmm(X, w.permute(1, 2, 0))
         org_max = w.abs().amax(dim=-1, keepdim=True)
         best_max = org_max.clone()
-        best_err = torch.full((rows, ng, 1), float("inf"))
+        best_err = torch.full((rows, ng, 1), float("inf"), device=W.device)
         for i in range(int(MAX_SHRINK * cfg.n_grid)):
             max_val = org_max * (1 - i / cfg.n_grid)
             cur = torch.clamp(w, -max_val, max_val)

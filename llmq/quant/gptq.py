@@ -133,7 +133,7 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zer
     wg = w.float().reshape(rows * n_groups, g)
     scale, zero = grid_params(wg, bits, sym, min_zero)
     q = quantize_codes(wg, scale, zero, bits).reshape(rows, cols)
-    g_idx = (torch.arange(cols) // g).to(torch.int32)
+    g_idx = (torch.arange(cols, device=w.device) // g).to(torch.int32)
     return QuantizedWeight(q.to(torch.uint8), scale.reshape(rows, n_groups), zero.reshape(rows, n_groups).to(
         torch.int32), g_idx, bits, group_size, sym)  # fmt: skip
 
@@ -213,14 +213,15 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
+    dev = W.device
+    scales = torch.zeros(rows, n_groups, device=dev)
+    zeros = torch.zeros(rows, n_groups, device=dev)
     if static_groups or group_size <= 0:
         # group parameters from the unquantized weight, in original column order
         for gi in range(n_groups):
             scales[:, gi], zeros[:, gi] = grid_params(W[:, gi * g : (gi + 1) * g], bits, sym, min_zero)
 
-    perm = torch.arange(cols)
+    perm = torch.arange(cols, device=dev)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -229,7 +230,7 @@ def gptq_quantize(
         del H
         Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, min_zero, blocksize,
                                               dynamic=group_size > 0 and not static_groups)  # fmt: skip
-    group_of_pos = perm // g if (static_groups or group_size <= 0) else torch.arange(cols) // g
+    group_of_pos = perm // g if (static_groups or group_size <= 0) else torch.arange(cols, device=dev) // g
     inv = torch.argsort(perm)
     qweight = Q[:, inv].to(torch.uint8)
     g_idx = group_of_pos[inv].to(torch.int32)
@@ -257,9 +258,9 @@ def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_ze
 
     rows, cols = W.shape
     # group of each permuted position: dynamic groups follow the processing order, static ones the original
-    group_of_pos = torch.arange(cols) // g if dynamic else perm // g
-    Q = torch.zeros(rows, cols)
-    loss = torch.zeros(rows)
+    group_of_pos = (torch.arange(cols, device=W.device) // g if dynamic else perm // g).tolist()
+    Q = torch.zeros(rows, cols, device=W.device)
+    loss = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -267,7 +268,7 @@ def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_ze
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            gi = int(group_of_pos[col])
+            gi = group_of_pos[col]
             if dynamic and col % g == 0:
                 # parameters from the current, already error-compensated columns of this group
                 cur = torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1) if col + g > i2 else W1[:, i : i + g]
@@ -312,7 +313,8 @@ class GPTQBlockMethod:
         cfg = self.config
         records: dict[str, QuantizedWeight] = {}
         for stage in self.stages(ctx):
-            accs = {grp[0]: HessianAccumulator(ctx.module(grp[0]).in_features) for grp in stage}
+            accs = {grp[0]: HessianAccumulator(ctx.module(grp[0]).in_features, ctx.module(grp[0]).weight.device)
+                    for grp in stage}  # fmt: skip
             ctx.run_until({name: acc.add for name, acc in accs.items()}, stop_after=set(accs))
             for grp in stage:
                 mods = [ctx.module(n) for n in grp]

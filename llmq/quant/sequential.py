@@ -228,6 +228,33 @@ def materialize(module, reader, prefix: str) -> None:
         raise UnsupportedArchitecture(f"{prefix + name}: blocks with buffers are not supported yet")
 
 
+def to_device(obj, device):
+    """Tensors inside nested tuples/lists/dicts moved to ``device`` (block kwargs hold rotary (cos, sin) pairs)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def resolve_device(name: str):
+    import torch
+
+    from llmq.errors import BackendError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise BadInput(f"--device {name!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"--device {name}: CUDA is not available here")
+    return device
+
+
 def check_samples(samples: torch.Tensor, vocab_size: int | None) -> None:
     if samples.dim() != 2 or samples.numel() == 0:
         raise CalibrationError(f"calibration samples must be a non-empty [nsamples, seqlen] tensor, got "
@@ -323,6 +350,7 @@ class ResumeDir:
 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i) ) + ".tmp")
         Path(str(self.block_file(i)) + ".tmp").replace(self.block_file(i))
+        hidden = [h.cpu() for h in hidden]
         save_file({"hidden": torch.stack(hidden) if len({h.shape for h in hidden}) == 1 else torch.cat(hidden)},
                   str(self.path / "hidden.safetensors.tmp"))  # fmt: skip
         (self.path / "hidden.safetensors.tmp").replace(self.path / "hidden.safetensors")
@@ -358,12 +386,12 @@ def _block_tensors(layer, records: dict[str, QuantizedWeight]) -> dict[str, torc
         module = name.removesuffix(".weight")
         if name.endswith(".weight") and module in records:
             r = records[module]
-            out[f"{module}.__qweight"] = r.qweight
-            out[f"{module}.__scales"] = r.scales
-            out[f"{module}.__zeros"] = r.zeros
-            out[f"{module}.__g_idx"] = r.g_idx
+            out[f"{module}.__qweight"] = r.qweight.cpu()
+            out[f"{module}.__scales"] = r.scales.cpu()
+            out[f"{module}.__zeros"] = r.zeros.cpu()
+            out[f"{module}.__g_idx"] = r.g_idx.cpu()
         else:
-            out[name] = p.detach().clone()
+            out[name] = p.detach().cpu().clone()
     return out
 
 
@@ -408,10 +436,12 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
     hf_config, model = _skeleton(src)
     torch.set_grad_enabled(False)
     resume = ResumeDir(out, _fingerprint(src, config, method_name), config.resume)
+    device = resolve_device(config.device)
     hidden, kwargs = capture_first_inputs(model, reader, samples)
     if resume.done:
         notes.append(f"resumed after block {resume.done - 1}")
         hidden = resume.load_hidden(hidden)
+    hidden, kwargs = to_device(hidden, device), to_device(kwargs, device)
 
     layers = model.model.layers
     for i in range(plan.n_layers):
@@ -420,6 +450,7 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
         prefix = plan.arch.block_prefix(i)
         layer = layers[i]
         materialize(layer, reader, prefix)
+        layer.to(device)
         ctx = BlockContext(i, prefix, layer, plan.arch, plan.targets[i], hidden, kwargs, notes)
         records = method.quantize_block(ctx) if ctx.targets else {}
         hidden = forward_all(ctx)

@@ -148,3 +148,32 @@ def test_resume_skips_finished_blocks(tmp_path):
     a, b = open_source(tmp_path / "q"), open_source(tmp_path / "ref")
     for name in a.names():
         assert torch.equal(a.read(name), b.read(name)), name
+
+
+def _save_tokenizer(path: Path, vocab: int = 256) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["def quantize(weight): return round(weight / scale) * scale"] * 20, trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(path)
+
+
+def test_plugin_run_with_builtin_calibration_and_bad_text(tmp_path):
+    from llmq.quant.gptq import GPTQQuantizer
+
+    src = make_tiny_llama(tmp_path / "m", layers=1)
+    _save_tokenizer(src)
+    cfg = GPTQConfig(format="gptq", group_size=32, nsamples=4, seqlen=32, calibration="pydocs")
+    stages: list[str] = []
+    res = GPTQQuantizer().run(src, tmp_path / "q", cfg, progress=lambda s, d, t: stages.append(s))
+    assert res.output_bytes > 0 and "block 1/1" in stages
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    bad = GPTQConfig(format="gptq", group_size=32, nsamples=4, seqlen=32, calibration=str(empty))
+    with pytest.raises((CalibrationError, BadInput)):
+        GPTQQuantizer().run(src, tmp_path / "q2", bad)
+    assert not (tmp_path / "q2").exists()

@@ -13,8 +13,14 @@ from llmq.errors import BadInput  # noqa: E402
 from llmq.models.arch import ARCHES  # noqa: E402
 from llmq.quant.awq import AWQBlockMethod, AWQConfig, _w_mean  # noqa: E402
 from llmq.quant.gptq import fake_quantize  # noqa: E402
-from llmq.quant.sequential import BlockContext, capture_first_inputs, materialize, open_source  # noqa: E402
-from llmq.quant.sequential import _skeleton, quantize_blockwise  # noqa: E402
+from llmq.quant.sequential import (  # noqa: E402  # noqa: E402
+    BlockContext,
+    _skeleton,
+    capture_first_inputs,
+    materialize,
+    open_source,
+    quantize_blockwise,
+)
 from tests.test_sequential import logits, make_tiny_llama, samples  # noqa: E402
 
 

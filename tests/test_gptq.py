@@ -85,7 +85,6 @@ def test_dead_columns_and_damping_increase(layer):
     notes: list[str] = []
     qw, _ = gptq_quantize(W, H, bits=4, group_size=32, damp_percent=0.0, notify=notes.append, label="L")
     assert notes and "not positive definite" in notes[0] and notes[0].startswith("L")
-    assert torch.all(qw.dequantize()[:, 5] == 0) or True  # column 5 never activated: its weight is free
     assert torch.isfinite(qw.scales).all()
 
 

@@ -1,0 +1,415 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers").
+
+For one Linear with weight W [out, in] and calibration inputs X [in, n] the layer-wise objective is
+||WX - ŴX||². Its Hessian is H = 2XXᵀ. Columns are quantized one at a time; the error of column i is spread over
+the not-yet-quantized columns through the inverse Hessian. The paper's three practical changes are all here:
+
+- the Cholesky-inverse formulation: only the upper Cholesky factor U of H⁻¹ is needed (row i of U holds, up to
+  the scale U[i, i], the update coefficients of column i), which is stable where repeated inverse updates are not;
+- lazy batch updates: error compensation inside a block of ``blocksize`` columns, one matmul for the rest;
+- dampening: λ = damp_percent · mean(diag H) added to the diagonal, raised automatically when H is still not
+  positive definite (the caller is told).
+
+Options of the reference implementations: act-order (``act_order``: columns by descending diag H), static groups
+(group parameters from the unquantized weight, so act-order needs no g_idx reordering at inference), symmetric or
+asymmetric grids, bits 2/3/4/8, group sizes -1 (per row) / 32 / 64 / 128.
+
+Rows of W are independent given H, so Linears that share an input (q/k/v, gate/up) are quantized as one stacked
+matrix: the same result, fewer Python-level column steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from llmq.errors import BadInput
+from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
+
+if TYPE_CHECKING:
+    import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
+WRITE_FORMATS = ("gptq", "compressed-tensors", "fake-quant")
+
+Notify = Callable[[str], None]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the integer grid shared by GPTQ, AWQ and the writers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def grid_params(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and integer zero point of the uniform grid that covers each row of ``w`` (and 0).
+
+    Symmetric grids put the zero at the middle code (2^(bits-1)), as the GPTQ formats store it. ``min_zero=1``
+    keeps zero points >= 1 (GPTQ v1 stores zero - 1): such rows get their scale stretched over maxq - 1 steps.
+    """
+    import torch
+
+    maxq = 2**bits - 1
+    w = w.float()
+    xmin = torch.clamp(w.min(dim=1).values, max=0.0)
+    xmax = torch.clamp(w.max(dim=1).values, min=0.0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    span = xmax - xmin
+    # an all-zero row still needs a usable scale
+    span = torch.where(span == 0, torch.ones_like(span), span)
+    scale = span / maxq
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale)
+        if min_zero > 0:
+            low = zero < min_zero
+            scale = torch.where(low, torch.clamp(xmax, min=1e-12) / (maxq - min_zero), scale)
+            zero = torch.where(low, torch.full_like(zero, float(min_zero)), zero)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of ``w`` ([rows] or [rows, k]) on the grid (scale, zero) given per row."""
+    import torch
+
+    if w.dim() == 2:
+        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> torch.Tensor:
+    """Round-to-nearest onto the grid, per row and group of ``group_size`` columns (-1: whole row); float out."""
+    rows, cols = w.shape
+    g = cols if group_size <= 0 else group_size
+    wg = w.float().reshape(rows * (cols // g), g)
+    scale, zero = grid_params(wg, bits, sym, min_zero)
+    q = quantize_codes(wg, scale, zero, bits)
+    return ((q - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(rows, cols).to(w.dtype)
+
+
+@dataclass
+class QuantizedWeight:
+    """What a method hands to a format: codes in original column order and per-(row, group) grid parameters.
+
+    Dequantized weight: ``scales[:, g_idx] * (qweight - zeros[:, g_idx])``.
+    """
+
+    qweight: torch.Tensor  # uint8 [out, in]
+    scales: torch.Tensor  # float32 [out, n_groups]
+    zeros: torch.Tensor  # int32 [out, n_groups] (true zero points, not v1's zero - 1)
+    g_idx: torch.Tensor  # int32 [in], group of every input column
+    bits: int
+    group_size: int
+    sym: bool
+
+    def dequantize(self) -> torch.Tensor:
+        idx = self.g_idx.long()
+        return self.scales[:, idx] * (self.qweight.float() - self.zeros[:, idx].float())
+
+    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
+        out, start = [], 0
+        for n in sizes:
+            sl = slice(start, start + n)
+            out.append(QuantizedWeight(self.qweight[sl].contiguous(), self.scales[sl].contiguous(),
+                                       self.zeros[sl].contiguous(), self.g_idx.clone(), self.bits,
+                                       self.group_size, self.sym))  # fmt: skip
+            start += n
+        return out
+
+
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> QuantizedWeight:
+    """Plain round-to-nearest into a QuantizedWeight (AWQ's final step after scaling and clipping)."""
+    import torch
+
+    rows, cols = w.shape
+    g = cols if group_size <= 0 else group_size
+    n_groups = cols // g
+    wg = w.float().reshape(rows * n_groups, g)
+    scale, zero = grid_params(wg, bits, sym, min_zero)
+    q = quantize_codes(wg, scale, zero, bits).reshape(rows, cols)
+    g_idx = (torch.arange(cols, device=w.device) // g).to(torch.int32)
+    return QuantizedWeight(q.to(torch.uint8), scale.reshape(rows, n_groups), zero.reshape(rows, n_groups).to(
+        torch.int32), g_idx, bits, group_size, sym)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the GPTQ solver
+# --------------------------------------------------------------------------------------------------------------
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ x xᵀ over the calibration tokens seen by one Linear input (float32, in×in)."""
+
+    def __init__(self, columns: int, device=None):
+        import torch
+
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.H.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def finish(self) -> torch.Tensor:
+        return self.H * (2.0 / max(1, self.n))
+
+
+def _inverse_cholesky(H: torch.Tensor, damp_percent: float, notify: Notify, label: str) -> torch.Tensor:
+    """Upper Cholesky factor of (H + λI)⁻¹; λ grows until H + λI is positive definite."""
+    import torch
+
+    mean_diag = torch.mean(torch.diag(H)).item()
+    damp = damp_percent
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(H + eye * (damp * mean_diag))
+        if info.item() == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info.item() == 0:
+                if damp != damp_percent:
+                    notify(f"{label}: Hessian not positive definite with damp_percent={damp_percent:g}; "
+                           f"used {damp:g}")  # fmt: skip
+                return U
+        damp = damp * 2 if damp > 0 else 0.01
+    raise BadInput(f"{label}: Hessian is not positive definite even with damp_percent={damp:g}")
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damp_percent: float = 0.01,
+    blocksize: int = 128,
+    min_zero: int = 0,
+    notify: Notify = lambda msg: None,
+    label: str = "layer",
+) -> tuple[QuantizedWeight, float]:
+    """Quantize W [out, in] given H [in, in]; returns the codes/grid and the layer's summed error estimate."""
+    import torch
+
+    rows, cols = W.shape
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+    if group_size > 0 and cols % group_size:
+        raise BadInput(f"{label}: {cols} input columns do not divide by group size {group_size}")
+    g = cols if group_size <= 0 else group_size
+    n_groups = cols // g
+
+    # columns no calibration token ever activated: their weight cannot matter, pin them to 0
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    dev = W.device
+    scales = torch.zeros(rows, n_groups, device=dev)
+    zeros = torch.zeros(rows, n_groups, device=dev)
+    if static_groups or group_size <= 0:
+        # group parameters from the unquantized weight, in original column order
+        for gi in range(n_groups):
+            scales[:, gi], zeros[:, gi] = grid_params(W[:, gi * g : (gi + 1) * g], bits, sym, min_zero)
+
+    perm = torch.arange(cols, device=dev)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    with single_thread():
+        U = _inverse_cholesky(H, damp_percent, notify, label)
+        del H
+        Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, min_zero, blocksize,
+                                              dynamic=group_size > 0 and not static_groups)  # fmt: skip
+    group_of_pos = perm // g if (static_groups or group_size <= 0) else torch.arange(cols, device=dev) // g
+    inv = torch.argsort(perm)
+    qweight = Q[:, inv].to(torch.uint8)
+    g_idx = group_of_pos[inv].to(torch.int32)
+    qw = QuantizedWeight(qweight, scales, zeros.to(torch.int32), g_idx, bits, group_size, sym)
+    return qw, float(loss.sum())
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """The column loop is thousands of small vector ops: one thread avoids OpenMP spin/sync overhead, which
+    dominates (4-5x slower) when cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_zero: int, blocksize: int,
+                 dynamic: bool):  # fmt: skip
+    import torch
+
+    rows, cols = W.shape
+    # group of each permuted position: dynamic groups follow the processing order, static ones the original
+    group_of_pos = (torch.arange(cols, device=W.device) // g if dynamic else perm // g).tolist()
+    Q = torch.zeros(rows, cols, device=W.device)
+    loss = torch.zeros(rows, device=W.device)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            gi = group_of_pos[col]
+            if dynamic and col % g == 0:
+                # parameters from the current, already error-compensated columns of this group
+                cur = torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1) if col + g > i2 else W1[:, i : i + g]
+                scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym, min_zero)
+            w = W1[:, i]
+            d = U1[i, i]
+            q = quantize_codes(w, scales[:, gi], zeros[:, gi], bits)
+            Q[:, col] = q
+            dq = (q - zeros[:, gi]) * scales[:, gi]
+            err = (w - dq) / d
+            loss += (w - dq) ** 2 / d**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return Q, scales, zeros, loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# one decoder block
+# --------------------------------------------------------------------------------------------------------------
+
+
+class GPTQBlockMethod:
+    """GPTQ over one block: Hessians from the block's real inputs, group by group.
+
+    With ``true_sequential`` the Hessians of a group are collected after the groups before it were quantized
+    (o_proj sees the output of the quantized q/k/v), and each stage's forward stops as soon as its inputs are seen.
+    """
+
+    def __init__(self, config: GPTQConfig):
+        self.config = config
+
+    def stages(self, ctx) -> list[list[list[str]]]:
+        # a stage is a list of input-sharing groups quantized on the same Hessian pass
+        groups = [[n for n in grp if n in ctx.targets] for grp in ctx.arch.sequential]
+        groups = [g for g in groups if g]
+        return [[g] for g in groups] if self.config.true_sequential else [groups]
+
+    def quantize_block(self, ctx) -> dict[str, QuantizedWeight]:
+        import torch
+
+        cfg = self.config
+        records: dict[str, QuantizedWeight] = {}
+        for stage in self.stages(ctx):
+            accs = {grp[0]: HessianAccumulator(ctx.module(grp[0]).in_features, ctx.module(grp[0]).weight.device)
+                    for grp in stage}  # fmt: skip
+            ctx.run_until({name: acc.add for name, acc in accs.items()}, stop_after=set(accs))
+            for grp in stage:
+                mods = [ctx.module(n) for n in grp]
+                W = torch.cat([m.weight for m in mods], dim=0)
+                label = ctx.prefix + "{" + ",".join(grp) + "}"
+                qw, _loss = gptq_quantize(W, accs[grp[0]].finish(), bits=cfg.bits, group_size=cfg.group_size,
+                                          sym=cfg.sym, act_order=cfg.act_order, static_groups=cfg.static_groups,
+                                          damp_percent=cfg.damp_percent, blocksize=cfg.blocksize,
+                                          min_zero=cfg.min_zero, notify=ctx.notes.append, label=label)  # fmt: skip
+                for name, mod, part in zip(grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True):
+                    mod.weight.data.copy_(part.dequantize())
+                    records[name] = part
+                del accs[grp[0]]
+        return records
+
+
+# --------------------------------------------------------------------------------------------------------------
+# config + plugin
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockwiseConfig(QuantConfig):
+    """Options shared by the block-by-block methods (GPTQ, AWQ)."""
+
+    format: str = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    calibration: str = "pydocs"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    ignore: tuple[str, ...] = ("lm_head",)
+    only: tuple[str, ...] = ()
+    device: str = "cpu"
+    resume: bool = False
+    skip_indivisible: bool = False
+    max_shard_size: str | None = None
+
+    formats: ClassVar[tuple[str, ...]] = WRITE_FORMATS
+
+    @property
+    def min_zero(self) -> int:
+        """Smallest zero point the output format stores (GPTQ v1: 1)."""
+        return 1 if self.format == "gptq" and not self.sym else 0
+
+    def __post_init__(self) -> None:
+        if self.format not in self.formats:
+            raise BadInput(f"--format {self.format} is not available here (choose from {', '.join(self.formats)})")
+        if self.bits not in SUPPORTED_BITS:
+            raise BadInput(f"--bits {self.bits} is not supported (choose from {SUPPORTED_BITS})")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise BadInput(f"--group-size {self.group_size} is not supported (choose from {SUPPORTED_GROUP_SIZES})")
+        if self.nsamples < 1 or self.seqlen < 8:
+            raise BadInput("--nsamples must be >= 1 and --seqlen >= 8")
+        for name in ("ignore", "only"):
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
+
+
+@dataclass(frozen=True)
+class GPTQConfig(BlockwiseConfig):
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    damp_percent: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.damp_percent < 1:
+            raise BadInput("--damp-percent must be in [0, 1)")
+        if self.blocksize < 1:
+            raise BadInput("--blocksize must be positive")
+        if self.format == "gptq" and self.bits not in (2, 3, 4, 8):
+            raise BadInput(f"the gptq format stores 2/3/4/8 bits, not {self.bits}")
+
+
+@quantizers.register("gptq")
+class GPTQQuantizer:
+    name: ClassVar[str] = "gptq"
+    config_cls: ClassVar[type[QuantConfig]] = GPTQConfig
+    formats: ClassVar[tuple[str, ...]] = WRITE_FORMATS
+
+    def plan(self, src: Path, config: QuantConfig):
+        from llmq.quant.sequential import plan_output
+
+        return plan_output(Path(src), config, self.name)
+
+    def run(self, src: Path, out: Path, config: QuantConfig, *, force: bool = False,
+            progress: Progress = no_progress) -> QuantizeResult:  # fmt: skip
+        from llmq.quant.sequential import quantize_blockwise
+
+        if not isinstance(config, GPTQConfig):
+            raise BadInput(f"gptq needs a GPTQConfig, got {type(config).__name__}")
+        return quantize_blockwise(Path(src), Path(out), config, GPTQBlockMethod(config), self.name,
+                                  force=force, progress=progress)  # fmt: skip

@@ -1,0 +1,662 @@
+"""The block-by-block pipeline shared by GPTQ and AWQ.
+
+1. Read the header(s) and validate everything on metadata first: architecture, which Linears are quantized,
+   group-size divisibility (a clear ShapeError naming the layers, or with ``skip_indivisible`` a note).
+2. Tokenize the calibration samples and capture the inputs of the first decoder block (embeddings, plus the
+   rotary position embeddings / mask the real model passes) - the model is a ``meta`` skeleton built from its
+   config, so nothing but the embedding is loaded.
+3. For each block: materialize its weights from the safetensors shards, let the method quantize it (it leaves
+   the dequantized weights in the module), run the *quantized* block to get the next block's inputs, save the
+   block's tensors to a resume directory, and drop the weights. Only one block is ever resident.
+4. Stream the result into the output format (through an atomic temporary), then remove the resume directory.
+
+``resume=True`` finds the resume directory of an interrupted run with the same source and config and continues
+after the last finished block.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from llmq.errors import BadInput, CalibrationError, CorruptFile, ShapeError, UnsupportedArchitecture
+from llmq.models.arch import Arch, arch_for_config, num_layers
+from llmq.quant.base import Progress, QuantizeResult, no_progress
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmq.quant.gptq import BlockwiseConfig, QuantizedWeight
+
+BATCH_TOKENS = 4096  # calibration tokens per forward batch: large enough for efficient matmuls, small in RAM
+
+
+class StopForward(Exception):
+    """Raised by a hook once every input a stage needs has been seen, to skip the rest of the block."""
+
+
+@dataclass
+class BlockContext:
+    index: int
+    prefix: str  # e.g. "model.layers.3."
+    layer: Any  # the torch module of the block, weights materialized (float32)
+    arch: Arch
+    targets: list[str]  # names (relative to the block) of the Linears to quantize
+    inputs: list[torch.Tensor]  # hidden states entering the block, one tensor per batch
+    kwargs: list[dict[str, Any]]  # the keyword arguments the model passes to the block, per batch
+    notes: list[str]
+
+    def module(self, name: str):
+        return self.layer.get_submodule(name)
+
+    def forward(self, batch: int):
+        out = self.layer(self.inputs[batch], **self.kwargs[batch])
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_until(self, hooks: dict[str, Any], stop_after: set[str] | None = None) -> None:
+        """Forward every batch with forward-pre hooks ``{module name: fn(inputs)}``.
+
+        With ``stop_after``, the forward of a batch stops once those modules have seen their input.
+        """
+        handles, seen = [], set()
+
+        def make(name, fn):
+            def hook(_mod, args):
+                fn(args[0])
+                seen.add(name)
+                if stop_after is not None and stop_after <= seen:
+                    raise StopForward
+            return hook
+
+        for name, fn in hooks.items():
+            handles.append(self.module(name).register_forward_pre_hook(make(name, fn)))
+        try:
+            for b in range(len(self.inputs)):
+                seen.clear()
+                try:
+                    self.forward(b)
+                except StopForward:
+                    pass
+        finally:
+            for h in handles:
+                h.remove()
+
+
+class BlockMethod(Protocol):
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+        """Quantize ``ctx.targets`` in place (module weights become the dequantized values) and return them."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------------------------
+# source checkpoint (the llmq.io reader when present, else a minimal safetensors reader)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class SourceModel:
+    """The source HF directory through llmq.io's bounded safetensors reader, plus its config.json."""
+
+    def __init__(self, path: Path):
+        from llmq.io import open_checkpoint
+
+        if not path.is_dir():
+            raise BadInput(f"{path}: GPTQ/AWQ need a Hugging Face safetensors directory (convert a GGUF first)")
+        self.path = path
+        self._reader = open_checkpoint(path)
+        if self._reader.kind != "safetensors" or not self._reader.config:
+            raise BadInput(f"{path} is not a Hugging Face model directory (no config.json)")
+        self.config: dict[str, Any] = self._reader.config
+
+    def names(self) -> list[str]:
+        return self._reader.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._reader.info(name).shape)
+
+    def dtype(self, name: str) -> str:
+        return self._reader.info(name).dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self._reader.names():
+            raise CorruptFile(f"{self.path}: tensor {name} is missing")
+        return self._reader.read(name)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+def open_source(src: Path) -> SourceModel:
+    return SourceModel(Path(src))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# metadata-only planning
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name, f"*.{p}") or fnmatch.fnmatch(name, f"*.{p}.*")
+               or fnmatch.fnmatch(name, f"{p}.*") for p in patterns)  # fmt: skip
+
+
+@dataclass
+class Plan:
+    arch: Arch
+    n_layers: int
+    targets: list[list[str]]  # per block, relative Linear names to quantize
+    skipped: list[str] = field(default_factory=list)  # full names left unquantized (indivisible)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
+    arch = arch_for_config(reader.config)
+    n = num_layers(reader.config)
+    names = set(reader.names())
+    targets, indivisible, shapes = [], [], {}
+    for i in range(n):
+        block = []
+        for rel in arch.linears:
+            full = arch.block_prefix(i) + rel
+            if full + ".weight" not in names:
+                raise UnsupportedArchitecture(f"{full}.weight is missing: the checkpoint does not look like {arch.name}")
+            shape = reader.shape(full + ".weight")
+            shapes[full] = shape
+            if _matches(full, config.ignore) or (config.only and not _matches(full, config.only)):
+                continue
+            if config.group_size > 0 and shape[1] % config.group_size:
+                indivisible.append(full)
+                continue
+            block.append(rel)
+        targets.append(block)
+    if indivisible and not config.skip_indivisible:
+        shown = ", ".join(indivisible[:6]) + (f" and {len(indivisible) - 6} more" if len(indivisible) > 6 else "")
+        raise ShapeError(
+            f"group size {config.group_size} does not divide the input columns of {shown} "
+            f"({shapes[indivisible[0]][1]} columns); pick another --group-size or pass --skip-indivisible"
+        )
+    if not any(targets):
+        raise BadInput("no Linear layer left to quantize (check --ignore / --only)")
+    return Plan(arch, n, targets, indivisible, shapes)
+
+
+def plan_output(src: Path, config: BlockwiseConfig, method_name: str = "gptq"):
+    """The tensors the output will hold (names, dtypes, shapes), from the header alone."""
+    reader = open_source(src)
+    plan = make_plan(reader, config)
+    if config.format != "fake-quant":
+        return plan_packed(reader, plan, config, method_name)
+    return list(reader._reader.infos())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the model skeleton, block materialization and the first block's inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _skeleton(src: Path):
+    import torch
+    import transformers
+
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(str(src))
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedArchitecture(f"transformers cannot build the model of {src}: {e}") from e
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    return hf_config, model
+
+
+def materialize(module, reader, prefix: str) -> None:
+    """Give a meta module real float32 weights read from the checkpoint."""
+    import torch
+
+    module.to_empty(device="cpu")
+    for name, p in module.named_parameters():
+        t = reader.read(prefix + name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise CorruptFile(f"{prefix + name}: shape {tuple(t.shape)} but the config implies {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(t.to(torch.float32))
+    for name, _b in module.named_buffers():
+        raise UnsupportedArchitecture(f"{prefix + name}: blocks with buffers are not supported yet")
+
+
+def to_device(obj, device):
+    """Tensors inside nested tuples/lists/dicts moved to ``device`` (block kwargs hold rotary (cos, sin) pairs)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def resolve_device(name: str):
+    import torch
+
+    from llmq.errors import BackendError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise BadInput(f"--device {name!r}: {e}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"--device {name}: CUDA is not available here")
+    return device
+
+
+def check_samples(samples: torch.Tensor, vocab_size: int | None) -> None:
+    if samples.dim() != 2 or samples.numel() == 0:
+        raise CalibrationError(f"calibration samples must be a non-empty [nsamples, seqlen] tensor, got "
+                               f"{tuple(samples.shape)}")  # fmt: skip
+    if samples.shape[1] < 8:
+        raise CalibrationError(f"calibration samples of {samples.shape[1]} tokens are too short (need >= 8)")
+    if vocab_size and (int(samples.max()) >= vocab_size or int(samples.min()) < 0):
+        raise CalibrationError("calibration token ids fall outside the model's vocabulary")
+
+
+def capture_first_inputs(model, reader, samples: torch.Tensor) -> tuple[list, list]:
+    """Run the embedding part of the real model and catch what it hands to block 0 (hidden + kwargs)."""
+    import torch
+
+    inner = model.model
+    materialize(inner.embed_tokens, reader, "model.embed_tokens.")
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is not None:  # its inv_freq buffer is computed, not stored: rebuild it for real
+        inner.rotary_emb = type(rotary)(config=model.config)
+    first = inner.layers[0]
+    hidden, kwargs = [], []
+
+    class Catcher(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention_type = getattr(first, "attention_type", "full_attention")
+
+        def forward(self, h, **kw):
+            hidden.append(h.detach())
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            kwargs.append(kw)
+            raise StopForward
+
+    inner.layers[0] = Catcher()
+    per_batch = max(1, BATCH_TOKENS // samples.shape[1])
+    try:
+        with torch.no_grad():
+            for start in range(0, samples.shape[0], per_batch):
+                try:
+                    inner(input_ids=samples[start : start + per_batch], use_cache=False)
+                except StopForward:
+                    pass
+    finally:
+        inner.layers[0] = first
+        inner.embed_tokens.to("meta")
+    return hidden, kwargs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# resume state
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _fingerprint(src: Path, config: BlockwiseConfig, method: str) -> str:
+    h = hashlib.sha256()
+    h.update(method.encode())
+    h.update(json.dumps({k: v for k, v in config.to_dict().items() if k not in ("resume", "format",
+                                                                                   "max_shard_size")},
+                        sort_keys=True).encode())  # fmt: skip
+    for p in sorted(src.glob("*.safetensors")) + [src / "config.json"]:
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+class ResumeDir:
+    """``.<out>.llmq-partial/``: one safetensors file per finished block + the hidden states after the last."""
+
+    def __init__(self, out: Path, fingerprint: str, resume: bool):
+        self.path = out.resolve().parent / f".{out.name}.llmq-partial"
+        self.fingerprint = fingerprint
+        state = self.path / "state.json"
+        if resume and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fingerprint:
+            self.done = int(json.loads(state.read_text()).get("done", 0))
+        else:
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True)
+            self.done = 0
+            self._write_state()
+
+    def _write_state(self) -> None:
+        tmp = self.path / "state.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}))
+        tmp.replace(self.path / "state.json")
+
+    def block_file(self, i: int) -> Path:
+        return self.path / f"block_{i:05d}.safetensors"
+
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor]) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i) ) + ".tmp")
+        Path(str(self.block_file(i)) + ".tmp").replace(self.block_file(i))
+        hidden = [h.cpu() for h in hidden]
+        save_file({"hidden": torch.stack(hidden) if len({h.shape for h in hidden}) == 1 else torch.cat(hidden)},
+                  str(self.path / "hidden.safetensors.tmp"))  # fmt: skip
+        (self.path / "hidden.safetensors.tmp").replace(self.path / "hidden.safetensors")
+        self.done = i + 1
+        self._write_state()
+
+    def load_hidden(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(self.path / "hidden.safetensors"))["hidden"]
+        if saved.dim() == 4:
+            return list(saved.unbind(0))
+        return list(saved.split([h.shape[0] for h in like]))
+
+    def load_block(self, i: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.block_file(i)))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _block_tensors(layer, records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    """Everything a finished block contributes: unquantized params as is, quantized Linears as grid records."""
+    out = {}
+    for name, p in layer.named_parameters():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and module in records:
+            r = records[module]
+            out[f"{module}.__qweight"] = r.qweight.cpu()
+            out[f"{module}.__scales"] = r.scales.cpu()
+            out[f"{module}.__zeros"] = r.zeros.cpu()
+            out[f"{module}.__g_idx"] = r.g_idx.cpu()
+        else:
+            out[name] = p.detach().cpu().clone()
+    return out
+
+
+def forward_all(ctx: BlockContext) -> list[torch.Tensor]:
+    return [ctx.forward(b).detach() for b in range(len(ctx.inputs))]
+
+
+def load_samples(src: Path, config: BlockwiseConfig, tokenizer=None):
+    from llmq.calib.samples import calibration_samples
+
+    if tokenizer is None:
+        import transformers
+
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{src}: no usable tokenizer for calibration ({e})") from e
+    return calibration_samples(tokenizer, config.calibration, config.nsamples, config.seqlen, config.seed)
+
+
+def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: BlockMethod, method_name: str, *,
+                       force: bool = False, progress: Progress = no_progress, samples=None,
+                       tokenizer=None) -> QuantizeResult:  # fmt: skip
+    import torch
+
+    from llmq.io.base import check_output
+
+    t0 = time.perf_counter()
+    check_output(out, force, [src])
+    reader = open_source(src)
+    plan = make_plan(reader, config)
+    notes: list[str] = []
+    if plan.skipped:
+        notes.append(f"left unquantized (columns not divisible by group size {config.group_size}): "
+                     + ", ".join(plan.skipped))  # fmt: skip
+    if samples is None:
+        progress("calibration", 0, 1)
+        samples = load_samples(src, config, tokenizer)
+    samples = torch.as_tensor(samples, dtype=torch.long)
+    check_samples(samples, reader.config.get("vocab_size"))
+
+    hf_config, model = _skeleton(src)
+    torch.set_grad_enabled(False)
+    resume = ResumeDir(out, _fingerprint(src, config, method_name), config.resume)
+    device = resolve_device(config.device)
+    hidden, kwargs = capture_first_inputs(model, reader, samples)
+    if resume.done:
+        notes.append(f"resumed after block {resume.done - 1}")
+        hidden = resume.load_hidden(hidden)
+    hidden, kwargs = to_device(hidden, device), to_device(kwargs, device)
+
+    layers = model.model.layers
+    for i in range(plan.n_layers):
+        if i < resume.done:
+            continue
+        prefix = plan.arch.block_prefix(i)
+        layer = layers[i]
+        materialize(layer, reader, prefix)
+        layer.to(device)
+        ctx = BlockContext(i, prefix, layer, plan.arch, plan.targets[i], hidden, kwargs, notes)
+        records = method.quantize_block(ctx) if ctx.targets else {}
+        hidden = forward_all(ctx)
+        resume.save_block(i, _block_tensors(layer, records), hidden)
+        layers[i] = layer.to("meta")
+        progress(f"block {i + 1}/{plan.n_layers}", i + 1, plan.n_layers)
+    del hidden, kwargs
+    progress("writing", 0, 1)
+
+    result = write_output(src, out, reader, plan, resume, config, method_name, force=force)
+    resume.remove()
+    reader.close()
+    progress("writing", 1, 1)
+    result.notes = notes + result.notes
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def iter_block_records(plan: Plan, resume: ResumeDir) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    for i in range(plan.n_layers):
+        yield i, resume.load_block(i)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# output: fake-quant written here; packed formats through the llmq.formats writers
+# --------------------------------------------------------------------------------------------------------------
+
+_COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")  # fmt: skip
+
+
+def _parse_size(text: str | None) -> int:
+    if not text:
+        return 5 * 10**9
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * mult)
+            except ValueError:
+                break
+    if t.isdigit():
+        return int(t)
+    raise BadInput(f"--max-shard-size {text!r} is not a size like 2GB or 500MB")
+
+
+def record_from_tensors(tensors: dict[str, torch.Tensor], module: str, config: BlockwiseConfig) -> QuantizedWeight:
+    from llmq.quant.gptq import QuantizedWeight
+
+    return QuantizedWeight(tensors[f"{module}.__qweight"], tensors[f"{module}.__scales"],
+                           tensors[f"{module}.__zeros"], tensors[f"{module}.__g_idx"], config.bits,
+                           config.group_size, config.sym)  # fmt: skip
+
+
+def iter_output_tensors(reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig):
+    """(name, tensor or QuantizedWeight) in checkpoint order, one block's records in memory at a time."""
+    prefix = plan.arch.layers + "."
+    for name in reader.names():
+        if not name.startswith(prefix):
+            yield name, reader.read(name)
+    for i in range(plan.n_layers):
+        tensors = resume.load_block(i)
+        bp = plan.arch.block_prefix(i)
+        for key in tensors:
+            if "__" in key:
+                if key.endswith(".__qweight"):
+                    module = key.removesuffix(".__qweight")
+                    yield bp + module + ".weight", record_from_tensors(tensors, module, config)
+                continue
+            yield bp + key, tensors[key]
+
+
+def _write_fake_quant(tmp: Path, reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig) -> list:
+    """An ordinary HF checkpoint whose quantized Linears hold their dequantized weights (source dtype)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from llmq.io.base import TensorInfo, dtype_code
+
+    limit = _parse_size(config.max_shard_size)
+    norms = [n for n in reader.names() if n.endswith("norm.weight")]
+    dtype = reader.read(norms[0]).dtype if norms else torch.float32
+    shard: dict[str, torch.Tensor] = {}
+    size, count, infos, shard_of = 0, 0, [], {}
+
+    def flush() -> None:
+        nonlocal shard, size, count
+        save_file(shard, str(tmp / f"shard{count}.tmp"), metadata={"format": "pt"})
+        shard, size, count = {}, 0, count + 1
+
+    for name, t in iter_output_tensors(reader, plan, resume, config):
+        if not isinstance(t, torch.Tensor):
+            t = t.dequantize()
+        t = t.to(dtype if t.is_floating_point() else t.dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > limit:
+            flush()
+        shard[name], size, shard_of[name] = t, size + nbytes, count
+        infos.append(TensorInfo(name, dtype_code(t.dtype), tuple(t.shape), nbytes))
+    flush()
+    files = ["model.safetensors"] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors"
+                                                       for k in range(count)]  # fmt: skip
+    for k, final in enumerate(files):
+        (tmp / f"shard{k}.tmp").replace(tmp / final)
+    if count > 1:
+        index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
+                 "weight_map": {i.name: files[shard_of[i.name]] for i in infos}}  # fmt: skip
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return infos
+
+
+def write_output(src: Path, out: Path, reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig,
+                 method_name: str, *, force: bool) -> QuantizeResult:  # fmt: skip
+    from llmq.io.base import AtomicOutput
+
+    if config.format != "fake-quant":
+        infos = _write_packed(out, reader, plan, resume, config, method_name, force)
+    else:
+        with AtomicOutput(out, is_dir=True, force=force) as tmp:
+            infos = _write_fake_quant(tmp, reader, plan, resume, config)
+            (tmp / "config.json").write_text(json.dumps(reader.config, indent=2))
+            for name in _COPY_FILES:
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, tmp / name)
+            (tmp / "llmq_quantization.json").write_text(json.dumps(
+                {"method": method_name, "format": config.format, "config": config.to_dict()}, indent=2))
+    in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    return QuantizeResult(out, method_name, config.format, config.to_dict(), input_bytes=in_bytes,
+                          output_bytes=out_bytes, tensors=list(infos))  # fmt: skip
+
+
+class _QuantizedView:
+    """The source reader as the format writer sees it: block tensors come from the finished blocks (AWQ changed
+    the norms), everything else from the source; dtypes stay those of the source header."""
+
+    def __init__(self, source: SourceModel, plan: Plan, resume: ResumeDir):
+        self.source, self.plan, self.resume = source, plan, resume
+        self.path = source.path
+        self.config = source.config
+        self._block: tuple[int, dict] | None = None
+
+    def infos(self):
+        return self.source._reader.infos()
+
+    def read(self, name: str):
+        from llmq.io.base import torch_dtype
+
+        prefix = self.plan.arch.layers + "."
+        if not name.startswith(prefix):
+            return self.source.read(name)
+        i = int(name[len(prefix):].split(".", 1)[0])
+        if self._block is None or self._block[0] != i:
+            self._block = (i, self.resume.load_block(i))
+        rel = name[len(self.plan.arch.block_prefix(i)):]
+        return self._block[1][rel].to(torch_dtype(self.source.dtype(name)))
+
+
+def _scheme(config: BlockwiseConfig, method_name: str):
+    from llmq.formats.base import Scheme
+
+    extra = {"dataset": config.calibration, "nsamples": config.nsamples, "seqlen": config.seqlen}
+    for key in ("damp_percent", "static_groups", "true_sequential", "act_order"):
+        if hasattr(config, key):
+            extra[key] = getattr(config, key)
+    return Scheme(method=method_name, bits=config.bits, group_size=config.group_size, sym=config.sym,
+                  dtype="F16", desc_act=bool(getattr(config, "act_order", False)), extra=extra)  # fmt: skip
+
+
+def _layer_specs(plan: Plan) -> list:
+    from llmq.formats.base import LayerSpec
+
+    return [LayerSpec(plan.arch.block_prefix(i) + rel, *plan.shapes[plan.arch.block_prefix(i) + rel][:2])
+            for i, blk in enumerate(plan.targets) for rel in blk]  # fmt: skip
+
+
+def plan_packed(reader: SourceModel, plan: Plan, config: BlockwiseConfig, method_name: str) -> list:
+    from llmq.formats import get_format
+    from llmq.formats.writer import plan_checkpoint
+
+    passthrough, planned = plan_checkpoint(get_format(config.format), list(reader._reader.infos()),
+                                           _layer_specs(plan), _scheme(config, method_name))  # fmt: skip
+    return [*passthrough, *planned]
+
+
+def _write_packed(out: Path, reader: SourceModel, plan: Plan, resume: ResumeDir, config: BlockwiseConfig,
+                  method_name: str, force: bool) -> list:  # fmt: skip
+    from llmq.formats import get_format
+    from llmq.formats.base import QuantizedLinear
+    from llmq.formats.writer import write_checkpoint
+
+    def produce():
+        for i, blk in enumerate(plan.targets):
+            if not blk:
+                continue
+            tensors = resume.load_block(i)
+            for rel in blk:
+                r = record_from_tensors(tensors, rel, config)
+                yield plan.arch.block_prefix(i) + rel, QuantizedLinear(
+                    qweight=r.qweight, scales=r.scales, zeros=r.zeros, bits=r.bits, group_size=r.group_size,
+                    sym=r.sym, g_idx=r.g_idx)  # fmt: skip
+
+    fmt = get_format(config.format)
+    limit = _parse_size(config.max_shard_size) if config.max_shard_size else None
+    res = write_checkpoint(out, fmt, _QuantizedView(reader, plan, resume), _layer_specs(plan), produce(),
+                           _scheme(config, method_name), force=force, max_shard_bytes=limit,
+                           card={"calibration": config.calibration})  # fmt: skip
+    return list(res.tensors)

@@ -9,13 +9,15 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 SECTIONS = [
-    ("convert", "Conversion: llmq convert vs llama.cpp convert_hf_to_gguf.py", "benchmarks/convert.py"),
-    ("perplexity", "Perplexity evaluator: throughput vs llama-perplexity and a plain transformers loop", "benchmarks/perplexity.py"),
-    ("quality", "Quality of every method on SmolLM2-135M (wikitext-2 test)", "benchmarks/perplexity.py --table"),
-    ("rtn_nf4", "RTN and NF4", "benchmarks/rtn_nf4.py"),
-    ("gguf_quant", "GGUF quantization vs llama.cpp's llama_model_quantize", "benchmarks/gguf_quant.py"),
-    ("gptq_awq", "GPTQ and AWQ vs llm-compressor", "benchmarks/gptq_awq.py"),
-    ("estimate", "Memory estimator: speed and accuracy", "benchmarks/estimate.py"),
+    ("convert", "Conversion: llmq convert vs llama.cpp convert_hf_to_gguf.py (issue 2)", "benchmarks/convert.py"),
+    ("perplexity_gguf", "Perplexity, GGUF path: llmq vs llama-perplexity (issue 3)", "benchmarks/perplexity.py"),
+    ("perplexity_hf", "Perplexity, HF path: llmq vs a plain transformers loop (issue 3)", "benchmarks/perplexity.py"),
+    ("perplexity_table", "PPL and KLD of SmolLM2 GGUF types (issue 3)", "benchmarks/perplexity.py"),
+    ("rtn_nf4", "RTN and NF4 on SmolLM2 (issue 4)", "benchmarks/rtn_nf4.py"),
+    ("gguf_quant", "GGUF quantization vs llama.cpp's llama_model_quantize (issue 5)", "benchmarks/gguf_quant.py"),
+    ("gguf_imatrix_kl", "Importance matrix: KL divergence with and without (issue 5)", "benchmarks/gguf_quant.py"),
+    ("gptq_awq", "GPTQ and AWQ vs llm-compressor (issue 6)", "benchmarks/gptq_awq.py"),
+    ("estimate", "Memory estimator: speed and accuracy (issue 7)", "benchmarks/estimate.py"),
 ]  # fmt: skip
 
 
@@ -34,8 +36,9 @@ def main() -> None:
         js = RESULTS / f"{name}.json"
         out += [f"## {title}", "", f"Script: `{script}`.", ""]
         if js.exists():
-            meta = json.loads(js.read_text()).get("machine")
-            if meta:
+            data = json.loads(js.read_text())
+            meta = data.get("machine") if isinstance(data, dict) else None
+            if isinstance(meta, dict):
                 out += [f"Measured {meta.get('date', '')} on {meta.get('cpus', '?')} CPUs.", ""]
         out += [md.read_text().strip() if md.exists() else "_Not measured yet._", ""]
     (REPO / "docs" / "benchmarks.md").write_text("\n".join(out))

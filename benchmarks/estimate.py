@@ -65,9 +65,14 @@ def in_process(cfg: Path) -> dict:
     """The estimator alone (no CLI framework): import time and the estimate itself, median of REPEATS runs."""
     runs = []
     for _ in range(REPEATS):
-        out = subprocess.run([sys.executable, "-c", IN_PROCESS, str(cfg)], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", IN_PROCESS, str(cfg)], check=True, capture_output=True, text=True
+        )
         runs.append([float(x) for x in out.stdout.split()])
-    return {"import_s": statistics.median(r[0] for r in runs), "estimate_s": statistics.median(r[1] for r in runs)}
+    return {
+        "import_s": statistics.median(r[0] for r in runs),
+        "estimate_s": statistics.median(r[1] for r in runs),
+    }
 
 
 def speed(tmp: Path, smollm2: Path) -> list[dict]:
@@ -83,7 +88,9 @@ def speed(tmp: Path, smollm2: Path) -> list[dict]:
         ("peer: transformers meta-device instantiate (accelerate estimate-memory's method)",
          [sys.executable, "-c", PEER, str(tmp)]),
     ]  # fmt: skip
-    rows = [{"case": name, **_median_wall(cmd, 3 if name.startswith("peer") else REPEATS)} for name, cmd in cases]
+    rows = [
+        {"case": name, **_median_wall(cmd, 3 if name.startswith("peer") else REPEATS)} for name, cmd in cases
+    ]
     return rows, in_process(cfg)
 
 
@@ -93,8 +100,14 @@ def llama_cpp_accuracy(smollm2: Path, tmp: Path) -> list[dict]:
 
     gen = make_swa_gguf(smollm2, tmp / "gen-gemma2.gguf")
     codes = {"f16": 1, "q8_0": 8, "q4_0": 2}
-    cases = [(smollm2, n, c, True, True) for n, c in ((512, "f16"), (1000, "q8_0"), (2048, "q4_0"), (8192, "f16"))]
-    cases += [(gen, 1000, "q8_0", True, False), (gen, 3000, "q4_0", True, False), (gen, 3000, "f16", True, True)]
+    cases = [
+        (smollm2, n, c, True, True) for n, c in ((512, "f16"), (1000, "q8_0"), (2048, "q4_0"), (8192, "f16"))
+    ]
+    cases += [
+        (gen, 1000, "q8_0", True, False),
+        (gen, 3000, "q4_0", True, False),
+        (gen, 3000, "f16", True, True),
+    ]
     rows = []
     for path, n_ctx, cache, fa, swa_full in cases:
         log = parse_llama_log(llama_log(path, n_ctx=n_ctx, type_k=codes[cache], type_v=codes[cache], flash_attn=fa,
@@ -156,7 +169,11 @@ def main() -> None:
               "|---|---:|---:|---:|",
               f"| {tor['model']} | {tor['torch_param_bytes']:,} | {tor['estimate_bytes']:,} | "
               f"{tor['estimate_bytes'] - tor['torch_param_bytes']:,} |"]  # fmt: skip
-    write_results("estimate", {"machine": machine(), "speed": sp, "in_process": inproc, "llama_cpp": acc, "torch": tor}, "\n".join(lines))
+    write_results(
+        "estimate",
+        {"machine": machine(), "speed": sp, "in_process": inproc, "llama_cpp": acc, "torch": tor},
+        "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":

@@ -81,11 +81,14 @@ def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, 
     from llmq.quant.sequential import quantize_blockwise
 
     ids = torch.load(calib)
-    common = dict(format="fake-quant", bits=bits, group_size=group_size, nsamples=ids.shape[0], seqlen=ids.shape[1])
+    common = dict(
+        format="fake-quant", bits=bits, group_size=group_size, nsamples=ids.shape[0], seqlen=ids.shape[1]
+    )
     if method == "gptq":  # llm-compressor's defaults: static act-order, symmetric, damp 0.01
         # one Hessian pass per block, as llm-compressor's sequential pipeline does
-        cfg = GPTQConfig(**common, sym=True, act_order=True, static_groups=True, damp_percent=0.01,
-                         true_sequential=False)
+        cfg = GPTQConfig(
+            **common, sym=True, act_order=True, static_groups=True, damp_percent=0.01, true_sequential=False
+        )
         meth = GPTQBlockMethod(cfg)
     else:
         cfg = AWQConfig(**common, sym=False)
@@ -108,8 +111,12 @@ def worker_peer(method: str, model: str, calib: str, out: str, group_size: int, 
     IntermediatesCache.pin_memory = lambda self, *a, **k: None
     ids = torch.load(calib)
     sym = method == "gptq"
-    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size))
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(
+            num_bits=bits, type="int", symmetric=sym, strategy="group", group_size=group_size
+        ),
+    )
     if method == "gptq":
         from llmcompressor.modifiers.gptq import GPTQModifier
 
@@ -121,9 +128,18 @@ def worker_peer(method: str, model: str, calib: str, out: str, group_size: int, 
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     t = time.perf_counter()
     model_obj = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    tok = transformers.AutoTokenizer.from_pretrained(model) if Path(model, "tokenizer.json").exists() else None
-    oneshot(model=model_obj, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
-            max_seq_length=ids.shape[1], pipeline="sequential", processor=tok)
+    tok = (
+        transformers.AutoTokenizer.from_pretrained(model) if Path(model, "tokenizer.json").exists() else None
+    )
+    oneshot(
+        model=model_obj,
+        dataset=data,
+        recipe=recipe,
+        num_calibration_samples=ids.shape[0],
+        max_seq_length=ids.shape[1],
+        pipeline="sequential",
+        processor=tok,
+    )
     seconds = time.perf_counter() - t
     # the weights as the quantized model computes with them (compressed-tensors' fake_quantize), saved as a plain
     # checkpoint for the common evaluator
@@ -135,15 +151,21 @@ def worker_peer(method: str, model: str, calib: str, out: str, group_size: int, 
         scheme = getattr(mod, "quantization_scheme", None)
         if isinstance(mod, torch.nn.Linear) and scheme is not None and scheme.weights is not None:
             zp = getattr(mod, "weight_zero_point", None)
-            w = fake_quantize(mod.weight.detach().float(), mod.weight_scale.detach(),
-                              zp.detach() if zp is not None else None, scheme.weights)
+            w = fake_quantize(
+                mod.weight.detach().float(),
+                mod.weight_scale.detach(),
+                zp.detach() if zp is not None else None,
+                scheme.weights,
+            )
             sd[name + ".weight"] = w
     for k, v in model_obj.state_dict().items():
         tied = k == "lm_head.weight" and model_obj.config.tie_word_embeddings
         if k.endswith(".weight") and k not in sd and "weight_" not in k and not tied:
             sd.setdefault(k, v.detach().float())
     os.makedirs(out, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, out + "/model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in sd.items()}, out + "/model.safetensors", metadata={"format": "pt"}
+    )
     # its own packed output counts in its time, as llmq's writing does
     t = time.perf_counter()
     model_obj.save_pretrained(out + ".compressed", save_compressed=True)
@@ -213,7 +235,10 @@ def run_worker(python: str, kind: str, method: str, args, calib: Path, out: Path
     wall = time.perf_counter() - t
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed", "wall_s": wall}
+        return {
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed",
+            "wall_s": wall,
+        }
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["process_wall_s"] = wall
     return res
@@ -260,7 +285,9 @@ def bars(report: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, required=True, help="HF safetensors directory (llmq convert output)")
+    ap.add_argument(
+        "--model", type=Path, required=True, help="HF safetensors directory (llmq convert output)"
+    )
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--bits", type=int, default=4)
@@ -281,7 +308,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         fn = worker_llmq if args.worker == "llmq" else worker_peer
-        print(json.dumps(fn(args.method_one, str(args.model), args.calib, args.out_dir, args.group_size, args.bits)))
+        print(
+            json.dumps(
+                fn(args.method_one, str(args.model), args.calib, args.out_dir, args.group_size, args.bits)
+            )
+        )
         return
 
     import platform

@@ -50,15 +50,26 @@ def quantize(src: str | os.PathLike, output: str | os.PathLike, method: str, *, 
     cls, config = _config(method, options)
     src_path = resolve_model(src)
     check_output(output, force, inputs=[src_path])
-    return cls().run(src_path, Path(output), config, force=force, progress=progress)
+    result = cls().run(src_path, Path(output), config, force=force, progress=progress)
+    if not result.n_params:
+        result.n_params = _n_params(src_path)
+    return result
+
+
+def _n_params(path: Path) -> int:
+    from llmq.io import open_checkpoint
+
+    with open_checkpoint(path, header_only=True) as reader:
+        return sum(t.numel for t in reader.infos())
 
 
 def quantize_plan(src: str | os.PathLike, method: str, **options: Any) -> dict[str, Any]:
     """What ``quantize`` would write, from the headers alone (``--dry-run``)."""
     cls, config = _config(method, options)
-    infos = list(cls().plan(resolve_model(src), config))
+    src_path = resolve_model(src)
+    infos = list(cls().plan(src_path, config))
     total = sum(t.nbytes for t in infos)
-    n = sum(t.numel for t in infos)
+    n = _n_params(src_path)
     return {
         "method": method,
         "config": config.to_dict(),
@@ -123,15 +134,18 @@ def inspect(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, An
     }
 
 
-def perplexity(*args: Any, **kwargs: Any):
-    """Perplexity / KL divergence of one or more models (see llmq.eval.perplexity.evaluate)."""
-    from llmq.eval.perplexity import evaluate
+def perplexity(model: str, config=None, **kwargs: Any):
+    """Perplexity (and KL divergence with a base) of one model: llmq.eval.perplexity.evaluate, which returns
+    (result, base_record). ``config`` is an llmq.eval.perplexity.PerplexityConfig (defaults when None)."""
+    from llmq.eval import perplexity as ppl
 
-    return evaluate(*args, **kwargs)
+    return ppl.evaluate(model, config if config is not None else ppl.PerplexityConfig(), **kwargs)
 
 
-def estimate_memory(*args: Any, **kwargs: Any):
-    """Memory needed to run a model (see llmq.estimate.memory.estimate)."""
-    from llmq.estimate.memory import estimate
+def estimate_memory(model: str, **options: Any):
+    """Memory needed to run ``model`` (options: the fields of llmq.estimate.EstimateConfig: quants, context,
+    batch, kv_cache_dtype, gpu, vram_gib, num_gpus, tp, engine, fit, ...)."""
+    from llmq.estimate import EstimateConfig
+    from llmq.estimate import estimate_memory as _estimate
 
-    return estimate(*args, **kwargs)
+    return _estimate(EstimateConfig(model, **options))

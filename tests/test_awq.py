@@ -63,7 +63,9 @@ def test_gemma_norm_offset_folding(tiny):
     w0 = norm.weight.detach().clone()
     ctx.arch = ARCHES["gemma"]
     s = torch.full_like(w0, 2.0)
-    AWQBlockMethod(AWQConfig(format="fake-quant", group_size=32))._apply_scale(ctx, ARCHES["gemma"].scale_groups[0], s)
+    AWQBlockMethod(AWQConfig(format="fake-quant", group_size=32))._apply_scale(
+        ctx, ARCHES["gemma"].scale_groups[0], s
+    )
     assert torch.allclose(norm.weight, (1 + w0) / 2 - 1)
 
 

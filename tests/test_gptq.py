@@ -53,10 +53,14 @@ def test_beats_rtn_with_act_order(layer, bits, group_size):
 
 
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("act_order,static_groups", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize(
+    "act_order,static_groups", [(False, False), (True, False), (True, True), (False, True)]
+)
 def test_options_codes_and_group_index(layer, sym, act_order, static_groups):
     W, X, H = layer
-    qw, _ = gptq_quantize(W, H, bits=4, group_size=32, sym=sym, act_order=act_order, static_groups=static_groups)
+    qw, _ = gptq_quantize(
+        W, H, bits=4, group_size=32, sym=sym, act_order=act_order, static_groups=static_groups
+    )
     assert qw.qweight.shape == W.shape and qw.scales.shape == (48, 4) and qw.zeros.shape == (48, 4)
     if sym:
         assert torch.all(qw.zeros == 8)

@@ -145,7 +145,9 @@ class AWQBlockMethod:
             s = s / (s.max() * s.min()).sqrt()
             for m, w0, on in zip(mods, originals, targeted, strict=True):
                 if on:
-                    m.weight.data.copy_(fake_quantize(w0 * s, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero) / s)
+                    m.weight.data.copy_(
+                        fake_quantize(w0 * s, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero) / s
+                    )
             if linear_only:
                 dW = mods[0].weight - originals[0]
                 loss = float(torch.einsum("oi,ij,oj->", dW, G, dW))
@@ -182,7 +184,12 @@ class AWQBlockMethod:
         g = cols if cfg.group_size <= 0 else cfg.group_size
         ng = cols // g
         # per quantization group: [ng, tokens, g] @ [ng, g, rows] -> [ng, tokens, rows]
-        X = X[:: max(1, X.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS].reshape(-1, ng, g).transpose(0, 1).contiguous()
+        X = (
+            X[:: max(1, X.shape[0] // CLIP_TOKENS)][:CLIP_TOKENS]
+            .reshape(-1, ng, g)
+            .transpose(0, 1)
+            .contiguous()
+        )
         w = W.reshape(rows, ng, g)
         ref = torch.bmm(X, w.permute(1, 2, 0))
         org_max = w.abs().amax(dim=-1, keepdim=True)
@@ -191,7 +198,9 @@ class AWQBlockMethod:
         for i in range(int(MAX_SHRINK * cfg.n_grid)):
             max_val = org_max * (1 - i / cfg.n_grid)
             cur = torch.clamp(w, -max_val, max_val)
-            q = fake_quantize(cur.reshape(rows * ng, g), cfg.bits, g, cfg.sym, cfg.min_zero).reshape(rows, ng, g)
+            q = fake_quantize(cur.reshape(rows * ng, g), cfg.bits, g, cfg.sym, cfg.min_zero).reshape(
+                rows, ng, g
+            )
             err = (torch.bmm(X, q.permute(1, 2, 0)) - ref).pow(2).mean(dim=1).t().unsqueeze(-1)
             better = err < best_err
             best_err = torch.where(better, err, best_err)

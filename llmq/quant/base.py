@@ -70,6 +70,7 @@ class QuantizeResult:
     output_bytes: int = 0
     tensors: list[TensorInfo] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    n_params: int = 0  # parameters of the source model (the denominator of bits per weight)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,9 +81,8 @@ class QuantizeResult:
             "seconds": round(self.seconds, 3),
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
-            "bits_per_weight": (8.0 * self.output_bytes / max(1, sum(t.numel for t in self.tensors)))
-            if self.tensors
-            else None,
+            "n_params": self.n_params,
+            "bits_per_weight": 8.0 * self.output_bytes / self.n_params if self.n_params else None,
             "notes": self.notes,
         }
 

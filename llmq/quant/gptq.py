@@ -44,7 +44,9 @@ Notify = Callable[[str], None]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def grid_params(w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def grid_params(
+    w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and integer zero point of the uniform grid that covers each row of ``w`` (and 0).
 
     Symmetric grids put the zero at the middle code (2^(bits-1)), as the GPTQ formats store it. ``min_zero=1``
@@ -123,7 +125,9 @@ class QuantizedWeight:
         return out
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> QuantizedWeight:
+def rtn_quantize(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0
+) -> QuantizedWeight:
     """Plain round-to-nearest into a QuantizedWeight (AWQ's final step after scaling and clipping)."""
     import torch
 
@@ -271,7 +275,11 @@ def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_ze
             gi = group_of_pos[col]
             if dynamic and col % g == 0:
                 # parameters from the current, already error-compensated columns of this group
-                cur = torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1) if col + g > i2 else W1[:, i : i + g]
+                cur = (
+                    torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1)
+                    if col + g > i2
+                    else W1[:, i : i + g]
+                )
                 scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym, min_zero)
             w = W1[:, i]
             d = U1[i, i]
@@ -324,7 +332,9 @@ class GPTQBlockMethod:
                                           sym=cfg.sym, act_order=cfg.act_order, static_groups=cfg.static_groups,
                                           damp_percent=cfg.damp_percent, blocksize=cfg.blocksize,
                                           min_zero=cfg.min_zero, notify=ctx.notes.append, label=label)  # fmt: skip
-                for name, mod, part in zip(grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True):
+                for name, mod, part in zip(
+                    grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True
+                ):
                     mod.weight.data.copy_(part.dequantize())
                     records[name] = part
                 del accs[grp[0]]
@@ -364,11 +374,15 @@ class BlockwiseConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         if self.format not in self.formats:
-            raise BadInput(f"--format {self.format} is not available here (choose from {', '.join(self.formats)})")
+            raise BadInput(
+                f"--format {self.format} is not available here (choose from {', '.join(self.formats)})"
+            )
         if self.bits not in SUPPORTED_BITS:
             raise BadInput(f"--bits {self.bits} is not supported (choose from {SUPPORTED_BITS})")
         if self.group_size not in SUPPORTED_GROUP_SIZES:
-            raise BadInput(f"--group-size {self.group_size} is not supported (choose from {SUPPORTED_GROUP_SIZES})")
+            raise BadInput(
+                f"--group-size {self.group_size} is not supported (choose from {SUPPORTED_GROUP_SIZES})"
+            )
         if self.nsamples < 1 or self.seqlen < 8:
             raise BadInput("--nsamples must be >= 1 and --seqlen >= 8")
         for name in ("ignore", "only"):

@@ -73,6 +73,7 @@ class BlockContext:
                 seen.add(name)
                 if stop_after is not None and stop_after <= seen:
                     raise StopForward
+
             return hook
 
         for name, fn in hooks.items():
@@ -107,7 +108,9 @@ class SourceModel:
         from llmq.io import open_checkpoint
 
         if not path.is_dir():
-            raise BadInput(f"{path}: GPTQ/AWQ need a Hugging Face safetensors directory (convert a GGUF first)")
+            raise BadInput(
+                f"{path}: GPTQ/AWQ need a Hugging Face safetensors directory (convert a GGUF first)"
+            )
         self.path = path
         self._reader = open_checkpoint(path)
         if self._reader.kind != "safetensors" or not self._reader.config:
@@ -165,7 +168,9 @@ def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
         for rel in arch.linears:
             full = arch.block_prefix(i) + rel
             if full + ".weight" not in names:
-                raise UnsupportedArchitecture(f"{full}.weight is missing: the checkpoint does not look like {arch.name}")
+                raise UnsupportedArchitecture(
+                    f"{full}.weight is missing: the checkpoint does not look like {arch.name}"
+                )
             shape = reader.shape(full + ".weight")
             shapes[full] = shape
             if _matches(full, config.ignore) or (config.only and not _matches(full, config.only)):
@@ -176,7 +181,9 @@ def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
             block.append(rel)
         targets.append(block)
     if indivisible and not config.skip_indivisible:
-        shown = ", ".join(indivisible[:6]) + (f" and {len(indivisible) - 6} more" if len(indivisible) > 6 else "")
+        shown = ", ".join(indivisible[:6]) + (
+            f" and {len(indivisible) - 6} more" if len(indivisible) > 6 else ""
+        )
         raise ShapeError(
             f"group size {config.group_size} does not divide the input columns of {shown} "
             f"({shapes[indivisible[0]][1]} columns); pick another --group-size or pass --skip-indivisible"
@@ -221,7 +228,9 @@ def materialize(module, reader, prefix: str) -> None:
     for name, p in module.named_parameters():
         t = reader.read(prefix + name)
         if tuple(t.shape) != tuple(p.shape):
-            raise CorruptFile(f"{prefix + name}: shape {tuple(t.shape)} but the config implies {tuple(p.shape)}")
+            raise CorruptFile(
+                f"{prefix + name}: shape {tuple(t.shape)} but the config implies {tuple(p.shape)}"
+            )
         with torch.no_grad():
             p.copy_(t.to(torch.float32))
     for name, _b in module.named_buffers():
@@ -348,7 +357,7 @@ class ResumeDir:
         import torch
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i) ) + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i)) + ".tmp")
         Path(str(self.block_file(i)) + ".tmp").replace(self.block_file(i))
         hidden = [h.cpu() for h in hidden]
         save_file({"hidden": torch.stack(hidden) if len({h.shape for h in hidden}) == 1 else torch.cat(hidden)},
@@ -498,7 +507,9 @@ def _parse_size(text: str | None) -> int:
     raise BadInput(f"--max-shard-size {text!r} is not a size like 2GB or 500MB")
 
 
-def record_from_tensors(tensors: dict[str, torch.Tensor], module: str, config: BlockwiseConfig) -> QuantizedWeight:
+def record_from_tensors(
+    tensors: dict[str, torch.Tensor], module: str, config: BlockwiseConfig
+) -> QuantizedWeight:
     from llmq.quant.gptq import QuantizedWeight
 
     return QuantizedWeight(tensors[f"{module}.__qweight"], tensors[f"{module}.__scales"],
@@ -576,8 +587,11 @@ def write_output(src: Path, out: Path, reader, plan: Plan, resume: ResumeDir, co
             for name in _COPY_FILES:
                 if (src / name).is_file():
                     shutil.copyfile(src / name, tmp / name)
-            (tmp / "llmq_quantization.json").write_text(json.dumps(
-                {"method": method_name, "format": config.format, "config": config.to_dict()}, indent=2))
+            (tmp / "llmq_quantization.json").write_text(
+                json.dumps(
+                    {"method": method_name, "format": config.format, "config": config.to_dict()}, indent=2
+                )
+            )
     in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return QuantizeResult(out, method_name, config.format, config.to_dict(), input_bytes=in_bytes,
@@ -603,10 +617,10 @@ class _QuantizedView:
         prefix = self.plan.arch.layers + "."
         if not name.startswith(prefix):
             return self.source.read(name)
-        i = int(name[len(prefix):].split(".", 1)[0])
+        i = int(name[len(prefix) :].split(".", 1)[0])
         if self._block is None or self._block[0] != i:
             self._block = (i, self.resume.load_block(i))
-        rel = name[len(self.plan.arch.block_prefix(i)):]
+        rel = name[len(self.plan.arch.block_prefix(i)) :]
         return self._block[1][rel].to(torch_dtype(self.source.dtype(name)))
 
 

@@ -7,11 +7,16 @@ a temporary name and renamed when complete. Tensor math is numpy; torch is never
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
 import os
+import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,7 @@ from llmq.io import (
     open_checkpoint,
 )
 from llmq.io.base import TensorInfo
-from llmq.io.ggml_types import GGUFValueType, type_nbytes
+from llmq.io.ggml_types import GGUFValueType, is_block_type, type_nbytes
 from llmq.io.names import (
     Arch,
     arch_for_gguf,
@@ -318,7 +323,7 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
 
     tok_kv = gguf_tokenizer_kv(src, config)
     name = str(config.get("_name_or_path") or src.name).rstrip("/").split("/")[-1] or src.name
-    done, total = 0, sum(t.nbytes for _, t, _ in plan)
+    total = sum(t.nbytes for _, t, _ in plan)
     with AtomicOutput(dst, is_dir=False, force=force) as tmp:
         w = GGUFFileWriter(tmp, arch.gguf_arch)
         for key, value, vtype in hf_metadata(arch, config, name, FILE_TYPES[outtype]):
@@ -329,14 +334,12 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         w.plan([t for t, _ in extra] + [t for _, t, _ in plan])
         for t, data in extra:
             w.write(t.name, data)
-        for info, target, heads in plan:
-            shift = np.float32(arch.norm_shift) if shifted_norm(arch, target.name) else None
-            w.write(
-                target.name,
-                _stream(reader, info, heads, permute_qk, shift, lambda x, t=target.dtype: encode(x, t)),
-            )
-            done += target.nbytes
-            progress("convert", done, total)
+        jobs = [
+            _Job(info, target.name, heads, np.float32(arch.norm_shift) if shifted_norm(arch, target.name) else None,
+                 functools.partial(encode, ggml_type=target.dtype), target.nbytes, target.dtype)
+            for info, target, heads in plan
+        ]  # fmt: skip
+        _write_all(w, reader, jobs, permute_qk, progress, total)
         w.close()
     types: dict[str, int] = {}
     for _, t, _ in plan:
@@ -519,17 +522,16 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     from llmq.io.tokenizer import hf_tokenizer_files
 
     tok_files = hf_tokenizer_files(reader.metadata)
-    done, total = 0, sum(i.nbytes for i, _, _ in order)
+    total = sum(i.nbytes for i, _, _ in order)
     with AtomicOutput(dst, is_dir=True, force=force) as tmp:
         w = SafetensorsWriter(tmp, max_shard_bytes=shard_bytes, metadata={"llmq_version": __version__})
         w.plan([t for _, t, _ in order])
-        for info, target, heads in order:
-            shift = -np.float32(arch.norm_shift) if shifted_norm(arch, info.name) else None
-            w.write(
-                target.name, _stream(reader, info, heads, unpermute_qk, shift, lambda x: _cast_hf(x, outtype))
-            )
-            done += info.nbytes
-            progress("convert", done, total)
+        jobs = [
+            _Job(info, target.name, heads, -np.float32(arch.norm_shift) if shifted_norm(arch, info.name) else None,
+                 functools.partial(_cast_hf, outtype=outtype), info.nbytes, target.dtype)
+            for info, target, heads in order
+        ]  # fmt: skip
+        _write_all(w, reader, jobs, unpermute_qk, progress, total)
         files = w.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
@@ -545,16 +547,99 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
                          [dst / f.name for f in files], types)  # fmt: skip
 
 
-def _stream(reader, info: TensorInfo, heads: int | None, permute, shift, encode_fn) -> Iterator[np.ndarray]:
-    """One tensor as encoded slices of rows (whole rotary heads for q/k), so memory holds a few MB at a time."""
-    per_head = info.shape[0] // heads if heads else 1
-    for start, stop in row_chunks(info, per_head):
-        x = to_float32(reader.read_rows(info.name, start, stop), info.dtype)
-        if heads:
-            x = permute(x, (stop - start) // per_head)
-        if shift is not None:
-            x = x + shift
-        yield encode_fn(x)
+@functools.lru_cache(maxsize=1)
+def bf16_to_f16_table() -> np.ndarray:
+    """All 65,536 bf16 bit patterns → float16 bits, by the exact path (bf16 → f32 exactly → f16 round to nearest
+    even). Casting by lookup is 5x faster than through float32 and gives the same bits."""
+    allbits = np.arange(1 << 16, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        return (allbits << 16).view(np.float32).astype(np.float16).view(np.uint16)
+
+
+@dataclass
+class _Job:
+    info: TensorInfo  # source tensor
+    name: str  # output name
+    heads: int | None  # rotary heads to (un)permute over, for q/k
+    shift: np.float32 | None  # added to the values (Gemma's norm offset)
+    encode: Callable[[np.ndarray], np.ndarray]
+    progress_bytes: int
+    target: str = ""  # output element type when it is a plain type (F32/F16/BF16)
+
+    def raw_path(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """A cast that never materialises float32: a copy when the types agree, a table for bf16 → f16."""
+        if self.shift is not None or is_block_type(self.info.dtype):
+            return None
+        if self.info.dtype == self.target:
+            return lambda raw: raw
+        if (self.info.dtype, self.target) == ("BF16", "F16"):
+            table = bf16_to_f16_table()
+            return lambda raw: table[raw]
+        return None
+
+
+def _write_all(w, reader, jobs: list[_Job], permute, progress: Progress, total: int) -> None:
+    """Every tensor as encoded slices of rows (whole rotary heads for q/k), converted by a small thread pool a
+    few slices ahead of the writer: numpy's casts release the GIL, so conversion runs on every core while the
+    main thread writes in order. Memory holds a few slices, never a whole tensor."""
+    work: list[tuple[int, int, int]] = []  # (job index, first row, end row)
+    counts = [0] * len(jobs)
+    for k, job in enumerate(jobs):
+        per_head = job.info.shape[0] // job.heads if job.heads else 1
+        for start, stop in row_chunks(job.info, per_head):
+            work.append((k, start, stop))
+            counts[k] += 1
+
+    fast = [job.raw_path() for job in jobs]
+
+    def convert_slice(item: tuple[int, int, int]) -> np.ndarray:
+        k, start, stop = item
+        job = jobs[k]
+        raw = reader.read_rows(job.info.name, start, stop)
+        n_heads = (stop - start) * job.heads // job.info.shape[0] if job.heads else 0
+        if fast[k] is not None:  # the permutation only moves rows: it applies to raw elements as well
+            return fast[k](permute(raw, n_heads) if n_heads else raw)
+        x = to_float32(raw, job.info.dtype)
+        if n_heads:
+            x = permute(x, n_heads)
+        if job.shift is not None:
+            x = x + job.shift
+        return job.encode(x)
+
+    _return_big_blocks_to_os()
+    workers = max(1, min(4, os.cpu_count() or 1))
+    done = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = _in_order(pool, convert_slice, work, lookahead=2 * workers)
+        for k, job in enumerate(jobs):
+            w.write(job.name, itertools.islice(results, counts[k]))
+            done += job.progress_bytes
+            progress("convert", done, total)
+
+
+def _return_big_blocks_to_os() -> None:
+    """glibc raises its mmap threshold after the first big free, after which every slice buffer comes from a
+    per-thread arena that keeps freed memory: resident memory would grow with the worker count. A fixed 4 MiB
+    threshold keeps slice buffers mmapped, so each is returned to the OS when dropped."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl, ...): its allocator returns big blocks anyway
+        return
+
+
+def _in_order(pool: ThreadPoolExecutor, fn, items, lookahead: int) -> Iterator:
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= lookahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _hf_sort_key(name: str) -> tuple:

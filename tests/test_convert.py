@@ -107,6 +107,18 @@ def test_outtypes_match_reference_encoders(tiny_llama, tmp_path):
                               np.asarray(want).reshape(-1).view(np.uint8))  # fmt: skip
 
 
+def test_bf16_to_f16_table_is_the_exact_cast():
+    from llmq.convert import bf16_to_f16_table
+    from llmq.io.rows import to_float32
+
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    with np.errstate(over="ignore"):
+        want = to_float32(bits, "BF16").astype(np.float16).view(np.uint16)
+    got = bf16_to_f16_table()[bits]
+    nan = np.isnan(to_float32(bits, "BF16"))
+    assert np.array_equal(got[~nan], want[~nan]) and np.isnan(got[nan].view(np.float16)).all()
+
+
 def test_encoders_on_edge_values():
     import gguf
 
@@ -210,11 +222,13 @@ def test_streaming_peak_rss(tmp_path):
     largest = max(t.nbytes for t in open_checkpoint(src).infos())
     total = sum(t.nbytes for t in open_checkpoint(src).infos())
     assert total > 2e9
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of this (big) pytest process
+    # would report the parent's high-water mark
     code = (
-        "import resource, sys\n"
         "from llmq.convert import convert\n"
         f"convert({str(src)!r}, {str(tmp_path / 'big.gguf')!r}, 'f16')\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n"
+        "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]\n"
+        "print(int(hwm.split()[1]) * 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     peak = int(out.stdout.strip().splitlines()[-1])

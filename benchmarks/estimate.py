@@ -128,7 +128,7 @@ def llama_cpp_accuracy(smollm2: Path, tmp: Path) -> list[dict]:
 def torch_accuracy(smollm2: Path, tmp: Path) -> dict:
     import transformers
 
-    from llmq.convert import convert
+    from llmq.conversion import convert
     from llmq.estimate.memory import EstimateConfig, estimate_memory
 
     hf = tmp / "smollm2-hf"

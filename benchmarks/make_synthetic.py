@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmq.convert import f32_to_bf16_bits  # noqa: E402
+from llmq.conversion import f32_to_bf16_bits  # noqa: E402
 from llmq.io import SafetensorsWriter  # noqa: E402
 from llmq.io.base import TensorInfo  # noqa: E402
 

@@ -21,7 +21,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto
             max_shard_size: str | int | None = None, revision: str | None = None, allow_pickle: bool = False,
             progress: Progress = _noop):  # fmt: skip
     """Convert an HF safetensors model (directory or hub id) to GGUF, or a GGUF file to an HF directory."""
-    from llmq.convert import convert as _convert
+    from llmq.conversion import convert as _convert
 
     return _convert(resolve_model(src, revision), dst, outtype, force=force, max_shard_size=max_shard_size,
                     allow_pickle=allow_pickle, progress=progress)  # fmt: skip

@@ -37,7 +37,7 @@ def smollm2_gguf_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf_path: Path, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct as an HF checkpoint, converted once per session with llmq itself."""
-    from llmq.convert import convert
+    from llmq.conversion import convert
 
     out = tmp_path_factory.mktemp("smollm2") / "hf"
     convert(smollm2_gguf_path, out)

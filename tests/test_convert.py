@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmq.convert import convert, f32_to_bf16_bits, quantize_q8_0
+from llmq.conversion import convert, f32_to_bf16_bits, quantize_q8_0
 from llmq.errors import BadInput, OutputExists, UnsupportedArchitecture
 from llmq.io import open_checkpoint
 from llmq.io.names import ARCHES, hf_to_gguf_name, permute_qk, unpermute_qk
@@ -108,7 +108,7 @@ def test_outtypes_match_reference_encoders(tiny_llama, tmp_path):
 
 
 def test_bf16_to_f16_table_is_the_exact_cast():
-    from llmq.convert import bf16_to_f16_table
+    from llmq.conversion import bf16_to_f16_table
     from llmq.io.rows import to_float32
 
     bits = np.arange(1 << 16, dtype=np.uint16)
@@ -225,7 +225,7 @@ def test_streaming_peak_rss(tmp_path):
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child of this (big) pytest process
     # would report the parent's high-water mark
     code = (
-        "from llmq.convert import convert\n"
+        "from llmq.conversion import convert\n"
         f"convert({str(src)!r}, {str(tmp_path / 'big.gguf')!r}, 'f16')\n"
         "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')][0]\n"
         "print(int(hwm.split()[1]) * 1024)\n"

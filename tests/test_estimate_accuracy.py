@@ -238,7 +238,7 @@ def test_gguf_target_from_hf_checkpoint(tiny_llama: Path, tmp_path: Path) -> Non
     """HF names go through gguf-py's TensorNameMap; the mix then matches llama-quantize on llmq's F16 GGUF."""
     _needs_gguf_mix()
     pytest.importorskip("llama_cpp")
-    from llmq.convert import convert
+    from llmq.conversion import convert
 
     f16 = tmp_path / "tiny-f16.gguf"
     convert(tiny_llama, f16, outtype="f16")

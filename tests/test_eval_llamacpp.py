@@ -85,7 +85,7 @@ def test_gguf_self_kld_is_zero_and_bad_model(text_file, tmp_path):
 
 
 def test_hf_and_gguf_paths_agree_on_the_same_f32_model(text_file, tmp_path_factory):
-    from llmq.convert import convert
+    from llmq.conversion import convert
 
     root = tmp_path_factory.mktemp("smol_f32")
     hf, gguf = root / "hf", root / "smol-f32.gguf"

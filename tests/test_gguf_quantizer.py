@@ -118,7 +118,7 @@ def test_hf_directory_source_and_calibration(tmp_path) -> None:
     pytest.importorskip("transformers")
     from helpers import make_tiny_model
 
-    from llmq.convert import convert
+    from llmq.conversion import convert
     from llmq.quant.imatrix import load_imatrix
 
     hf = make_tiny_model(tmp_path / "hf", hidden=256, layers=2, vocab=512, ffn=512)

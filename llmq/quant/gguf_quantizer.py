@@ -254,7 +254,7 @@ def _as_gguf(src: Path, tmp: Path, progress: Progress) -> Path:
     if not src.is_dir():
         return src
     try:
-        from llmq.convert import convert
+        from llmq.conversion import convert
     except ImportError as e:
         raise BadInput(f"quantizing an HF directory needs llmq's HF->GGUF converter ({e})") from None
     progress("convert", 0, 1)

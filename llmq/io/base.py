@@ -124,6 +124,34 @@ def check_no_overlap(infos: Iterable[TensorInfo], file_name: str) -> None:
             raise CorruptFile(f"{file_name}: tensors {n0} and {n1} overlap")
 
 
+class TensorTable:
+    """What every reader shares: a name → TensorInfo table from the header(s), and a context manager."""
+
+    path: Path
+    _infos: dict[str, TensorInfo]
+
+    def infos(self) -> Iterator[TensorInfo]:
+        return iter(list(self._infos.values()))
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise BadInput(f"{self.path.name}: no tensor named {name}") from None
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class CheckpointReader(Protocol):
     path: Path
     metadata: Mapping[str, Any]

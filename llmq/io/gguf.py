@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmq.errors import BadInput, CorruptFile, UnsupportedType
+from llmq.errors import BadInput, CorruptFile
 from llmq.io.base import TensorInfo, check_no_overlap, write_tensor
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
@@ -30,7 +30,7 @@ from llmq.io.ggml_types import (
     GGUFValueType,
     is_block_type,
 )
-from llmq.io.rows import read_rows, to_float32
+from llmq.io.rows import FileTensorReader
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_STRING = 1 << 30  # no GGUF key, token or template is a GiB long
@@ -270,7 +270,7 @@ def split_paths(path: Path) -> list[Path]:
     return paths
 
 
-class GGUFReader:
+class GGUFReader(FileTensorReader):
     """Reader over a GGUF file or a complete llama.cpp split (metadata from the first split)."""
 
     kind = "gguf"
@@ -301,32 +301,6 @@ class GGUFReader:
     def arch(self) -> str:
         return str(self.metadata.get("general.architecture", ""))
 
-    def infos(self) -> Iterator[TensorInfo]:
-        return iter(list(self._infos.values()))
-
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise BadInput(f"{self.path.name}: no tensor named {name}") from None
-
-    def read_raw(self, name: str) -> np.ndarray:
-        return read_rows(self.info(name))
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        return read_rows(self.info(name), start, stop)
-
-    def read_float(self, name: str) -> np.ndarray:
-        """The tensor dequantized to float32 numpy, in torch shape."""
-        info = self.info(name)
-        try:
-            return to_float32(read_rows(info), info.dtype).reshape(info.shape)
-        except UnsupportedType as e:
-            raise UnsupportedType(f"{e} (tensor {name})") from None
-
     def read(self, name: str, dequantize: bool = True):
         import torch
 
@@ -338,15 +312,6 @@ class GGUFReader:
         if info.dtype == "BF16":
             return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(raw)
-
-    def close(self) -> None:
-        return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------

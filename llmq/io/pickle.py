@@ -7,18 +7,17 @@ loads with ``torch.load(weights_only=True)`` (no arbitrary classes) and ``mmap=T
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import TensorInfo, dtype_code
+from llmq.io.base import TensorInfo, TensorTable, dtype_code
 from llmq.io.ggml_types import NUMPY_DTYPES
 
 
-class PickleReader:
+class PickleReader(TensorTable):
     kind = "safetensors"  # the same HF layout and tensor names; only the container differs
 
     def __init__(self, path: str | Path):
@@ -56,18 +55,6 @@ class PickleReader:
             for k, v in self._tensors.items()
         }
 
-    def infos(self) -> Iterator[TensorInfo]:
-        return iter(list(self._infos.values()))
-
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise BadInput(f"{self.path.name}: no tensor named {name}") from None
-
     def read(self, name: str, dequantize: bool = True):
         self.info(name)
         return self._tensors[name].clone()
@@ -97,9 +84,3 @@ class PickleReader:
 
     def close(self) -> None:
         self._tensors.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

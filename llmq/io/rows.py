@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llmq.errors import CorruptFile, UnsupportedType
-from llmq.io.base import TensorInfo
+from llmq.io.base import TensorInfo, TensorTable
 from llmq.io.ggml_types import NUMPY_DTYPES, is_block_type
 
 CHUNK_ELEMENTS = 1 << 22  # 4M elements: 16 MiB of float32 per step
@@ -78,3 +78,21 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
         return np.asarray(dequantize(raw, GGMLQuantizationType[dtype]), dtype=np.float32)
     except (NotImplementedError, KeyError):
         raise UnsupportedType(f"gguf-py cannot dequantize {dtype}") from None
+
+
+class FileTensorReader(TensorTable):
+    """A reader whose tensors are byte ranges of files (safetensors, GGUF): raw rows, float32 values."""
+
+    def read_raw(self, name: str) -> np.ndarray:
+        return read_rows(self.info(name))
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        return read_rows(self.info(name), start, stop)
+
+    def read_float(self, name: str) -> np.ndarray:
+        """The tensor as float32 numpy (ggml block types dequantized), in torch shape."""
+        info = self.info(name)
+        try:
+            return to_float32(read_rows(info), info.dtype).reshape(info.shape)
+        except UnsupportedType as e:
+            raise UnsupportedType(f"{e} (tensor {name})") from None

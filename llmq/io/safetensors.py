@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
 from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, write_tensor
 from llmq.io.ggml_types import NUMPY_DTYPES
-from llmq.io.rows import read_rows, to_float32
+from llmq.io.rows import FileTensorReader, read_rows
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -128,7 +128,7 @@ def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     return files, None
 
 
-class SafetensorsReader:
+class SafetensorsReader(FileTensorReader):
     """Reader over one .safetensors file or a Hugging Face model directory (sharded or not)."""
 
     kind = "safetensors"
@@ -179,40 +179,9 @@ class SafetensorsReader:
                 if info is None or Path(info.file).name != Path(shard).name:
                     raise CorruptFile(f"{INDEX_NAME}: {name} is not in {shard}")
 
-    def infos(self) -> Iterator[TensorInfo]:
-        return iter(list(self._infos.values()))
-
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise BadInput(f"{self.path.name}: no tensor named {name}") from None
-
-    def read_raw(self, name: str) -> np.ndarray:
-        return read_rows(self.info(name))
-
-    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        return read_rows(self.info(name), start, stop)
-
-    def read_float(self, name: str) -> np.ndarray:
-        info = self.info(name)
-        return to_float32(read_rows(info), info.dtype)
-
     def read(self, name: str, dequantize: bool = True):
         info = self.info(name)
         return to_torch(read_rows(info), info.dtype)
-
-    def close(self) -> None:
-        return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class SafetensorsWriter:

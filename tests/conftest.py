@@ -4,10 +4,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import make_tiny_model, shared_dir, smollm2_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+
+# CI replays the same examples every run (a red build is reproducible); HYPOTHESIS_PROFILE=explore searches anew
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -28,9 +28,25 @@ def ssum(a: np.ndarray) -> np.ndarray:
     return out
 
 
+NEAREST_INT_RANGE = 4194303.0  # ggml's nearest_int is exact (round half to even) inside ±this
+
+
 def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's nearest_int, as float32 values (round half to even)."""
-    return np.rint(v)
+    """ggml's nearest_int exactly, as float32 values: round half to even inside its range, and outside it
+    (an infinite scale from a group whose range is a denormal) the bits its magic-number trick yields."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        val = np.asarray(v, dtype=np.float32) + np.float32(12582912.0)
+    bits = val.view(np.int32)
+    return ((bits & 0x007FFFFF) - 0x00400000).astype(np.float32)
+
+
+def _fix_out_of_range(out: np.ndarray, iscale: np.ndarray, span: np.ndarray, exact) -> None:
+    """The hot loops round with np.rint; a group whose |iscale|·span leaves nearest_int's range (or is not
+    finite) gets ggml's exact result instead. Checked on the (groups,) vectors, so the common case costs O(M)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        bad = ~(np.abs(iscale) * span <= NEAREST_INT_RANGE)
+    if bad.any():
+        out[:, bad] = nearest_int(exact(bad))
 
 
 def first_absmax(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,9 +163,10 @@ def make_qkx_quants(
         np.multiply(t2, W, out=t2)
         return ssum(t2)
 
-    iscale = fn / rng
-    scale = F32(1) / iscale
-    L = np.clip(nearest_int(iscale * (X - xmin)), F32(0), fn)
+    with np.errstate(over="ignore", divide="ignore"):
+        iscale = fn / rng
+        scale = F32(1) / iscale
+        L = np.clip(nearest_int(iscale * (X - xmin)), F32(0), fn)
     best = error(scale, xmin, L)
     mn = xmin
     Xm = X - mn
@@ -159,6 +176,9 @@ def make_qkx_quants(
             iscale = ((F32(rmin) + F32(rdelta) * F32(i)) + fn) / np.where(flat, F32(1), xmax - mn)
             np.multiply(iscale, Xm, out=la)
             np.rint(la, out=la)
+            # |x - mn| peaks at xmax or xmin (rounding is monotonic): the span without a pass over Xm
+            span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
+            _fix_out_of_range(la, iscale, span, lambda bad, s=iscale: s[bad] * Xm[:, bad])
             np.maximum(la, F32(0), out=la)
             np.minimum(la, fn, out=la)
             np.multiply(W, la, out=t1)

@@ -86,7 +86,10 @@ def quantize_cmd(
         str | None, typer.Option("--quant-type", help="nf4 | fp4", rich_help_panel=_N)
     ] = None,
     blocksize: Annotated[
-        int | None, typer.Option("--blocksize", help="NF4/FP4 block size (64).", rich_help_panel=_N)
+        int | None,
+        typer.Option(
+            "--blocksize", help="NF4/FP4 block size (64); GPTQ lazy-batch columns (128).", rich_help_panel=_N
+        ),
     ] = None,
     double_quant: Annotated[
         bool | None, typer.Option("--double-quant/--no-double-quant", rich_help_panel=_N)

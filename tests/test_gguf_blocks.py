@@ -104,3 +104,16 @@ def test_signed_zeros_and_exact_ties(type_name: str) -> None:
     x[2, :32] = [127, 0.5, 1.5, -2.5, 0.49999997, -0.49999997, 126.5, -126.5] * 4  # roundf ties in Q8_0
     x[3, 5], x[3, 9] = -2.0, 2.0  # |max| tie: the first one wins
     assert _differing_blocks(gb.quantize(x, type_name), ggml_quantize_chunk(x, type_name), type_name) == 0
+
+
+@pytest.mark.parametrize("value", [1e-45, -3e-45, 1e-40, 1e-38, 0.0])
+def test_denormal_blocks_bit_exact(value: float) -> None:
+    """Blocks whose range is denormal make ggml's 1/d infinite; its float->int conversions and nearest_int then
+    take their x86 out-of-range paths, which llmq reproduces (found by hypothesis)."""
+    x = outlier_matrix(8, 256, seed=7)
+    x[2] = np.float32(value)
+    x[3, ::3] = np.float32(-value)
+    x[5, :64] *= np.float32(1e-42)
+    with np.errstate(all="ignore"):
+        for t in TYPES:
+            assert _differing_blocks(gb.quantize(x, t), ggml_quantize_chunk(x, t), t) == 0, t

@@ -59,6 +59,17 @@ def _u8(v: np.ndarray) -> np.ndarray:
     return (v.astype(np.int64) & 0xFF).astype(np.uint8)
 
 
+def _c_min_int8(v: np.ndarray, hi: int) -> np.ndarray:
+    """``(uint8_t) MIN(hi, (int8_t) v)`` as ggml compiles it on x86: float → int32 truncates toward zero and
+    gives INT_MIN for NaN, ±inf and out-of-range values (an infinite 1/d from a denormal block), then the low
+    byte. Identical to trunc + min for every in-range value."""
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(v) & (np.abs(v) < F32(2**31))
+        i = np.where(ok, v, F32(-(2**31))).astype(np.int64)
+    i8 = (i & 0xFF).astype(np.uint8).view(np.int8)
+    return np.minimum(i8, np.int8(hi)).view(np.uint8)
+
+
 def _em(blocks: np.ndarray) -> np.ndarray:
     """(M, n) groups -> element-major (n, M) contiguous."""
     return np.ascontiguousarray(blocks.T)
@@ -146,13 +157,15 @@ def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     b = x.reshape(-1, 32)
     if qw is None:
         d, idv = _abs_max_scale(b, -8)
-        q = b * idv[:, None]
+        with np.errstate(invalid="ignore"):
+            q = b * idv[:, None]
         q += F32(8.5)
-        np.trunc(q, out=q)
-        np.minimum(q, F32(15), out=q)
-    else:
-        d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
-        q = L.T
+        qi = _c_min_int8(q, 15).astype(np.uint16)
+        # ggml ORs the two codes without masking: identical to nibbles for in-range codes
+        packed = ((qi[:, :16] | (qi[:, 16:] << 4)) & 0xFF).astype(np.uint8)
+        return np.concatenate([_f16(d), packed], axis=1)
+    d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
+    q = L.T
     return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
 
 
@@ -160,10 +173,10 @@ def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     b = x.reshape(-1, 32)
     if qw is None:
         d, idv = _abs_max_scale(b, -16)
-        q = b * idv[:, None]
+        with np.errstate(invalid="ignore"):
+            q = b * idv[:, None]
         q += F32(16.5)
-        np.trunc(q, out=q)
-        np.minimum(q, F32(31), out=q)
+        q = _c_min_int8(q, 31)
     else:
         d, L = make_qx_quants(_em(b), 16, _em(_legacy_weights(x, qw)))
         q = L.T
@@ -175,7 +188,10 @@ def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     b = x.reshape(-1, 32)
     if qw is None:
         d, idv, mn = _min_max_scale(b, 15)
-        q = np.minimum(F32(15), np.trunc((b - mn[:, None]) * idv[:, None] + F32(0.5)))
+        with np.errstate(invalid="ignore"):
+            qi = _c_min_int8((b - mn[:, None]) * idv[:, None] + F32(0.5), 15).astype(np.uint16)
+        packed = ((qi[:, :16] | (qi[:, 16:] << 4)) & 0xFF).astype(np.uint8)
+        return np.concatenate([_f16(d), _f16(mn), packed], axis=1)
     else:
         d, the_min, L = make_qkx_quants(_em(b), _em(_legacy_weights(x, qw)), 15, -0.9, 0.05, 36, False)
         mn, q = -the_min, L.T

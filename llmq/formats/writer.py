@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from llmq.errors import BadInput, ShapeError
-from llmq.formats._iocompat import reader_config, safetensors_writer
 from llmq.formats.base import Format, LayerSpec, Scheme
+from llmq.io import SafetensorsWriter
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
 from llmq.quant.base import Progress, no_progress
 
@@ -119,7 +119,7 @@ def write_checkpoint(out: str | Path, fmt: Format, reader, layers: Sequence[Laye
                      if i.name.endswith(".weight") and len(i.shape) == 2 and i.name[:-7] not in quantized_names)  # fmt: skip
 
     with AtomicOutput(out, is_dir=True, force=force) as tmp:
-        writer = safetensors_writer(tmp, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
+        writer = SafetensorsWriter(tmp, max_shard_bytes=max_shard_bytes, metadata={"format": "pt"})
         writer.plan([*passthrough, *planned])
         total = len(passthrough) + len(layers)
         for n, info in enumerate(passthrough):
@@ -190,3 +190,28 @@ def model_card(src: Path, fmt: Format, scheme: Scheme, layers: Sequence[LayerSpe
         f"Quantized with llmq {__version__}.\n\n"
         f"| setting | value |\n| --- | --- |\n{table}\n"
     )
+
+
+def reader_config(reader) -> dict[str, Any] | None:
+    """config.json of the reader's model directory (None for a bare file without one)."""
+    cfg = getattr(reader, "config", None)
+    if cfg is not None:
+        return dict(cfg)
+    p = Path(reader.path)
+    f = (p if p.is_dir() else p.parent) / "config.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+class LayerwisePlan:
+    """``plan`` for quantizers that map selected Linear weights through a format (RTN, NF4): header only."""
+
+    def _prepare(self, reader, config):  # pragma: no cover - each quantizer defines it
+        raise NotImplementedError
+
+    def plan(self, src: Path, config):
+        from llmq.io import open_checkpoint
+
+        with open_checkpoint(src) as reader:
+            fmt, scheme, layers = self._prepare(reader, config)
+            passthrough, planned = plan_checkpoint(fmt, list(reader.infos()), layers, scheme)
+            return [*passthrough, *planned]

@@ -17,6 +17,7 @@ import torch
 
 from llmq.errors import BadInput
 from llmq.formats.base import Blockwise4bit
+from llmq.formats.writer import LayerwisePlan
 from llmq.quant.base import QuantConfig, QuantizeResult, no_progress, quantizers
 from llmq.quant.packing import pack_nibbles_high_first, unpack_nibbles_high_first
 
@@ -158,7 +159,7 @@ class NF4Config(QuantConfig):
 
 
 @quantizers.register("nf4", "bnb")
-class NF4Quantizer:
+class NF4Quantizer(LayerwisePlan):
     name = "nf4"
     config_cls = NF4Config
     formats = ("bnb",)
@@ -188,22 +189,10 @@ class NF4Quantizer:
             meta["nested_offset"] = float(absmax.mean())
         return replace(layer, meta=meta)
 
-    def plan(self, src: Path, config: NF4Config):
-        from llmq.formats._iocompat import open_source
-        from llmq.formats.writer import plan_checkpoint
-
-        reader = open_source(src)
-        try:
-            fmt, scheme, layers = self._prepare(reader, config)
-            passthrough, planned = plan_checkpoint(fmt, list(reader.infos()), layers, scheme)
-            return [*passthrough, *planned]
-        finally:
-            reader.close()
-
     def run(self, src: Path, out: Path, config: NF4Config, *, force: bool = False,
             progress=no_progress) -> QuantizeResult:  # fmt: skip
-        from llmq.formats._iocompat import open_source
         from llmq.formats.writer import write_checkpoint
+        from llmq.io import open_checkpoint as open_source
         from llmq.quant.rtn import _parse_size
 
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ import torch
 
 from llmq.errors import BadInput, ShapeError
 from llmq.formats.base import QuantizedLinear
+from llmq.formats.writer import LayerwisePlan
 from llmq.quant.base import QuantConfig, QuantizeResult, no_progress, quantizers
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
@@ -82,7 +83,7 @@ class RTNConfig(QuantConfig):
 
 
 @quantizers.register("rtn")
-class RTNQuantizer:
+class RTNQuantizer(LayerwisePlan):
     name = "rtn"
     config_cls = RTNConfig
     formats = ("compressed-tensors", "gptq", "awq")
@@ -104,22 +105,10 @@ class RTNQuantizer:
                 raise ShapeError("no selected layer fits the format and group size")
         return fmt, scheme, layers
 
-    def plan(self, src: Path, config: RTNConfig):
-        from llmq.formats._iocompat import open_source
-        from llmq.formats.writer import plan_checkpoint
-
-        reader = open_source(src)
-        try:
-            fmt, scheme, layers = self._prepare(reader, config)
-            passthrough, planned = plan_checkpoint(fmt, list(reader.infos()), layers, scheme)
-            return [*passthrough, *planned]
-        finally:
-            reader.close()
-
     def run(self, src: Path, out: Path, config: RTNConfig, *, force: bool = False,
             progress=no_progress) -> QuantizeResult:  # fmt: skip
-        from llmq.formats._iocompat import open_source
         from llmq.formats.writer import write_checkpoint
+        from llmq.io import open_checkpoint as open_source
 
         t0 = time.perf_counter()
         reader = open_source(src)

@@ -32,9 +32,12 @@ def human_bytes(n: float) -> str:
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator:
     """A rich progress bar driven by the library's ``progress(stage, done, total)`` callbacks."""
-    if not enabled:
+    import sys
+
+    if not enabled or not sys.stderr.isatty():  # scripts and logs get no bar (and no stray blank lines)
         yield lambda stage, done, total: None
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         Progress,
@@ -51,6 +54,7 @@ def progress_bar(description: str, enabled: bool = True) -> Iterator:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         transient=True,
+        console=Console(stderr=True),
     ) as bar:
         tasks: dict[str, Any] = {}
 

@@ -116,6 +116,19 @@ def write_tensor(fh, name: str, data, expected: int) -> None:
         raise BadInput(f"tensor {name}: {written} bytes given, {expected} planned")
 
 
+def group_by_size(infos: Sequence[TensorInfo], max_bytes: int | None) -> list[list[TensorInfo]]:
+    """Consecutive tensors packed into shards/splits of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    groups: list[list[TensorInfo]] = [[]]
+    size = 0
+    for t in infos:
+        if max_bytes and groups[-1] and size + t.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups
+
+
 def check_no_overlap(infos: Iterable[TensorInfo], file_name: str) -> None:
     """Untrusted headers: two tensors may not share bytes (a crafted file could alias weights)."""
     spans = sorted((t.offset or 0, (t.offset or 0) + t.nbytes, t.name) for t in infos if t.nbytes)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import TensorInfo, check_no_overlap, write_tensor
+from llmq.io.base import TensorInfo, check_no_overlap, group_by_size, write_tensor
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
     GGML_TYPE_BY_ID,
@@ -397,14 +397,7 @@ class GGUFFileWriter:
         for t in infos:
             if t.dtype not in GGML_TYPES:
                 raise BadInput(f"tensor {t.name}: {t.dtype} is not a ggml type")
-        groups: list[list[TensorInfo]] = [[]]
-        size = 0
-        for t in infos:
-            if self.split_max_bytes and groups[-1] and size + t.nbytes > self.split_max_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
+        groups = group_by_size(infos, self.split_max_bytes)
         n = len(groups)
         if self.split_max_bytes and n > 1:
             stem = self.path.name.removesuffix(".gguf")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
-from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, write_tensor
+from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, group_by_size, write_tensor
 from llmq.io.ggml_types import NUMPY_DTYPES
 from llmq.io.rows import FileTensorReader, read_rows
 
@@ -216,14 +216,7 @@ class SafetensorsWriter:
             if t.name in seen:
                 raise BadInput(f"tensor {t.name} planned twice")
             seen.add(t.name)
-        groups: list[list[TensorInfo]] = [[]]
-        size = 0
-        for t in infos:
-            if self.max_shard_bytes and groups[-1] and size + t.nbytes > self.max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(t)
-            size += t.nbytes
+        groups = group_by_size(infos, self.max_shard_bytes)
         n = len(groups)
         if n == 1:
             self._files = [self.directory / f"{self.base_name}.safetensors"]

@@ -35,7 +35,7 @@ from llmq.io import (
     detect_kind,
     open_checkpoint,
 )
-from llmq.io.base import TensorInfo
+from llmq.io.base import DEFAULT_SHARD_BYTES, TensorInfo, parse_size
 from llmq.io.ggml_types import GGUFValueType, is_block_type, type_nbytes
 from llmq.io.names import (
     Arch,
@@ -353,25 +353,6 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
 # GGUF -> HF
 
 
-def parse_size(value: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB' or a byte count → bytes."""
-    if value is None or isinstance(value, int):
-        return value
-    s = value.strip().upper()
-    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
-             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}  # fmt: skip
-    for unit, mul in units.items():
-        if s.endswith(unit):
-            num = s[: -len(unit)].strip()
-            try:
-                return int(float(num) * mul)
-            except ValueError:
-                break
-    if s.isdigit():
-        return int(s)
-    raise BadInput(f"cannot read the size {value!r} (use e.g. 5GB, 500MB, 2GiB)")
-
-
 def _f32(value: Any) -> float:
     """A GGUF float32 as the short decimal it was written from (9.999999747e-06 -> 1e-05)."""
     return float(str(np.float32(value)))
@@ -490,7 +471,7 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     t0 = time.perf_counter()
     if outtype not in (*HF_OUTTYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, auto for GGUF → HF")
-    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else 5 * 1000**3
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_SHARD_BYTES
     reader = GGUFReader(src)
     arch = arch_for_gguf(reader.arch)
     if outtype == "auto":

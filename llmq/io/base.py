@@ -46,6 +46,28 @@ def dtype_code(torch_dtype_) -> str:
     raise BadInput(f"unsupported torch dtype {torch_dtype_}")
 
 
+DEFAULT_SHARD_BYTES = 5 * 1000**3  # what transformers' save_pretrained used for years
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB' or a byte count → bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    s = value.strip().upper()
+    units = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+             "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4, "B": 1}  # fmt: skip
+    for unit, mul in units.items():
+        if s.endswith(unit):
+            num = s[: -len(unit)].strip()
+            try:
+                return int(float(num) * mul)
+            except ValueError:
+                break
+    if s.isdigit():
+        return int(s)
+    raise BadInput(f"--max-shard-size {value!r} is not a size like 5GB, 500MB or 2GiB")
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What the header says about one tensor.
@@ -127,6 +149,13 @@ def group_by_size(infos: Sequence[TensorInfo], max_bytes: int | None) -> list[li
         groups[-1].append(t)
         size += t.nbytes
     return groups
+
+
+def fsync_close(fh) -> None:
+    """Flush, fsync and close an output file: a renamed AtomicOutput is complete on disk, not only in cache."""
+    fh.flush()
+    os.fsync(fh.fileno())
+    fh.close()
 
 
 def check_no_overlap(infos: Iterable[TensorInfo], file_name: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import TensorInfo, check_no_overlap, group_by_size, write_tensor
+from llmq.io.base import TensorInfo, check_no_overlap, fsync_close, group_by_size, write_tensor
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
     GGML_TYPE_BY_ID,
@@ -458,9 +458,7 @@ class GGUFFileWriter:
 
     def _finish_file(self) -> None:
         assert self._fh is not None
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        fsync_close(self._fh)
         self._fh = None
 
     def close(self) -> list[Path]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
-from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, group_by_size, write_tensor
+from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, fsync_close, group_by_size, write_tensor
 from llmq.io.ggml_types import NUMPY_DTYPES
 from llmq.io.rows import FileTensorReader, read_rows
 
@@ -259,9 +259,7 @@ class SafetensorsWriter:
 
     def _finish(self) -> None:
         assert self._fh is not None
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        fsync_close(self._fh)
         self._fh = None
 
     def close(self) -> list[Path]:

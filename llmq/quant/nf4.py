@@ -8,17 +8,15 @@ midpoint bucketing does). Codes are packed two per byte, the first in the high n
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 
 import torch
 
 from llmq.errors import BadInput
 from llmq.formats.base import Blockwise4bit
-from llmq.formats.writer import LayerwisePlan
-from llmq.quant.base import QuantConfig, QuantizeResult, no_progress, quantizers
+from llmq.formats.writer import LayerwiseQuantizer
+from llmq.quant.base import QuantConfig, quantizers
 from llmq.quant.packing import pack_nibbles_high_first, unpack_nibbles_high_first
 
 # QLoRA's NormalFloat4 (bitsandbytes get_4bit_type("nf4"))
@@ -159,7 +157,7 @@ class NF4Config(QuantConfig):
 
 
 @quantizers.register("nf4", "bnb")
-class NF4Quantizer(LayerwisePlan):
+class NF4Quantizer(LayerwiseQuantizer):
     name = "nf4"
     config_cls = NF4Config
     formats = ("bnb",)
@@ -189,29 +187,8 @@ class NF4Quantizer(LayerwisePlan):
             meta["nested_offset"] = float(absmax.mean())
         return replace(layer, meta=meta)
 
-    def run(self, src: Path, out: Path, config: NF4Config, *, force: bool = False,
-            progress=no_progress) -> QuantizeResult:  # fmt: skip
-        from llmq.formats.writer import write_checkpoint
-        from llmq.io import open_checkpoint as open_source
-        from llmq.quant.rtn import _parse_size
+    def _quantize_layer(self, W, config: NF4Config, fmt):
+        return quantize_4bit(W, config.quant_type, config.blocksize, config.double_quant)
 
-        t0 = time.perf_counter()
-        reader = open_source(src)
-        try:
-            fmt, scheme, layers = self._prepare(reader, config)
-            device = torch.device(config.device)
-
-            def produce():
-                for layer in layers:
-                    W = reader.read(layer.name + ".weight").to(device)
-                    q = quantize_4bit(W, config.quant_type, config.blocksize, config.double_quant)
-                    yield layer.name, q
-
-            res = write_checkpoint(out, fmt, reader, layers, produce(), scheme, force=force,
-                                   max_shard_bytes=_parse_size(config.max_shard_size), progress=progress)  # fmt: skip
-            input_bytes = sum(i.nbytes for i in reader.infos())
-        finally:
-            reader.close()
-        return QuantizeResult(output=res.output, method=config.quant_type, format="bnb", config=config.to_dict(),
-                              seconds=time.perf_counter() - t0, input_bytes=input_bytes,
-                              output_bytes=res.output_bytes, tensors=res.tensors)  # fmt: skip
+    def _method_name(self, config: NF4Config) -> str:
+        return config.quant_type

@@ -7,16 +7,14 @@ Data-free, so it streams one tensor at a time.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from llmq.errors import BadInput, ShapeError
 from llmq.formats.base import QuantizedLinear
-from llmq.formats.writer import LayerwisePlan
-from llmq.quant.base import QuantConfig, QuantizeResult, no_progress, quantizers
+from llmq.formats.writer import LayerwiseQuantizer
+from llmq.quant.base import QuantConfig, quantizers
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
 
@@ -83,7 +81,7 @@ class RTNConfig(QuantConfig):
 
 
 @quantizers.register("rtn")
-class RTNQuantizer(LayerwisePlan):
+class RTNQuantizer(LayerwiseQuantizer):
     name = "rtn"
     config_cls = RTNConfig
     formats = ("compressed-tensors", "gptq", "awq")
@@ -105,35 +103,8 @@ class RTNQuantizer(LayerwisePlan):
                 raise ShapeError("no selected layer fits the format and group size")
         return fmt, scheme, layers
 
-    def run(self, src: Path, out: Path, config: RTNConfig, *, force: bool = False,
-            progress=no_progress) -> QuantizeResult:  # fmt: skip
-        from llmq.formats.writer import write_checkpoint
-        from llmq.io import open_checkpoint as open_source
-
-        t0 = time.perf_counter()
-        reader = open_source(src)
-        try:
-            fmt, scheme, layers = self._prepare(reader, config)
-            device = torch.device(config.device)
-
-            def produce():
-                for layer in layers:
-                    W = reader.read(layer.name + ".weight").to(device)
-                    yield (
-                        layer.name,
-                        quantize_rtn(W, config.bits, config.group_size, config.sym, fmt.min_zero),
-                    )
-
-            shard = _parse_size(config.max_shard_size)
-            res = write_checkpoint(out, fmt, reader, layers, produce(), scheme, force=force,
-                                   max_shard_bytes=shard, progress=progress)  # fmt: skip
-            input_bytes = sum(i.nbytes for i in reader.infos())
-        finally:
-            reader.close()
-        return QuantizeResult(output=res.output, method="rtn", format=fmt.name, config=config.to_dict(),
-                              seconds=time.perf_counter() - t0, input_bytes=input_bytes,
-                              output_bytes=res.output_bytes, tensors=res.tensors,
-                              notes=[f"left unquantized: {', '.join(res.ignored)}"] if res.ignored else [])  # fmt: skip
+    def _quantize_layer(self, W, config: RTNConfig, fmt) -> QuantizedLinear:
+        return quantize_rtn(W, config.bits, config.group_size, config.sym, fmt.min_zero)
 
 
 def _fits(fmt, scheme, layer) -> bool:
@@ -142,21 +113,3 @@ def _fits(fmt, scheme, layer) -> bool:
     except (ShapeError, BadInput):
         return False
     return True
-
-
-def _parse_size(s: str | None) -> int | None:
-    """'5GB' / '500MB' / '1000000' -> bytes."""
-    if s is None:
-        return None
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = str(s).strip().upper()
-    for u in sorted(units, key=len, reverse=True):
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * units[u])
-            except ValueError:
-                break
-    try:
-        return int(t)
-    except ValueError:
-        raise BadInput(f"bad --max-shard-size {s!r} (e.g. 5GB, 500MB)") from None

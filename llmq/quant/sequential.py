@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmq.errors import BadInput, CalibrationError, CorruptFile, ShapeError, UnsupportedArchitecture
+from llmq.io.base import DEFAULT_SHARD_BYTES, parse_size
 from llmq.models.arch import Arch, arch_for_config, num_layers
 from llmq.quant.base import Progress, QuantizeResult, no_progress
 
@@ -491,22 +492,6 @@ _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
                "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")  # fmt: skip
 
 
-def _parse_size(text: str | None) -> int:
-    if not text:
-        return 5 * 10**9
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
-    t = text.strip().upper()
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            try:
-                return int(float(t[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    if t.isdigit():
-        return int(t)
-    raise BadInput(f"--max-shard-size {text!r} is not a size like 2GB or 500MB")
-
-
 def record_from_tensors(
     tensors: dict[str, torch.Tensor], module: str, config: BlockwiseConfig
 ) -> QuantizedWeight:
@@ -542,7 +527,7 @@ def _write_fake_quant(tmp: Path, reader, plan: Plan, resume: ResumeDir, config: 
 
     from llmq.io.base import TensorInfo, dtype_code
 
-    limit = _parse_size(config.max_shard_size)
+    limit = parse_size(config.max_shard_size) if config.max_shard_size else DEFAULT_SHARD_BYTES
     norms = [n for n in reader.names() if n.endswith("norm.weight")]
     dtype = reader.read(norms[0]).dtype if norms else torch.float32
     shard: dict[str, torch.Tensor] = {}
@@ -669,7 +654,7 @@ def _write_packed(out: Path, reader: SourceModel, plan: Plan, resume: ResumeDir,
                     sym=r.sym, g_idx=r.g_idx)  # fmt: skip
 
     fmt = get_format(config.format)
-    limit = _parse_size(config.max_shard_size) if config.max_shard_size else None
+    limit = parse_size(config.max_shard_size) if config.max_shard_size else None
     res = write_checkpoint(out, fmt, _QuantizedView(reader, plan, resume), _layer_specs(plan), produce(),
                            _scheme(config, method_name), force=force, max_shard_bytes=limit,
                            card={"calibration": config.calibration})  # fmt: skip

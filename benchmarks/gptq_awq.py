@@ -73,7 +73,7 @@ def peak_rss_mib() -> float:
 # ---------------------------------------------------------------------------------------------- workers
 
 
-def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, bits: int) -> dict:
+def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, bits: int, opts: str) -> dict:
     import torch
 
     from llmq.quant.awq import AWQBlockMethod, AWQConfig
@@ -87,18 +87,19 @@ def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, 
     if method == "gptq":  # llm-compressor's defaults: static act-order, symmetric, damp 0.01
         # one Hessian pass per block, as llm-compressor's sequential pipeline does
         cfg = GPTQConfig(
-            **common, sym=True, act_order=True, static_groups=True, damp_percent=0.01, true_sequential=False
+            **(common | dict(sym=True, act_order=True, static_groups=True, damp_percent=0.01,
+                             true_sequential=False) | json.loads(opts))
         )
         meth = GPTQBlockMethod(cfg)
     else:
-        cfg = AWQConfig(**common, sym=False)
+        cfg = AWQConfig(**(common | dict(sym=False) | json.loads(opts)))
         meth = AWQBlockMethod(cfg)
     t = time.perf_counter()
     res = quantize_blockwise(Path(model), Path(out), cfg, meth, method, samples=ids, force=True)
     return {"seconds": time.perf_counter() - t, "peak_rss_mib": peak_rss_mib(), "notes": res.notes}
 
 
-def worker_peer(method: str, model: str, calib: str, out: str, group_size: int, bits: int) -> dict:
+def worker_peer(method: str, model: str, calib: str, out: str, group_size: int, bits: int, opts: str) -> dict:
     import torch
     import transformers
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
@@ -229,7 +230,7 @@ def evaluate(model: Path, candidates: dict[str, Path], chunks: int, ctx: int = 5
 def run_worker(python: str, kind: str, method: str, args, calib: Path, out: Path) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--method-one", method, "--model",
            str(args.model), "--calib", str(calib), "--out-dir", str(out), "--group-size", str(args.group_size),
-           "--bits", str(args.bits)]  # fmt: skip
+           "--bits", str(args.bits), "--llmq-opts", args.llmq_opts if kind == "llmq" else "{}"]  # fmt: skip
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
@@ -293,6 +294,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--methods", default="gptq,awq")
+    ap.add_argument("--llmq-opts", default="{}", help='JSON overrides of llmq\'s config, e.g. \'{"mse": 2.4}\'')
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--rerun", action="store_true", help="redo runs whose results are already in --work")
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder blocks (0: all)")
@@ -310,7 +312,8 @@ def main() -> None:
         fn = worker_llmq if args.worker == "llmq" else worker_peer
         print(
             json.dumps(
-                fn(args.method_one, str(args.model), args.calib, args.out_dir, args.group_size, args.bits)
+                fn(args.method_one, str(args.model), args.calib, args.out_dir, args.group_size, args.bits,
+                   args.llmq_opts)
             )
         )
         return

@@ -51,6 +51,22 @@ def quantize_cmd(
         float | None,
         typer.Option("--damp-percent", help="GPTQ dampening (fraction of mean diag H).", rich_help_panel=_G),
     ] = None,
+    token_clip: Annotated[
+        float | None,
+        typer.Option(
+            "--token-clip",
+            help="GPTQ: scale calibration tokens whose input norm exceeds K x the median down to K x (0 = off).",
+            rich_help_panel=_G,
+        ),
+    ] = None,
+    mse: Annotated[
+        float | None,
+        typer.Option(
+            "--mse",
+            help="GPTQ: search each group's range for the smallest sum |w - q|^P (P, e.g. 2.4; 0 = full range).",
+            rich_help_panel=_G,
+        ),
+    ] = None,
     skip_indivisible: Annotated[
         bool | None,
         typer.Option(
@@ -156,7 +172,7 @@ def quantize_cmd(
     options = {
         "format": fmt, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
         "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp_percent,
-        "skip_indivisible": skip_indivisible, "ignore": tuple(ignore) if ignore else None,
+        "token_clip": token_clip, "mse": mse, "skip_indivisible": skip_indivisible, "ignore": tuple(ignore) if ignore else None,
         "only": tuple(only) if only else None, "resume": resume, "device": device, "quant_type": quant_type,
         "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype, "type": gguf_type,
         "imatrix": imatrix, "save_imatrix": save_imatrix, "allow_requantize": allow_requantize, "pure": pure,

@@ -45,12 +45,15 @@ Notify = Callable[[str], None]
 
 
 def grid_params(
-    w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0
+    w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0, mse: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and integer zero point of the uniform grid that covers each row of ``w`` (and 0).
 
     Symmetric grids put the zero at the middle code (2^(bits-1)), as the GPTQ formats store it. ``min_zero=1``
     keeps zero points >= 1 (GPTQ v1 stores zero - 1): such rows get their scale stretched over maxq - 1 steps.
+
+    ``mse`` = p > 0 shrinks each row's range instead of covering it whole: of the ranges 100%, 99%, … 20% the one
+    with the smallest Σ|w - ŵ|^p wins (the GPTQ reference code's and GPTQModel's ``mse`` option; p = 2.4 there).
     """
     import torch
 
@@ -61,6 +64,28 @@ def grid_params(
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
+    scale, zero = _grid_from_range(xmin, xmax, maxq, sym, min_zero)
+    if mse > 0:
+        best = torch.full_like(scale, float("inf"))
+        for i in range(MSE_STEPS):
+            shrink = 1.0 - i / MSE_GRID
+            sc, zr = _grid_from_range(xmin * shrink, xmax * shrink, maxq, sym, min_zero)
+            q = torch.clamp(torch.round(w / sc.unsqueeze(1)) + zr.unsqueeze(1), 0, maxq)
+            err = ((q - zr.unsqueeze(1)) * sc.unsqueeze(1) - w).abs_().pow_(mse).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, sc, scale)
+            zero = torch.where(better, zr, zero)
+    return scale, zero
+
+
+MSE_GRID = 100  # candidate ranges of the mse search: 1 - i/100 ...
+MSE_STEPS = 80  # ... down to 21% of the full range (the reference's grid=100, maxshrink=0.8)
+
+
+def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool, min_zero: int):
+    import torch
+
     span = xmax - xmin
     # an all-zero row still needs a usable scale
     span = torch.where(span == 0, torch.ones_like(span), span)
@@ -85,12 +110,13 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0,
+                  mse: float = 0.0) -> torch.Tensor:
     """Round-to-nearest onto the grid, per row and group of ``group_size`` columns (-1: whole row); float out."""
     rows, cols = w.shape
     g = cols if group_size <= 0 else group_size
     wg = w.float().reshape(rows * (cols // g), g)
-    scale, zero = grid_params(wg, bits, sym, min_zero)
+    scale, zero = grid_params(wg, bits, sym, min_zero, mse)
     q = quantize_codes(wg, scale, zero, bits)
     return ((q - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(rows, cols).to(w.dtype)
 
@@ -148,16 +174,36 @@ def rtn_quantize(
 
 
 class HessianAccumulator:
-    """Running H = 2/n Σ x xᵀ over the calibration tokens seen by one Linear input (float32, in×in)."""
+    """Running H = 2/n Σ x xᵀ over the calibration tokens seen by one Linear input (float32, in×in).
 
-    def __init__(self, columns: int, device=None):
+    ``token_clip`` (K > 0) bounds every token's weight: a token whose input norm exceeds K × the median token norm
+    of its batch is scaled down to norm K × median, direction kept. This is for massive activations (the
+    attention-sink tokens, e.g. the first token of every sample, whose norm can be 50–600× the median at some
+    down_proj inputs): unbounded they dominate H, GPTQ then fits those few tokens and spreads large errors over
+    the ordinary ones (on SmolLM2 one such layer alone adds more KL divergence than RTN on the whole model). Scaled
+    down they still count, which the layers that *create* the massive activation need (dropping them there is
+    far worse). ``token_clip=0`` is the paper's plain H.
+    """
+
+    def __init__(self, columns: int, device=None, token_clip: float = 0.0):
         import torch
 
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
         self.n = 0
+        self.token_clip = token_clip
+        self.clipped = 0
 
     def add(self, x: torch.Tensor) -> None:
+        import torch
+
         x = x.reshape(-1, x.shape[-1]).float()
+        if self.token_clip > 0 and x.shape[0] > 1:
+            norms = x.norm(dim=1)
+            bound = self.token_clip * norms.median()
+            over = norms > bound
+            if bool(over.any()):
+                self.clipped += int(over.sum())
+                x = x * torch.where(over, bound / norms, torch.ones_like(norms)).unsqueeze(1)
         self.H.addmm_(x.t(), x)
         self.n += x.shape[0]
 
@@ -198,6 +244,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     blocksize: int = 128,
     min_zero: int = 0,
+    mse: float = 0.0,
     notify: Notify = lambda msg: None,
     label: str = "layer",
 ) -> tuple[QuantizedWeight, float]:
@@ -223,7 +270,7 @@ def gptq_quantize(
     if static_groups or group_size <= 0:
         # group parameters from the unquantized weight, in original column order
         for gi in range(n_groups):
-            scales[:, gi], zeros[:, gi] = grid_params(W[:, gi * g : (gi + 1) * g], bits, sym, min_zero)
+            scales[:, gi], zeros[:, gi] = grid_params(W[:, gi * g : (gi + 1) * g], bits, sym, min_zero, mse)
 
     perm = torch.arange(cols, device=dev)
     if act_order:
@@ -232,7 +279,7 @@ def gptq_quantize(
     with single_thread():
         U = _inverse_cholesky(H, damp_percent, notify, label)
         del H
-        Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, min_zero, blocksize,
+        Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, min_zero, mse, blocksize,
                                               dynamic=group_size > 0 and not static_groups)  # fmt: skip
     group_of_pos = perm // g if (static_groups or group_size <= 0) else torch.arange(cols, device=dev) // g
     inv = torch.argsort(perm)
@@ -256,7 +303,7 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_zero: int, blocksize: int,
+def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_zero: int, mse: float, blocksize: int,
                  dynamic: bool):  # fmt: skip
     import torch
 
@@ -280,7 +327,7 @@ def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_ze
                     if col + g > i2
                     else W1[:, i : i + g]
                 )
-                scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym, min_zero)
+                scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym, min_zero, mse)
             w = W1[:, i]
             d = U1[i, i]
             q = quantize_codes(w, scales[:, gi], zeros[:, gi], bits)
@@ -321,8 +368,8 @@ class GPTQBlockMethod:
         cfg = self.config
         records: dict[str, QuantizedWeight] = {}
         for stage in self.stages(ctx):
-            accs = {grp[0]: HessianAccumulator(ctx.module(grp[0]).in_features, ctx.module(grp[0]).weight.device)
-                    for grp in stage}  # fmt: skip
+            accs = {grp[0]: HessianAccumulator(ctx.module(grp[0]).in_features, ctx.module(grp[0]).weight.device,
+                                               cfg.token_clip) for grp in stage}  # fmt: skip
             ctx.run_until({name: acc.add for name, acc in accs.items()}, stop_after=set(accs))
             for grp in stage:
                 mods = [ctx.module(n) for n in grp]
@@ -331,7 +378,8 @@ class GPTQBlockMethod:
                 qw, _loss = gptq_quantize(W, accs[grp[0]].finish(), bits=cfg.bits, group_size=cfg.group_size,
                                           sym=cfg.sym, act_order=cfg.act_order, static_groups=cfg.static_groups,
                                           damp_percent=cfg.damp_percent, blocksize=cfg.blocksize,
-                                          min_zero=cfg.min_zero, notify=ctx.notes.append, label=label)  # fmt: skip
+                                          min_zero=cfg.min_zero, mse=cfg.mse, notify=ctx.notes.append,
+                                          label=label)  # fmt: skip
                 for name, mod, part in zip(
                     grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True
                 ):
@@ -397,11 +445,17 @@ class GPTQConfig(BlockwiseConfig):
     true_sequential: bool = True
     damp_percent: float = 0.01
     blocksize: int = 128
+    token_clip: float = 0.0
+    mse: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.damp_percent < 1:
             raise BadInput("--damp-percent must be in [0, 1)")
+        if self.mse < 0:
+            raise BadInput("--mse must be 0 (off) or a positive norm such as 2.4")
+        if not (self.token_clip == 0 or self.token_clip >= 1):
+            raise BadInput("--token-clip must be 0 (off) or >= 1 (times the median token norm)")
         if self.blocksize < 1:
             raise BadInput("--blocksize must be positive")
         if self.format == "gptq" and self.bits not in (2, 3, 4, 8):

@@ -51,8 +51,12 @@ def _fix_out_of_range(out: np.ndarray, iscale: np.ndarray, span: np.ndarray, exa
 
 def first_absmax(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(amax, the signed value at the first index of the largest |x|) per group, as ggml's strict ``>`` loop."""
-    idx = np.argmax(np.abs(X), axis=0)
-    vmax = np.take_along_axis(X, idx[None, :], axis=0)[0]
+    mx, mn = X.max(axis=0), X.min(axis=0)  # two axis-0 reductions are much cheaper than argmax(|X|)
+    vmax = np.where(mx >= -mn, mx, mn)
+    tie = (mx == -mn) & (mx != 0)
+    if tie.any():  # +a and -a both present: whichever comes first
+        cols = X[:, tie]
+        vmax[tie] = cols[np.argmax(np.abs(cols), axis=0), np.arange(cols.shape[1])]
     return np.abs(vmax), vmax
 
 
@@ -64,38 +68,44 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
     w = X * X if qw is None else qw
     wx = w * X
     fn = F32(nmax)
+    lo, hi = -fn, fn - 1
     lq, tmp = np.empty_like(X), np.empty_like(X)
+
+    def quants(iscale: np.ndarray) -> np.ndarray:
+        np.multiply(iscale, X, out=lq)
+        np.rint(lq, out=lq)  # |iscale*x| <= nmax + 1: inside nearest_int's exact range
+        return np.clip(lq, lo, hi, out=lq)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.multiply(iscale, X, out=lq)
-            np.rint(lq, out=lq)
-            np.maximum(lq, -fn, out=lq)
-            np.minimum(lq, fn - 1, out=lq)
+        quants(iscale)
         np.multiply(wx, lq, out=tmp)
         sumlx = ssum(tmp)
         np.multiply(w, lq, out=tmp)
         np.multiply(tmp, lq, out=tmp)
         return sumlx, ssum(tmp)
 
-    sumlx, suml2 = trial(-fn / safe_max)
-    L = lq + fn
-    pos = suml2 != 0
-    scale = np.where(pos, sumlx / np.where(pos, suml2, F32(1)), F32(0))
-    best = scale * sumlx
-    for i in range(-9, 10):
-        if i == 0:
-            continue
-        iscale = -(fn + F32(0.1) * F32(i)) / safe_max
-        sumlx, suml2 = trial(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        if better.any():
-            np.add(lq, fn, out=L, where=better[None, :])
-            new_scale = sumlx / np.where(better, suml2, F32(1))
-            scale = np.where(better, new_scale, scale)
-            best = np.where(better, new_scale * sumlx, best)
-    scale = np.where(zero, F32(0), scale)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        best_iscale = -fn / safe_max
+        sumlx, suml2 = trial(best_iscale)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for i in range(-9, 10):
+            if i == 0:
+                continue
+            iscale = -(fn + F32(0.1) * F32(i)) / safe_max
+            sumlx, suml2 = trial(iscale)
+            better = sumlx * sumlx > best * suml2
+            better &= suml2 > 0
+            if better.any():
+                # ggml recomputes L from the winning iscale; so do we, once, after the search
+                np.copyto(best_iscale, iscale, where=better)
+                new_scale = sumlx / suml2
+                np.copyto(scale, new_scale, where=better)
+                np.copyto(best, new_scale * sumlx, where=better)
+    L = quants(best_iscale)
+    L += fn
+    scale[zero] = 0
     L[:, zero] = 0
     return scale, L
 

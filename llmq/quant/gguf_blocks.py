@@ -412,7 +412,7 @@ _ENCODERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
 }  # fmt: skip
 
 # rows per work item: about 64K values keeps the temporaries of the searches in cache
-_CHUNK_VALUES = 1 << 17
+_CHUNK_VALUES = 1 << 18
 
 
 def row_bytes(type_name: str, n_per_row: int) -> int:

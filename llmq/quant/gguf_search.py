@@ -155,15 +155,21 @@ def make_qkx_quants(
     xmin = np.minimum(X.min(axis=0), F32(0))
     xmax = X.max(axis=0)
     sum_w = ssum(W)
-    sum_x = ssum(W * X)
-    flat = xmax == xmin
-    rng = np.where(flat, F32(1), xmax - xmin)
-    fn = F32(nmax)
-
     la, t1, t2 = np.empty_like(X), np.empty_like(X), np.empty_like(X)
+    sum_x = ssum(np.multiply(W, X, out=t1))
+    flat = xmax == xmin
+    fn = F32(nmax)
+    reduce = np.add.reduce  # every operand below is C-contiguous (n, M): sequential sums, see ssum
 
-    def error(scale: np.ndarray, mn: np.ndarray, L: np.ndarray) -> np.ndarray:
-        np.multiply(scale, L, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w
+    def quants(iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray) -> np.ndarray:
+        np.multiply(iscale, Xm, out=la)
+        np.rint(la, out=la)
+        if not np.abs(iscale * span).max() <= NEAREST_INT_RANGE:  # rare: a NaN, inf or huge iscale
+            _fix_out_of_range(la, iscale, span, lambda bad: iscale[bad] * Xm[:, bad])
+        return np.clip(la, F32(0), fn, out=la)
+
+    def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        np.multiply(scale, la, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w
         np.add(t2, mn, out=t2)
         np.subtract(t2, X, out=t2)
         if use_mad:
@@ -171,49 +177,53 @@ def make_qkx_quants(
         else:
             np.multiply(t2, t2, out=t2)
         np.multiply(t2, W, out=t2)
-        return ssum(t2)
+        return reduce(t2, axis=0)
 
-    with np.errstate(over="ignore", divide="ignore"):
-        iscale = fn / rng
+    def offset(mn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x - min, the range divisor and max |x - min| (|x - min| peaks at xmax or xmin) for a new min."""
+        span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
+        return np.subtract(X, mn), np.where(flat, F32(1), xmax - mn), span
+
+    # (rmin + rdelta*is) + nmax of every step, as ggml computes it in float
+    steps = [(F32(rmin) + F32(rdelta) * F32(i)) + fn for i in range(nstep + 1)]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        mn = xmin
+        Xm, denom, span = offset(mn)
+        iscale = fn / denom
         scale = F32(1) / iscale
-        L = np.clip(nearest_int(iscale * (X - xmin)), F32(0), fn)
-    best = error(scale, xmin, L)
-    mn = xmin
-    Xm = X - mn
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for i in range(nstep + 1):
+        quants(iscale, span, Xm)
+        best = error(scale, mn)
+        # ggml copies the winning quants; we keep the (iscale, min) that made them and redo them once at the end
+        best_iscale, best_from = iscale, mn
+        for step in steps:
             # ggml keeps using the best min found so far for the range and the offset
-            iscale = ((F32(rmin) + F32(rdelta) * F32(i)) + fn) / np.where(flat, F32(1), xmax - mn)
-            np.multiply(iscale, Xm, out=la)
-            np.rint(la, out=la)
-            # |x - mn| peaks at xmax or xmin (rounding is monotonic): the span without a pass over Xm
-            span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
-            _fix_out_of_range(la, iscale, span, lambda bad, s=iscale: s[bad] * Xm[:, bad])
-            np.maximum(la, F32(0), out=la)
-            np.minimum(la, fn, out=la)
-            np.multiply(W, la, out=t1)
-            sum_l = ssum(t1)
-            np.multiply(t1, la, out=t2)
-            sum_l2 = ssum(t2)
-            np.multiply(t1, X, out=t2)
-            sum_xl = ssum(t2)
+            iscale = step / denom
+            quants(iscale, span, Xm)
+            sum_l = reduce(np.multiply(W, la, out=t1), axis=0)
+            sum_l2 = reduce(np.multiply(t1, la, out=t2), axis=0)
+            sum_xl = reduce(np.multiply(t1, X, out=t2), axis=0)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clamp = this_min > 0
-            this_min = np.where(clamp, F32(0), this_min)
-            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
-            cur = error(this_scale, this_min, la)
-            better = (D > 0) & (cur < best)
+            if clamp.any():
+                this_min[clamp] = 0
+                this_scale[clamp] = (sum_xl / sum_l2)[clamp]
+            cur = error(this_scale, this_min)
+            better = cur < best
+            better &= D > 0
             if better.any():
-                np.copyto(L, la, where=better[None, :])
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
+                best_iscale = np.where(better, iscale, best_iscale)
+                best_from = np.where(better, mn, best_from)
                 mn = np.where(better, this_min, mn)
-                np.subtract(X, mn, out=Xm)
-    scale = np.where(flat, F32(0), scale)
+                Xm, denom, span = offset(mn)
+        Xm, _, span = offset(best_from)
+        L = quants(best_iscale, span, Xm)
+    scale[flat] = 0
     mn = np.where(flat, xmin, mn)
-    L = np.where(flat, F32(0), L)
+    L[:, flat] = 0
     return scale, -mn, L
 
 

@@ -110,42 +110,78 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
     return scale, L
 
 
+def rint_exact(v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """nearest_int of ``v`` as float32: np.rint where that is exact (checked with two reductions, no
+    temporaries), ggml's bits when some value is outside its range or not finite."""
+    if v.size and not (v.max() <= NEAREST_INT_RANGE and v.min() >= -NEAREST_INT_RANGE):
+        r = nearest_int(v)
+        if out is None:
+            return r
+        out[...] = r
+        return out
+    return np.rint(v, out=out)
+
+
 def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_q3_quants with do_rmse: a greedy coordinate search on the weighted squared error (w = x^2)."""
     amax, vmax = first_absmax(X)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
     fn = F32(nmax)
-    iscale = -fn / safe_max
-    L = np.clip(nearest_int(iscale * X), -fn, fn - 1)
-    w = X * X
-    wx = w * X
-    sumlx = ssum(wx * L)
-    suml2 = ssum((w * L) * L)
+    lo, hi = -fn, fn - 1
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        L = np.multiply(-fn / safe_max, X)
+        np.clip(np.rint(L, out=L), lo, hi, out=L)  # |iscale*x| <= nmax: rint is nearest_int here
+        w = X * X
+        t = np.multiply(w, X)
+        sumlx = ssum(np.multiply(t, L, out=t))
+        np.multiply(w, L, out=t)
+        suml2 = ssum(np.multiply(t, L, out=t))
+        # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
+        # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched, and
+        # after each pass only those that changed (a group where nothing changed has reached ggml's break).
+        cols = np.flatnonzero((vmax < 0) & ~zero)
+        Xa, La = np.take(X, cols, axis=1), np.take(L, cols, axis=1)
+        wa = Xa * Xa
+        wxa = wa * Xa
+        slx_t, sl2_t = sumlx[cols], suml2[cols]
         for _ in range(5):
-            changed = False
-            for i in range(X.shape[0]):
-                wi, xi, wxi, Li = w[i], X[i], wx[i], L[i]
-                slx = sumlx - wxi * Li
-                ok = slx > 0
-                sl2 = suml2 - (wi * Li) * Li
-                new_l = np.clip(nearest_int(xi * sl2 / np.where(ok, slx, F32(1))), -fn, fn - 1)
-                ok &= new_l != Li
-                slx = slx + wxi * new_l
-                sl2 = sl2 + (wi * new_l) * new_l
-                ok &= (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
-                if ok.any():
-                    changed = True
-                    L[i] = np.where(ok, new_l, Li)
-                    sumlx = np.where(ok, slx, sumlx)
-                    suml2 = np.where(ok, sl2, suml2)
-            # a group where nothing changed stays unchanged in later passes, as ggml's early break
-            if not changed:
+            if not cols.size:
                 break
+            changed = np.zeros(cols.size, dtype=bool)
+            q = np.empty(cols.size, dtype=F32)
+            for i in range(X.shape[0]):
+                wi, xi, wxi, Li = wa[i], Xa[i], wxa[i], La[i]
+                slx = slx_t - wxi * Li
+                sl2 = wi * Li
+                sl2 *= Li
+                np.subtract(sl2_t, sl2, out=sl2)
+                ok = slx > 0
+                np.multiply(xi, sl2, out=q)
+                np.divide(q, slx, out=q, where=ok)
+                new_l = np.clip(rint_exact(q), lo, hi)
+                ok &= new_l != Li
+                if not ok.any():
+                    continue
+                slx += wxi * new_l
+                t = wi * new_l
+                t *= new_l
+                sl2 += t
+                ok &= sl2 > 0
+                ok &= (slx * slx) * sl2_t > (slx_t * slx_t) * sl2
+                np.copyto(Li, new_l, where=ok)
+                np.copyto(slx_t, slx, where=ok)
+                np.copyto(sl2_t, sl2, where=ok)
+                changed |= ok
+            L[:, cols], sumlx[cols], suml2[cols] = La, slx_t, sl2_t
+            cols = cols[changed]
+            Xa, wa, wxa, La = (np.compress(changed, a, axis=1) for a in (Xa, wa, wxa, La))
+            slx_t, sl2_t = slx_t[changed], sl2_t[changed]
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    L = L + fn
-    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L)
+    L += fn
+    scale[zero] = 0
+    L[:, zero] = 0
+    return scale, L
 
 
 def make_qkx_quants(

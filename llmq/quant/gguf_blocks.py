@@ -26,7 +26,7 @@ from llmq.quant.gguf_search import (
     make_qp_quants,
     make_qx_quants,
     nearest_int,
-    rint_exact as _rint_exact,
+    rint_exact,
     ssum,
 )
 
@@ -104,19 +104,32 @@ def _row_sigma2(x: np.ndarray, factor: float = 1.0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- legacy 32-blocks
 
 
+def _put_em(out: np.ndarray, col: int, P: np.ndarray) -> None:
+    """Write element-major bytes P (k, M) as columns col..col+k of the block array ``out`` (M, row bytes)."""
+    dst = out[:, col : col + P.shape[0]]
+    for i in range(P.shape[0]):
+        dst[:, i] = P[i]
+
+
+def _inv(d: np.ndarray) -> np.ndarray:
+    """ggml's ``id = d ? 1.0f/d : 0.0f``."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+
+
 def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    amax = np.abs(np.maximum(b.max(axis=1), -b.min(axis=1)))  # abs: ggml's running max starts at +0.0
+    X = _em(x.reshape(-1, 32))
+    amax = np.abs(np.maximum(X.max(axis=0), -X.min(axis=0)))  # abs: ggml's running max starts at +0.0
     d = amax / F32(127)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    v = b * idv[:, None]
-    # roundf (half away from zero) as trunc(v + copysign(0.5 - 2^-25, v)): exact for |v| < 2^23
-    v += np.copysign(F32(0.49999997), v)
-    np.trunc(v, out=v)
-    out = np.empty((b.shape[0], 34), dtype=np.uint8)
+    with np.errstate(invalid="ignore"):
+        np.multiply(X, _inv(d), out=X)
+    # roundf (half away from zero) as trunc(v + copysign(0.5 - 2^-25, v)): exact for |v| < 2^23; the float ->
+    # int8 cast in _put_em truncates
+    X += np.copysign(F32(0.49999997), X)
+    out = np.empty((X.shape[1], 34), dtype=np.uint8)
     out[:, :2] = _f16(d)
-    out[:, 2:] = v.astype(np.int8).view(np.uint8)
+    with np.errstate(invalid="ignore"):
+        _put_em(out.view(np.int8), 2, X)
     return out
 
 
@@ -130,6 +143,22 @@ def _signed_absmax(b: np.ndarray) -> np.ndarray:
         vmax[tie] = rows[np.arange(len(rows)), np.argmax(np.abs(rows), axis=1)]
     vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
     return vmax
+
+
+def _signed_absmax_em(X: np.ndarray) -> np.ndarray:
+    """_signed_absmax of element-major blocks (n, M)."""
+    _, vmax = first_absmax(X)
+    vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
+    return vmax
+
+
+def _first_zero_sign_em(X: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """_first_zero_sign of element-major blocks (n, M)."""
+    z = ext == 0
+    if z.any():
+        cols = X[:, z]
+        ext[z] = cols[np.argmax(cols == 0, axis=0), np.arange(cols.shape[1])]
+    return ext
 
 
 def _first_zero_sign(b: np.ndarray, ext: np.ndarray) -> np.ndarray:
@@ -168,60 +197,112 @@ def _legacy_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return (qw[None, :] * np.sqrt(sigma2 + x * x)).reshape(-1, 32)
 
 
+def _code_em(X: np.ndarray, d: np.ndarray, idv: np.ndarray, add: float, hi: int,
+             mn: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """Overwrites X. ``MIN(hi, (int8_t)((x [- min]) * id + add))`` of element-major blocks, as uint8 (32, M). Blocks whose d or
+    id is not finite (a denormal d, an inf or NaN input) take _c_min_int8's x86 conversion; elsewhere |x*id| is
+    small and a plain cast truncates the same way."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = np.subtract(X, mn, out=X) if mn is not None else X  # X is a scratch copy from _em
+        np.multiply(v, idv, out=v)
+        v += F32(add)
+    q = v.astype(np.uint8)
+    np.minimum(q, np.uint8(hi), out=q)
+    bad = ~(np.isfinite(idv) & np.isfinite(d))
+    if bad.any():
+        q[:, bad] = _c_min_int8(v[:, bad], hi)
+    return q
+
+
 def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv = _abs_max_scale(b, -8)
-        with np.errstate(invalid="ignore"):
-            q = b * idv[:, None]
-        q += F32(8.5)
-        qi = _c_min_int8(q, 15).astype(np.uint16)
-        # ggml ORs the two codes without masking: identical to nibbles for in-range codes
-        packed = ((qi[:, :16] | (qi[:, 16:] << 4)) & 0xFF).astype(np.uint8)
-        return np.concatenate([_f16(d), packed], axis=1)
-    d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
-    q = L.T
-    return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    if qw is not None:
+        b = x.reshape(-1, 32)
+        d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
+        q = L.T
+        return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d = _signed_absmax_em(X) / F32(-8)
+    q = _code_em(X, d, _inv(d), 8.5, 15)
+    out = np.empty((X.shape[1], 18), dtype=np.uint8)
+    out[:, :2] = _f16(d)
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 2, q[:16])
+    return out
+
+
+def _put_qh(out: np.ndarray, col: int, q: np.ndarray) -> None:
+    """The 5th bit of each of the 32 quants (32, M) as ggml's little-endian uint32 qh: bytes col..col+4."""
+    h = (q >> 4).reshape(4, 8, -1)
+    h <<= np.arange(8, dtype=np.uint8)[None, :, None]
+    _put_em(out, col, np.bitwise_or.reduce(h, axis=1))
 
 
 def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv = _abs_max_scale(b, -16)
-        with np.errstate(invalid="ignore"):
-            q = b * idv[:, None]
-        q += F32(16.5)
-        q = _c_min_int8(q, 31)
-    else:
+    if qw is not None:
+        b = x.reshape(-1, 32)
         d, L = make_qx_quants(_em(b), 16, _em(_legacy_weights(x, qw)))
-        q = L.T
-    q = q.astype(np.uint8)
-    return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+        q = L.T.astype(np.uint8)
+        return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d = _signed_absmax_em(X) / F32(-16)
+    q = _code_em(X, d, _inv(d), 16.5, 31)
+    out = np.empty((X.shape[1], 22), dtype=np.uint8)
+    out[:, :2] = _f16(d)
+    _put_qh(out, 2, q)
+    q &= 0xF
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 6, q[:16])
+    return out
+
+
+def _min_max_em(X: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mn, mx = _first_zero_sign_em(X, X.min(axis=0)), _first_zero_sign_em(X, X.max(axis=0))
+    d = (mx - mn) / F32(levels)
+    return d, _inv(d), mn
 
 
 def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv, mn = _min_max_scale(b, 15)
-        with np.errstate(invalid="ignore"):
-            qi = _c_min_int8((b - mn[:, None]) * idv[:, None] + F32(0.5), 15).astype(np.uint16)
-        packed = ((qi[:, :16] | (qi[:, 16:] << 4)) & 0xFF).astype(np.uint8)
-        return np.concatenate([_f16(d), _f16(mn), packed], axis=1)
-    else:
+    if qw is not None:
+        b = x.reshape(-1, 32)
         d, the_min, L = make_qkx_quants(_em(b), _em(_legacy_weights(x, qw)), 15, -0.9, 0.05, 36, False)
         mn, q = -the_min, L.T
-    return np.concatenate([_f16(d), _f16(mn), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+        return np.concatenate([_f16(d), _f16(mn), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d, idv, mn = _min_max_em(X, 15)
+    q = _code_em(X, d, idv, 0.5, 15, mn)
+    out = np.empty((X.shape[1], 20), dtype=np.uint8)
+    out[:, :2] = _f16(d)
+    out[:, 2:4] = _f16(mn)
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 4, q[:16])
+    return out
 
 
 def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv, mn = _min_max_scale(b, 31)
-        q = _u8(np.trunc((b - mn[:, None]) * idv[:, None] + F32(0.5)))
-    else:
+    if qw is not None:
+        b = x.reshape(-1, 32)
         d, the_min, L = make_qkx_quants(_em(b), _em(_legacy_weights(x, qw)), 31, -0.9, 0.05, 36, False)
         mn, q = -the_min, L.T.astype(np.uint8)
-    return np.concatenate([_f16(d), _f16(mn), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+        return np.concatenate([_f16(d), _f16(mn), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d, idv, mn = _min_max_em(X, 31)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = np.subtract(X, mn)
+        np.multiply(v, idv, out=v)
+        v += F32(0.5)
+    q = _u8(np.trunc(v))  # ggml's (uint8_t) without a MIN: the low byte
+    out = np.empty((X.shape[1], 24), dtype=np.uint8)
+    out[:, :2] = _f16(d)
+    out[:, 2:4] = _f16(mn)
+    _put_qh(out, 4, q)
+    q &= 0xF
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 8, q[:16])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- K-quant packing
@@ -265,7 +346,7 @@ def _requant(X: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray, 
     q = np.add(X, m) if m is not None else X.copy()
     with np.errstate(over="ignore", invalid="ignore"):
         np.divide(q, np.where(nz, d, F32(1)), out=q)
-    _rint_exact(q, out=q)
+    rint_exact(q, out=q)
     np.clip(q, F32(lo), F32(hi), out=q)
     if off:
         q += F32(off)

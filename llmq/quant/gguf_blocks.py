@@ -516,7 +516,9 @@ def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     np.bitwise_or(lo[:, :, 0], lo[:, :, 2] << 4, out=ql[:, :, 0])
     np.bitwise_or(lo[:, :, 1], lo[:, :, 3] << 4, out=ql[:, :, 1])
     hi = q >> 4
-    out[:, 128:192].reshape(nb, 2, 32)[...] = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    out[:, 128:192].reshape(nb, 2, 32)[...] = (
+        hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    )
     out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
     out[:, 208:210] = _f16(d)
     out[zero] = 0  # ggml memsets an all-zero super-block

@@ -123,7 +123,8 @@ class _GGUFSource:
         from llmq.io.gguf import GGUFReader
 
         self.path = path
-        self.reader = GGUFReader(path)
+        # vocabularies are copied to the output byte for byte, never decoded and re-encoded
+        self.reader = GGUFReader(path, decode_strings="raw")
         self.meta = self.reader.metadata
         self.kv_types = self.reader.kv_types
         self.alignment = self.reader.alignment

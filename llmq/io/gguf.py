@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import TensorInfo, check_no_overlap, fsync_close, group_by_size, write_tensor
+from llmq.io.base import TensorInfo, WriteBehind, check_no_overlap, group_by_size, write_tensor
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
     GGML_TYPE_BY_ID,
@@ -475,6 +475,7 @@ class GGUFFileWriter:
         header = b"".join(parts)
         header += b"\0" * (_align(len(header), self.alignment) - len(header))
         self._fh = open(path, "wb")
+        self._sync = WriteBehind(self._fh)
         self._fh.write(header)
 
     def write(self, name: str, data) -> None:
@@ -492,12 +493,13 @@ class GGUFFileWriter:
         pad = _align(expected.nbytes, self.alignment) - expected.nbytes
         if pad:
             self._fh.write(b"\0" * pad)
+        self._sync.wrote(expected.nbytes + pad)
         self._queue.pop()
 
     def _finish_file(self) -> None:
         assert self._fh is not None
-        fsync_close(self._fh)
         self._fh = None
+        self._sync.close()
 
     def close(self) -> list[Path]:
         if self._queue:
@@ -513,6 +515,7 @@ class GGUFFileWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
+            self._sync.join()
             self._fh.close()
             self._fh = None
         for p in self.paths:

@@ -10,6 +10,7 @@ byte layout of each block here.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -539,14 +540,21 @@ def row_bytes(type_name: str, n_per_row: int) -> int:
     return n_per_row // blck * nbytes
 
 
-def quantize(
-    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None, threads: int | None = None
-) -> np.ndarray:
-    """Encode float32 rows ``x`` (nrows, n_per_row) as ggml ``type_name`` blocks: uint8 (nrows, row_bytes).
+def default_threads() -> int:
+    """Worker threads for encoding: the CPUs this process may use (llama.cpp's nthread default), at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
 
-    ``imatrix`` (n_per_row,) switches to llama.cpp's importance-weighted search where ggml has one (Q8_0 ignores
-    it, as ggml does).
-    """
+
+def encode_jobs(
+    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None
+) -> tuple[np.ndarray, list[Callable[[], None]]]:
+    """The output (nrows, row_bytes) of encoding rows ``x`` as ``type_name`` and the work items that fill it,
+    each a slice of rows small enough that its temporaries stay in cache: run them in any order, on any
+    threads (numpy releases the GIL in its loops), then the output is complete."""
     type_name = type_name.upper()
     if type_name not in _ENCODERS:
         raise UnsupportedType(f"no GGUF encoder for {type_name} (have {', '.join(SUPPORTED_TYPES)})")
@@ -571,15 +579,26 @@ def quantize(
     def work(r0: int) -> None:
         out[r0 : r0 + step] = enc(np.ascontiguousarray(x[r0 : r0 + step]), qw).reshape(-1, out.shape[1])
 
-    starts = range(0, nrows, step)
-    nthreads = threads or min(8, os.cpu_count() or 1)
-    if nthreads <= 1 or len(starts) == 1:
-        for r0 in starts:
-            work(r0)
+    return out, [functools.partial(work, r0) for r0 in range(0, nrows, step)]
+
+
+def quantize(
+    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None, threads: int | None = None
+) -> np.ndarray:
+    """Encode float32 rows ``x`` (nrows, n_per_row) as ggml ``type_name`` blocks: uint8 (nrows, row_bytes).
+
+    ``imatrix`` (n_per_row,) switches to llama.cpp's importance-weighted search where ggml has one (Q8_0 ignores
+    it, as ggml does).
+    """
+    out, jobs = encode_jobs(x, type_name, imatrix)
+    nthreads = threads or default_threads()
+    if nthreads <= 1 or len(jobs) == 1:
+        for job in jobs:
+            job()
     else:
-        # numpy releases the GIL inside its loops, so chunks on threads overlap well
-        with ThreadPoolExecutor(nthreads) as pool:
-            list(pool.map(work, starts))
+        with ThreadPoolExecutor(min(nthreads, len(jobs))) as pool:
+            for f in [pool.submit(job) for job in jobs]:
+                f.result()
     return out
 
 

@@ -309,11 +309,30 @@ def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- K-quant packing
 
 
-def _pack_2bit(L: np.ndarray) -> np.ndarray:
-    """qs of Q2_K/Q3_K: per 128 quants, byte l holds quants l, l+32, l+64, l+96 (2 bits each). L: (nb, 256)."""
-    q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
-    out = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
-    return out.reshape(-1, 64)
+# Bit packing works on 8 quants at a time: a block's uint8 quants viewed as little-endian uint64 words. Every
+# field stays inside its own byte (no carries across bytes), so word-wide shifts and ORs give ggml's bytes, with
+# 8x fewer numpy elements than byte-wise packing.
+_LO4, _BIT0, _LO2 = (np.uint64(0x0101010101010101 * v) for v in (0x0F, 0x01, 0x03))
+
+
+def _words(q: np.ndarray, *shape: int) -> np.ndarray:
+    """Blocks of uint8 quants (nb, 256) as uint64 words (nb, *shape)."""
+    return np.ascontiguousarray(q).view("<u8").reshape(q.shape[0], *shape)
+
+
+def _bytes(w: np.ndarray) -> np.ndarray:
+    return w.view(np.uint8).reshape(w.shape[0], -1)
+
+
+def _shl(w: np.ndarray, n: int) -> np.ndarray:
+    return w << np.uint64(n)
+
+
+def _pack_2bit(q: np.ndarray) -> np.ndarray:
+    """qs of Q2_K/Q3_K: per 128 quants, byte l holds quants l, l+32, l+64, l+96 (2 bits each). q: (nb, 256)
+    uint8 in [0, 3]."""
+    w = _words(q, 2, 4, 4)  # [half, k, word]
+    return _bytes(w[:, :, 0] | _shl(w[:, :, 1], 2) | _shl(w[:, :, 2], 4) | _shl(w[:, :, 3], 6))
 
 
 def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -428,13 +447,13 @@ def _q3_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         ls = Ls.T.astype(np.int64)
     dsub = _f16_back(d)[:, None] * (ls - 32).astype(F32)
     q = _requant(X, dsub.reshape(-1), None, L, -4, 3, off=4)
-    q8 = q.reshape(nb, 8, 32)  # quant j -> hmask byte j % 32, bit j // 32
-    high = q8 > 3
-    hmask = np.bitwise_or.reduce(high.astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
-    q8[high] -= 4
+    w = _words(q, 8, 4)  # quant j -> hmask byte j % 32, bit j // 32: the quant's bit 2 (q in [0, 7])
+    hmask = (w[:, 0] >> np.uint64(2)) & _BIT0
+    for j in range(1, 8):
+        hmask |= _shl((w[:, j] >> np.uint64(2)) & _BIT0, j)
     out = np.empty((nb, 110), dtype=np.uint8)
-    out[:, :32] = hmask
-    out[:, 32:96] = _pack_2bit(q)
+    out[:, :32] = _bytes(hmask)
+    out[:, 32:96] = _pack_2bit(_bytes(w & _LO2))
     out[:, 96:108] = _pack_scales_q3(ls)
     out[:, 108:110] = _f16(d)
     return out
@@ -475,25 +494,31 @@ def _q45_K(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray,
 
 
 def _q4_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    d, dmin, sc, L = _q45_K(x, qw, 15)
-    q = L.reshape(-1, 4, 2, 32)
-    out = np.empty((L.shape[0], 144), dtype=np.uint8)
+    d, dmin, sc, q = _q45_K(x, qw, 15)
+    w = _words(q, 4, 2, 4)  # chunk c of 64 quants: byte l = quant l | quant l+32 << 4
+    out = np.empty((q.shape[0], 144), dtype=np.uint8)
     out[:, 0:2] = _f16(d)
     out[:, 2:4] = _f16(dmin)
     out[:, 4:16] = sc
-    np.bitwise_or(q[:, :, 0], q[:, :, 1] << 4, out=out[:, 16:].reshape(-1, 4, 32))
+    out[:, 16:] = _bytes(w[:, :, 0] | _shl(w[:, :, 1], 4))
     return out
 
 
 def _q5_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    d, dmin, sc, L = _q45_K(x, qw, 31)
-    q = L.reshape(-1, 4, 2, 32)  # chunk c of 64 quants: low half bit 2c, high half bit 2c+1 of qh
-    hib = (q >> 4).astype(np.uint8)
-    shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None]
-    qh = np.bitwise_or.reduce((hib[:, :, 0] << shifts) | (hib[:, :, 1] << (shifts + 1)), axis=1)
-    lo = q & 0xF
-    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([_f16(d), _f16(dmin), sc, qh, qs], axis=1)
+    d, dmin, sc, q = _q45_K(x, qw, 31)
+    w = _words(q, 4, 2, 4)  # chunk c of 64 quants: low half bit 2c, high half bit 2c+1 of qh
+    hib = (w >> np.uint64(4)) & _BIT0
+    qh = hib[:, 0, 0] | _shl(hib[:, 0, 1], 1)
+    for c in range(1, 4):
+        qh |= _shl(hib[:, c, 0], 2 * c) | _shl(hib[:, c, 1], 2 * c + 1)
+    lo = w & _LO4
+    out = np.empty((q.shape[0], 176), dtype=np.uint8)
+    out[:, 0:2] = _f16(d)
+    out[:, 2:4] = _f16(dmin)
+    out[:, 4:16] = sc
+    out[:, 16:48] = _bytes(qh)
+    out[:, 48:] = _bytes(lo[:, :, 0] | _shl(lo[:, :, 1], 4))
+    return out
 
 
 def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -510,16 +535,12 @@ def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         sc = np.minimum(F32(127), nearest_int(iscale[:, None] * scales)).astype(np.int64)
     sc = np.where(zero[:, None], 0, sc)
     dsub = _f16_back(d)[:, None] * sc.astype(F32)
-    q = _requant(X, dsub.reshape(-1), None, L, -32, 31, off=32).reshape(nb, 2, 4, 32)  # half h, quarter k
+    q = _requant(X, dsub.reshape(-1), None, L, -32, 31, off=32)
     out = np.empty((nb, 210), dtype=np.uint8)
-    lo = q & np.uint8(0xF)
-    ql = out[:, :128].reshape(nb, 2, 2, 32)
-    np.bitwise_or(lo[:, :, 0], lo[:, :, 2] << 4, out=ql[:, :, 0])
-    np.bitwise_or(lo[:, :, 1], lo[:, :, 3] << 4, out=ql[:, :, 1])
-    hi = q >> 4
-    out[:, 128:192].reshape(nb, 2, 32)[...] = (
-        hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    )
+    w = _words(q, 2, 2, 8)  # half h of 128 quants: ql byte p = low nibbles of quants p and p+64
+    out[:, :128] = _bytes((w[:, :, 0] & _LO4) | _shl(w[:, :, 1] & _LO4, 4))
+    hi = (_words(q, 2, 4, 4) >> np.uint64(4)) & _LO2  # qh byte l: the high 2 bits of l, l+32, l+64, l+96
+    out[:, 128:192] = _bytes(hi[:, :, 0] | _shl(hi[:, :, 1], 2) | _shl(hi[:, :, 2], 4) | _shl(hi[:, :, 3], 6))
     out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
     out[:, 208:210] = _f16(d)
     out[zero] = 0  # ggml memsets an all-zero super-block

@@ -138,7 +138,8 @@ class _GGUFSource:
         """The tensor as float32 rows (n_rows, n_per_row), converted like llama.cpp (ggml's to_float)."""
         info = self.reader.info(name)
         n = info.shape[-1] if info.shape else 1
-        return np.ascontiguousarray(self.reader.read_float(name), dtype=np.float32).reshape(-1, n)
+        # mapped: an f32 source is encoded straight from the page cache, without a copy (as llama.cpp does)
+        return np.ascontiguousarray(self.reader.read_float(name, mapped=True), dtype=np.float32).reshape(-1, n)
 
     def raw(self, name: str) -> np.ndarray:
         return self.reader.read_raw(name)

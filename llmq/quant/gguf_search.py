@@ -157,53 +157,55 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
 
     ggml visits quant i = 0..n-1 of a group, recomputes it from the sums without it and keeps it if the error
     drops; a pass without a change ends the group's search (at most 5 passes). Changes are rare, so each round
-    tries every quant from the group's position at once, all against the group's current sums: the tries before
-    the first accepted one are exactly what ggml computes (nothing changed in between), that one is applied,
-    and the group goes on from the next quant in the following round. Same floats, far fewer numpy calls.
+    tries, for every group still searching, all quants from its position on at once, against the group's
+    current sums: the tries before the first accepted one are exactly what ggml computes (nothing changed in
+    between), that one is applied and the group goes on from the next quant (or the next pass) in the next
+    round. Same floats as ggml's loop, with a few rounds of whole-array numpy calls instead of 80 small ones.
     """
     n = X.shape[0]
     rows = np.arange(n)[:, None]
-    todo = np.arange(X.shape[1])  # groups in the current pass
-    for _ in range(5):
-        if not todo.size:
-            return
-        pos = np.zeros(todo.size, dtype=np.intp)  # next quant to try, per group of todo
-        changed = np.zeros(todo.size, dtype=bool)
-        live = np.arange(todo.size)  # groups of todo that have quants left to try in this pass
-        while live.size:
-            g = todo[live]
-            x, lq = np.take(X, g, axis=1), np.take(L, g, axis=1)
-            slx_t, sl2_t = sumlx[g], suml2[g]
-            w = x * x
-            wx = w * x
-            slx = slx_t - wx * lq
-            sl2 = w * lq
-            sl2 *= lq
-            np.subtract(sl2_t, sl2, out=sl2)
-            ok = slx > 0
-            q = x * sl2
-            np.divide(q, slx, out=q, where=ok)
-            new_l = np.clip(rint_exact(q, out=q), -fn, fn - 1)
-            ok &= new_l != lq
-            slx += wx * new_l
-            w *= new_l
-            w *= new_l
-            sl2 += w
-            ok &= sl2 > 0
-            ok &= (slx * slx) * sl2_t > (slx_t * slx_t) * sl2
-            ok &= rows >= pos[live]
-            hit = ok.any(axis=0)
-            first = np.argmax(ok, axis=0)[hit]
-            k = np.flatnonzero(hit)
-            gh = g[hit]
-            L[first, gh] = new_l[first, k]
-            sumlx[gh] = slx[first, k]
-            suml2[gh] = sl2[first, k]
-            live = live[hit]
-            changed[live] = True
-            pos[live] = first + 1
-            live = live[pos[live] < n]
-        todo = todo[changed]
+    live = np.arange(X.shape[1])  # groups still searching
+    pos = np.zeros(live.size, dtype=np.intp)  # per group: next quant to try in its current pass
+    npass = np.zeros(live.size, dtype=np.intp)
+    changed = np.zeros(live.size, dtype=bool)  # per group: something changed in its current pass
+    while live.size:
+        x, lq = np.take(X, live, axis=1), np.take(L, live, axis=1)
+        slx_t, sl2_t = sumlx[live], suml2[live]
+        w = x * x
+        wx = w * x
+        slx = slx_t - wx * lq
+        sl2 = w * lq
+        sl2 *= lq
+        np.subtract(sl2_t, sl2, out=sl2)
+        ok = slx > 0
+        q = x * sl2
+        np.divide(q, slx, out=q, where=ok)
+        new_l = np.clip(rint_exact(q, out=q), -fn, fn - 1)
+        ok &= new_l != lq
+        slx += wx * new_l
+        w *= new_l
+        w *= new_l
+        sl2 += w
+        ok &= sl2 > 0
+        ok &= (slx * slx) * sl2_t > (slx_t * slx_t) * sl2
+        ok &= rows >= pos
+        hit = ok.any(axis=0)
+        k = np.flatnonzero(hit)
+        first = np.argmax(ok[:, k], axis=0)
+        g = live[k]
+        L[first, g] = new_l[first, k]
+        sumlx[g] = slx[first, k]
+        suml2[g] = sl2[first, k]
+        pos[k] = first + 1
+        changed[k] = True
+        # the end of a pass: a group goes on to its next pass if it changed something in this one
+        end = ~hit | (pos == n)
+        again = end & changed & (npass < 4)
+        npass[again] += 1
+        pos[again] = 0
+        changed[again] = False
+        keep = ~end | again
+        live, pos, npass, changed = live[keep], pos[keep], npass[keep], changed[keep]
 
 
 def make_qkx_quants(

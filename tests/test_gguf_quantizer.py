@@ -100,6 +100,8 @@ def test_config_validation_and_outputs(tmp_path, tiny_src) -> None:
         GGUFQuantConfig(tensor_type=("nopattern",))
     with pytest.raises(BadInput):
         GGUFQuantConfig.from_options("gguf", {"group_size": 128})
+    with pytest.raises(BadInput):
+        GGUFQuantConfig(threads=0)
     cfg = GGUFQuantConfig.from_options("gguf", {"type": "q4_k_m", "tensor_type": ("attn_v=Q8_0",)})
     assert GGUFQuantConfig.from_dict(cfg.to_dict()) == cfg and cfg.type == "Q4_K_M"
     out = tmp_path / "o.gguf"

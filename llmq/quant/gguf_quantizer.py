@@ -82,6 +82,8 @@ class GGUFQuantConfig(QuantConfig):
             raise BadInput("--save-imatrix needs --calibration (an imatrix to compute)")
         if self.nsamples < 1 or self.seqlen < 8:
             raise BadInput("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.threads is not None and self.threads < 1:
+            raise BadInput("--threads must be >= 1")
 
 
 def _arch_info(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,7 +141,8 @@ class _GGUFSource:
         info = self.reader.info(name)
         n = info.shape[-1] if info.shape else 1
         # mapped: an f32 source is encoded straight from the page cache, without a copy (as llama.cpp does)
-        return np.ascontiguousarray(self.reader.read_float(name, mapped=True), dtype=np.float32).reshape(-1, n)
+        x = self.reader.read_float(name, mapped=True)
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n)
 
     def raw(self, name: str) -> np.ndarray:
         return self.reader.read_raw(name)

@@ -28,6 +28,7 @@ from llmq.quant.gguf_search import (
     make_qx_quants,
     nearest_int,
     rint_exact,
+    search_qx,
     ssum,
 )
 
@@ -355,23 +356,24 @@ def _pack_scales_q3(ls: np.ndarray) -> np.ndarray:
     return out
 
 
-def _requant(X: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray, lo: int, hi: int,
-             off: int = 0) -> np.ndarray:  # fmt: skip
+def _requant(X: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray | Callable[[np.ndarray], np.ndarray],
+             lo: int, hi: int, off: int = 0) -> np.ndarray:  # fmt: skip
     """Final quants from the stored (fp16-rounded) scales, as uint8 blocks (nb, 256) in ggml's element order:
     off + clamp(nearest_int((x + m)/d), lo, hi) where d != 0, else the search's L.
 
-    X, L: element-major (n, M) groups; d, m: (M,) per group.
+    X, L: element-major (n, M) groups (L may be a function giving the columns it is asked for); d, m: (M,).
     """
     nz = d != 0
-    q = np.add(X, m) if m is not None else X.copy()
+    dd = np.where(nz, d, F32(1))
     with np.errstate(over="ignore", invalid="ignore"):
-        np.divide(q, np.where(nz, d, F32(1)), out=q)
+        q = np.divide(np.add(X, m), dd) if m is not None else np.divide(X, dd)
     rint_exact(q, out=q)
     np.clip(q, F32(lo), F32(hi), out=q)
     if off:
         q += F32(off)
     if not nz.all():
-        q[:, ~nz] = L[:, ~nz]
+        cols = np.flatnonzero(~nz)
+        q[:, cols] = L(cols) if callable(L) else L[:, cols]
     return _from_em(q).reshape(-1, QK_K)
 
 
@@ -525,7 +527,7 @@ def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     nb = x.size // QK_K
     X = _kquant_subblocks(x, 16)
     W = None if qw is None else _em(np.broadcast_to(qw.reshape(1, -1), x.shape).reshape(-1, 16))
-    scales, L = make_qx_quants(X, 32, W)
+    scales, L = search_qx(X, 32, W)
     scales = scales.reshape(nb, 16)
     max_abs, max_scale = first_absmax(_em(scales))
     zero = max_abs < GROUP_MAX_EPS

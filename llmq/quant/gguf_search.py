@@ -10,6 +10,8 @@ Every arithmetic step is written in the same order and precision as ggml-quants.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 F32 = np.float32
@@ -62,23 +64,42 @@ def first_absmax(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants with rmse_type 1: returns (scale (M,), L (n, M) float in [0, 2*nmax))."""
+    scale, quants = search_qx(X, nmax, qw)
+    return scale, quants(None)
+
+
+def search_qx(
+    X: np.ndarray, nmax: int, qw: np.ndarray | None
+) -> tuple[np.ndarray, Callable[[np.ndarray | None], np.ndarray]]:
+    """make_qx_quants' search: (scale (M,), a function giving L (n, k) for the groups ``cols`` (None: all)).
+    The K-quant encoders requantize from their rounded scales and need the search's L only where a scale is 0."""
     amax, vmax = first_absmax(X)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
+    # the largest |x| of the sign opposite to max's: with amax it bounds every group's rint(iscale*x) below
+    opp = np.maximum(np.where(vmax > 0, -X.min(axis=0), X.max(axis=0)), F32(0))
     w = X * X if qw is None else qw
     wx = w * X
     fn = F32(nmax)
     lo, hi = -fn, fn - 1
     lq, tmp = np.empty_like(X), np.empty_like(X)
 
-    def quants(iscale: np.ndarray) -> np.ndarray:
+    def quants(iscale: np.ndarray, top: float) -> np.ndarray:
         np.multiply(iscale, X, out=lq)
         np.rint(lq, out=lq)  # |iscale*x| <= nmax + 1: inside nearest_int's exact range
-        return np.clip(lq, lo, hi, out=lq)
+        if top > nmax + 0.5:  # the max element rounds past -nmax in every group
+            return np.clip(lq, lo, hi, out=lq)
+        # rounding is monotonic: a group's quants lie between rint(iscale*max) and rint(|iscale|*opp); clamp only
+        # the groups whose bounds leave [-nmax, nmax-1] (few: an opposite-sign value close to max)
+        out = (np.rint(iscale * vmax) < lo) | (np.rint(np.abs(iscale) * opp) > hi)
+        if out.any():
+            cols = np.flatnonzero(out)
+            lq[:, cols] = np.clip(lq[:, cols], lo, hi)
+        return lq
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def trial(iscale: np.ndarray, top: float) -> tuple[np.ndarray, np.ndarray]:
         # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
-        quants(iscale)
+        quants(iscale, top)
         np.multiply(wx, lq, out=tmp)
         sumlx = ssum(tmp)
         np.multiply(w, lq, out=tmp)
@@ -87,14 +108,15 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         best_iscale = -fn / safe_max
-        sumlx, suml2 = trial(best_iscale)
+        sumlx, suml2 = trial(best_iscale, nmax)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
         for i in range(-9, 10):
             if i == 0:
                 continue
-            iscale = -(fn + F32(0.1) * F32(i)) / safe_max
-            sumlx, suml2 = trial(iscale)
+            step = fn + F32(0.1) * F32(i)
+            iscale = -step / safe_max
+            sumlx, suml2 = trial(iscale, float(step))
             better = sumlx * sumlx > best * suml2
             better &= suml2 > 0
             if better.any():
@@ -103,11 +125,17 @@ def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
                 new_scale = sumlx / suml2
                 np.copyto(scale, new_scale, where=better)
                 np.copyto(best, new_scale * sumlx, where=better)
-    L = quants(best_iscale)
-    L += fn
     scale[zero] = 0
-    L[:, zero] = 0
-    return scale, L
+
+    def final(cols: np.ndarray | None) -> np.ndarray:
+        Xc, isc, z = (X, best_iscale, zero) if cols is None else (X[:, cols], best_iscale[cols], zero[cols])
+        with np.errstate(over="ignore", invalid="ignore"):
+            L = np.clip(np.rint(isc * Xc), lo, hi)
+        L += fn
+        L[:, z] = 0
+        return L
+
+    return scale, final
 
 
 def rint_exact(v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

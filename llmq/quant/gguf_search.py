@@ -249,11 +249,24 @@ def make_qkx_quants(
     fn = F32(nmax)
     reduce = np.add.reduce  # every operand below is C-contiguous (n, M): sequential sums, see ssum
 
-    def quants(iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray) -> np.ndarray:
+    xlo = X.min(axis=0)
+
+    def quants(iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray, mn: np.ndarray, top: float) -> np.ndarray:
         np.multiply(iscale, Xm, out=la)
         np.rint(la, out=la)
         if not np.abs(iscale * span).max() <= NEAREST_INT_RANGE:  # rare: a NaN, inf or huge iscale
             _fix_out_of_range(la, iscale, span, lambda bad: iscale[bad] * Xm[:, bad])
+        elif top < nmax + 0.49:
+            # rounding is monotonic: a group's quants lie between those of its smallest and largest x; clamp only
+            # the groups whose bounds leave [0, nmax] (their min moved above the smallest x), if they are few
+            a, b = np.rint(iscale * (xlo - mn)), np.rint(iscale * (xmax - mn))
+            out = ~((np.minimum(a, b) >= 0) & (np.maximum(a, b) <= fn))
+            k = np.count_nonzero(out)
+            if k * 8 < out.size:
+                if k:
+                    cols = np.flatnonzero(out)
+                    la[:, cols] = np.clip(la[:, cols], F32(0), fn)
+                return la
         return np.clip(la, F32(0), fn, out=la)
 
     def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -279,14 +292,14 @@ def make_qkx_quants(
         Xm, denom, span = offset(mn)
         iscale = fn / denom
         scale = F32(1) / iscale
-        quants(iscale, span, Xm)
+        quants(iscale, span, Xm, mn, nmax)
         best = error(scale, mn)
         # ggml copies the winning quants; we keep the (iscale, min) that made them and redo them once at the end
         best_iscale, best_from = iscale, mn
         for step in steps:
             # ggml keeps using the best min found so far for the range and the offset
             iscale = step / denom
-            quants(iscale, span, Xm)
+            quants(iscale, span, Xm, mn, float(step))
             sum_l = reduce(np.multiply(W, la, out=t1), axis=0)
             sum_l2 = reduce(np.multiply(t1, la, out=t2), axis=0)
             sum_xl = reduce(np.multiply(t1, X, out=t2), axis=0)
@@ -308,7 +321,7 @@ def make_qkx_quants(
                 mn = np.where(better, this_min, mn)
                 Xm, denom, span = offset(mn)
         Xm, _, span = offset(best_from)
-        L = quants(best_iscale, span, Xm)
+        L = quants(best_iscale, span, Xm, best_from, np.inf)
     scale[flat] = 0
     mn = np.where(flat, xmin, mn)
     L[:, flat] = 0

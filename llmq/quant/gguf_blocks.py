@@ -46,6 +46,12 @@ def _f16(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=F32).astype("<f2").view(np.uint8).reshape(*np.shape(v), 2)
 
 
+def _put_f16(out: np.ndarray, col: int, v: np.ndarray) -> None:
+    """Store _f16(v) at bytes col, col+1 of every block of ``out`` (M, even row bytes): one strided uint16 copy
+    instead of a copy of 2-byte rows."""
+    out.view("<u2")[:, col // 2] = np.asarray(v, dtype=F32).astype("<f2").view("<u2")
+
+
 def _f16_back(v: np.ndarray) -> np.ndarray:
     """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))."""
     return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
@@ -129,7 +135,7 @@ def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     # int8 cast in _put_em truncates
     X += np.copysign(F32(0.49999997), X)
     out = np.empty((X.shape[1], 34), dtype=np.uint8)
-    out[:, :2] = _f16(d)
+    _put_f16(out, 0, d)
     with np.errstate(invalid="ignore"):
         _put_em(out.view(np.int8), 2, X)
     return out
@@ -226,7 +232,7 @@ def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d = _signed_absmax_em(X) / F32(-8)
     q = _code_em(X, d, _inv(d), 8.5, 15)
     out = np.empty((X.shape[1], 18), dtype=np.uint8)
-    out[:, :2] = _f16(d)
+    _put_f16(out, 0, d)
     q[16:] <<= 4
     q[:16] |= q[16:]
     _put_em(out, 2, q[:16])
@@ -250,7 +256,7 @@ def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d = _signed_absmax_em(X) / F32(-16)
     q = _code_em(X, d, _inv(d), 16.5, 31)
     out = np.empty((X.shape[1], 22), dtype=np.uint8)
-    out[:, :2] = _f16(d)
+    _put_f16(out, 0, d)
     _put_qh(out, 2, q)
     q &= 0xF
     q[16:] <<= 4
@@ -275,8 +281,8 @@ def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d, idv, mn = _min_max_em(X, 15)
     q = _code_em(X, d, idv, 0.5, 15, mn)
     out = np.empty((X.shape[1], 20), dtype=np.uint8)
-    out[:, :2] = _f16(d)
-    out[:, 2:4] = _f16(mn)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, mn)
     q[16:] <<= 4
     q[:16] |= q[16:]
     _put_em(out, 4, q[:16])
@@ -297,8 +303,8 @@ def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         v += F32(0.5)
     q = _u8(np.trunc(v))  # ggml's (uint8_t) without a MIN: the low byte
     out = np.empty((X.shape[1], 24), dtype=np.uint8)
-    out[:, :2] = _f16(d)
-    out[:, 2:4] = _f16(mn)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, mn)
     _put_qh(out, 4, q)
     q &= 0xF
     q[16:] <<= 4
@@ -420,8 +426,8 @@ def _q2_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     out = np.empty((nb, 84), dtype=np.uint8)
     out[:, :16] = sc
     out[:, 16:80] = _pack_2bit(q)
-    out[:, 80:82] = _f16(d)
-    out[:, 82:84] = _f16(dmin)
+    _put_f16(out, 80, d)
+    _put_f16(out, 82, dmin)
     return out
 
 
@@ -457,7 +463,7 @@ def _q3_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     out[:, :32] = _bytes(hmask)
     out[:, 32:96] = _pack_2bit(_bytes(w & _LO2))
     out[:, 96:108] = _pack_scales_q3(ls)
-    out[:, 108:110] = _f16(d)
+    _put_f16(out, 108, d)
     return out
 
 
@@ -499,8 +505,8 @@ def _q4_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     d, dmin, sc, q = _q45_K(x, qw, 15)
     w = _words(q, 4, 2, 4)  # chunk c of 64 quants: byte l = quant l | quant l+32 << 4
     out = np.empty((q.shape[0], 144), dtype=np.uint8)
-    out[:, 0:2] = _f16(d)
-    out[:, 2:4] = _f16(dmin)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, dmin)
     out[:, 4:16] = sc
     out[:, 16:] = _bytes(w[:, :, 0] | _shl(w[:, :, 1], 4))
     return out
@@ -515,8 +521,8 @@ def _q5_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         qh |= _shl(hib[:, c, 0], 2 * c) | _shl(hib[:, c, 1], 2 * c + 1)
     lo = w & _LO4
     out = np.empty((q.shape[0], 176), dtype=np.uint8)
-    out[:, 0:2] = _f16(d)
-    out[:, 2:4] = _f16(dmin)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, dmin)
     out[:, 4:16] = sc
     out[:, 16:48] = _bytes(qh)
     out[:, 48:] = _bytes(lo[:, :, 0] | _shl(lo[:, :, 1], 4))
@@ -544,7 +550,7 @@ def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     hi = (_words(q, 2, 4, 4) >> np.uint64(4)) & _LO2  # qh byte l: the high 2 bits of l, l+32, l+64, l+96
     out[:, 128:192] = _bytes(hi[:, :, 0] | _shl(hi[:, :, 1], 2) | _shl(hi[:, :, 2], 4) | _shl(hi[:, :, 3], 6))
     out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
-    out[:, 208:210] = _f16(d)
+    _put_f16(out, 208, d)
     out[zero] = 0  # ggml memsets an all-zero super-block
     return out
 

@@ -166,13 +166,7 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         suml2 = ssum(np.multiply(t, L, out=t))
         # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
         # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched.
-        cols = np.flatnonzero((vmax < 0) & ~zero)
-        if cols.size:
-            Xa = np.take(X, cols, axis=1)
-            La = np.take(L, cols, axis=1)
-            slx, sl2 = sumlx[cols], suml2[cols]
-            _q3_descent(Xa, La, slx, sl2, fn)
-            L[:, cols], sumlx[cols], suml2[cols] = La, slx, sl2
+        _q3_descent(X, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L += fn
     scale[zero] = 0
@@ -180,8 +174,9 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, L
 
 
-def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, fn: np.float32) -> None:
-    """make_q3_quants' coordinate passes, in place on the groups (columns) of X, L, sumlx, suml2.
+def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, fn: np.float32,
+                live: np.ndarray) -> None:  # fmt: skip
+    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2.
 
     ggml visits quant i = 0..n-1 of a group, recomputes it from the sums without it and keeps it if the error
     drops; a pass without a change ends the group's search (at most 5 passes). Changes are rare, so each round
@@ -192,7 +187,6 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
     """
     n = X.shape[0]
     rows = np.arange(n)[:, None]
-    live = np.arange(X.shape[1])  # groups still searching
     pos = np.zeros(live.size, dtype=np.intp)  # per group: next quant to try in its current pass
     npass = np.zeros(live.size, dtype=np.intp)
     changed = np.zeros(live.size, dtype=bool)  # per group: something changed in its current pass
@@ -251,7 +245,9 @@ def make_qkx_quants(
 
     xlo = X.min(axis=0)
 
-    def quants(iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray, mn: np.ndarray, top: float) -> np.ndarray:
+    def quants(
+        iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray, mn: np.ndarray, top: float
+    ) -> np.ndarray:
         np.multiply(iscale, Xm, out=la)
         np.rint(la, out=la)
         if not np.abs(iscale * span).max() <= NEAREST_INT_RANGE:  # rare: a NaN, inf or huge iscale

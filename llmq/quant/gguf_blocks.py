@@ -57,12 +57,6 @@ def _f16_back(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
 
 
-def _roundf(v: np.ndarray) -> np.ndarray:
-    """C roundf: half away from zero (np.round would round half to even)."""
-    t = np.trunc(v)
-    return t + np.sign(v) * (np.abs(v - t) >= F32(0.5))
-
-
 def _u8(v: np.ndarray) -> np.ndarray:
     """C conversion of an int to uint8_t (wraps)."""
     return (v.astype(np.int64) & 0xFF).astype(np.uint8)
@@ -141,56 +135,20 @@ def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _signed_absmax(b: np.ndarray) -> np.ndarray:
-    """Per row of ``b`` (M, n): the value with the largest |x|, the first one on a tie (ggml's strict > loop)."""
-    mx, mn = b.max(axis=1), b.min(axis=1)
-    vmax = np.where(mx >= -mn, mx, mn)
-    tie = (mx == -mn) & (mx != 0)
-    if tie.any():  # +a and -a both present: whichever comes first
-        rows = b[tie]
-        vmax[tie] = rows[np.arange(len(rows)), np.argmax(np.abs(rows), axis=1)]
-    vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
-    return vmax
-
-
-def _signed_absmax_em(X: np.ndarray) -> np.ndarray:
-    """_signed_absmax of element-major blocks (n, M)."""
+def _signed_absmax(X: np.ndarray) -> np.ndarray:
+    """Per block of element-major X (n, M): the value with the largest |x|, the first one on a tie."""
     _, vmax = first_absmax(X)
     vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
     return vmax
 
 
-def _first_zero_sign_em(X: np.ndarray, ext: np.ndarray) -> np.ndarray:
-    """_first_zero_sign of element-major blocks (n, M)."""
+def _first_zero_sign(X: np.ndarray, ext: np.ndarray) -> np.ndarray:
+    """ggml's min/max loops keep the first of equal values: a zero extreme has the sign of the first zero."""
     z = ext == 0
     if z.any():
         cols = X[:, z]
         ext[z] = cols[np.argmax(cols == 0, axis=0), np.arange(cols.shape[1])]
     return ext
-
-
-def _first_zero_sign(b: np.ndarray, ext: np.ndarray) -> np.ndarray:
-    """ggml's min/max loops keep the first of equal values: a zero extreme has the sign of the first zero."""
-    z = ext == 0
-    if z.any():
-        rows = b[z]
-        ext[z] = rows[np.arange(len(rows)), np.argmax(rows == 0, axis=1)]
-    return ext
-
-
-def _abs_max_scale(b: np.ndarray, div: float) -> tuple[np.ndarray, np.ndarray]:
-    d = _signed_absmax(b) / F32(div)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    return d, idv
-
-
-def _min_max_scale(b: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mn, mx = _first_zero_sign(b, b.min(axis=1)), _first_zero_sign(b, b.max(axis=1))
-    d = (mx - mn) / F32(levels)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    return d, idv, mn
 
 
 def _qh_bits(q: np.ndarray) -> np.ndarray:
@@ -207,9 +165,9 @@ def _legacy_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
 
 def _code_em(X: np.ndarray, d: np.ndarray, idv: np.ndarray, add: float, hi: int,
              mn: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
-    """Overwrites X. ``MIN(hi, (int8_t)((x [- min]) * id + add))`` of element-major blocks, as uint8 (32, M). Blocks whose d or
-    id is not finite (a denormal d, an inf or NaN input) take _c_min_int8's x86 conversion; elsewhere |x*id| is
-    small and a plain cast truncates the same way."""
+    """``MIN(hi, (int8_t)((x [- min]) * id + add))`` of element-major blocks, as uint8 (32, M); overwrites X.
+    Blocks whose d or id is not finite (a denormal d, an inf or NaN input) take _c_min_int8's x86 conversion;
+    elsewhere |x*id| is small and a plain cast truncates the same way."""
     with np.errstate(invalid="ignore", over="ignore"):
         v = np.subtract(X, mn, out=X) if mn is not None else X  # X is a scratch copy from _em
         np.multiply(v, idv, out=v)
@@ -229,7 +187,7 @@ def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         q = L.T
         return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
     X = _em(x.reshape(-1, 32))
-    d = _signed_absmax_em(X) / F32(-8)
+    d = _signed_absmax(X) / F32(-8)
     q = _code_em(X, d, _inv(d), 8.5, 15)
     out = np.empty((X.shape[1], 18), dtype=np.uint8)
     _put_f16(out, 0, d)
@@ -253,7 +211,7 @@ def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         q = L.T.astype(np.uint8)
         return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
     X = _em(x.reshape(-1, 32))
-    d = _signed_absmax_em(X) / F32(-16)
+    d = _signed_absmax(X) / F32(-16)
     q = _code_em(X, d, _inv(d), 16.5, 31)
     out = np.empty((X.shape[1], 22), dtype=np.uint8)
     _put_f16(out, 0, d)
@@ -266,7 +224,7 @@ def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 
 
 def _min_max_em(X: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mn, mx = _first_zero_sign_em(X, X.min(axis=0)), _first_zero_sign_em(X, X.max(axis=0))
+    mn, mx = _first_zero_sign(X, X.min(axis=0)), _first_zero_sign(X, X.max(axis=0))
     d = (mx - mn) / F32(levels)
     return d, _inv(d), mn
 

@@ -3,9 +3,11 @@
 ``quantize(x, type_name, imatrix=None)`` takes float32 rows ``(nrows, n_per_row)`` and returns the raw blocks
 ``(nrows, row_bytes)`` as uint8, exactly the bytes ``ggml_quantize_chunk`` writes: without an importance matrix
 the ``quantize_row_*_ref`` paths, with one the ``quantize_row_*_impl`` paths (the imatrix is a per-column weight
-of length n_per_row, as llama.cpp passes it). All blocks of a chunk of rows are processed at once by numpy;
-there is no Python loop over blocks. The algorithm (scale search) lives in :mod:`llmq.quant.gguf_search`, the
-byte layout of each block here.
+of length n_per_row, as llama.cpp passes it). All blocks of a chunk of rows (256K values, so that a search's
+temporaries stay in the last-level cache) are processed at once by numpy, element-major (the n values of every
+block as n rows) from the transposed input to the quants; bits are packed on uint64 words. ``encode_jobs`` hands
+out the chunks as work items for a thread pool (numpy releases the GIL in its loops). The algorithm (scale search)
+lives in :mod:`llmq.quant.gguf_search`, the byte layout of each block here.
 """
 
 from __future__ import annotations

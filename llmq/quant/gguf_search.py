@@ -84,22 +84,27 @@ def search_qx(
     lo, hi = -fn, fn - 1
     lq, tmp = np.empty_like(X), np.empty_like(X)
 
-    def quants(iscale: np.ndarray, top: float) -> np.ndarray:
-        np.multiply(iscale, X, out=lq)
-        np.rint(lq, out=lq)  # |iscale*x| <= nmax + 1: inside nearest_int's exact range
-        if top > nmax + 0.5:  # the max element rounds past -nmax in every group
-            return np.clip(lq, lo, hi, out=lq)
-        # rounding is monotonic: a group's quants lie between rint(iscale*max) and rint(|iscale|*opp); clamp only
-        # the groups whose bounds leave [-nmax, nmax-1] (few: an opposite-sign value close to max)
-        out = (np.rint(iscale * vmax) < lo) | (np.rint(np.abs(iscale) * opp) > hi)
-        if out.any():
-            cols = np.flatnonzero(out)
-            lq[:, cols] = np.clip(lq[:, cols], lo, hi)
-        return lq
+    # every candidate's iscale = -(nmax + 0.1*is)/max (the base, is = 0, first; then ggml's order), and the groups
+    # each must clamp: rounding is monotonic, so a group's quants lie between rint(iscale*max) and
+    # rint(|iscale|*opp); only those whose bounds leave [-nmax, nmax-1] need it (few: an opposite-sign value
+    # close to max), except for the widest candidates, where the max itself rounds past -nmax in every group
+    steps = np.array([fn] + [fn + F32(0.1) * F32(i) for i in range(-9, 10) if i], dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        iscales = np.divide(-steps[:, None], safe_max)
+        clamp = np.rint(iscales * vmax) < lo
+        clamp |= np.rint(np.abs(iscales) * opp) > hi
+    full = steps > nmax + 0.5
+    some = clamp.any(axis=1)
 
-    def trial(iscale: np.ndarray, top: float) -> tuple[np.ndarray, np.ndarray]:
+    def trial(k: int) -> tuple[np.ndarray, np.ndarray]:
         # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
-        quants(iscale, top)
+        np.multiply(iscales[k], X, out=lq)
+        np.rint(lq, out=lq)  # |iscale*x| <= nmax + 1: inside nearest_int's exact range
+        if full[k]:
+            np.clip(lq, lo, hi, out=lq)
+        elif some[k]:
+            cols = np.flatnonzero(clamp[k])
+            lq[:, cols] = np.clip(lq[:, cols], lo, hi)
         np.multiply(wx, lq, out=tmp)
         sumlx = ssum(tmp)
         np.multiply(w, lq, out=tmp)
@@ -107,21 +112,17 @@ def search_qx(
         return sumlx, ssum(tmp)
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        best_iscale = -fn / safe_max
-        sumlx, suml2 = trial(best_iscale, nmax)
+        best_iscale = iscales[0].copy()
+        sumlx, suml2 = trial(0)
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
         best = scale * sumlx
-        for i in range(-9, 10):
-            if i == 0:
-                continue
-            step = fn + F32(0.1) * F32(i)
-            iscale = -step / safe_max
-            sumlx, suml2 = trial(iscale, float(step))
+        for k in range(1, len(steps)):
+            sumlx, suml2 = trial(k)
             better = sumlx * sumlx > best * suml2
             better &= suml2 > 0
             if better.any():
                 # ggml recomputes L from the winning iscale; so do we, once, after the search
-                np.copyto(best_iscale, iscale, where=better)
+                np.copyto(best_iscale, iscales[k], where=better)
                 new_scale = sumlx / suml2
                 np.copyto(scale, new_scale, where=better)
                 np.copyto(best, new_scale * sumlx, where=better)

@@ -117,3 +117,21 @@ def test_denormal_blocks_bit_exact(value: float) -> None:
     with np.errstate(all="ignore"):
         for t in TYPES:
             assert _differing_blocks(gb.quantize(x, t), ggml_quantize_chunk(x, t), t) == 0, t
+
+
+@pytest.mark.parametrize("type_name", ["Q6_K", "Q3_K", "Q2_K", "Q4_K", "Q4_0"])
+def test_opposite_sign_near_max_bit_exact(type_name: str) -> None:
+    """Groups with a value of the other sign at 94-100% of the largest |x|: where the searches may skip a clamp."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((64, 512)) * 0.02).astype(np.float32)
+    g = x.reshape(-1, 16)
+    at = np.abs(g).argmax(axis=1)
+    vmax = g[np.arange(len(g)), at]
+    r = rng.uniform(0.94, 1.0, size=len(g)).astype(np.float32)
+    r[::7] = 1.0
+    g[np.arange(len(g)), (at + 1 + rng.integers(0, 15, size=len(g))) % 16] = -vmax * r
+    for qw in (None, rng.random(512).astype(np.float32) + 0.01):
+        assert (
+            _differing_blocks(gb.quantize(x, type_name, qw), ggml_quantize_chunk(x, type_name, qw), type_name)
+            == 0
+        )

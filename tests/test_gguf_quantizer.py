@@ -100,6 +100,8 @@ def test_config_validation_and_outputs(tmp_path, tiny_src) -> None:
         GGUFQuantConfig(tensor_type=("nopattern",))
     with pytest.raises(BadInput):
         GGUFQuantConfig.from_options("gguf", {"group_size": 128})
+    with pytest.raises(BadInput):
+        GGUFQuantConfig(threads=0)
     cfg = GGUFQuantConfig.from_options("gguf", {"type": "q4_k_m", "tensor_type": ("attn_v=Q8_0",)})
     assert GGUFQuantConfig.from_dict(cfg.to_dict()) == cfg and cfg.type == "Q4_K_M"
     out = tmp_path / "o.gguf"
@@ -146,3 +148,17 @@ def test_plan_from_hf_directory(tmp_path) -> None:
     plan = GGUFQuantizer().plan(hf, GGUFQuantConfig(type="Q4_K_M"))
     res = GGUFQuantizer().run(hf, tmp_path / "o.gguf", GGUFQuantConfig(type="Q4_K_M"))
     assert [(t.name, t.dtype, t.nbytes) for t in plan] == [(t.name, t.dtype, t.nbytes) for t in res.tensors]
+
+
+def test_threads_and_read_ahead_do_not_change_bytes(tmp_path, tiny_src, monkeypatch) -> None:
+    from llmq.quant import gguf_blocks, gguf_quantizer
+
+    src, _ = tiny_src
+    outs = []
+    for threads, read_ahead, chunk in ((1, 64 << 20, 1 << 18), (3, 64 << 20, 1 << 18), (2, 1, 1024)):
+        monkeypatch.setattr(gguf_quantizer, "_READ_AHEAD_BYTES", read_ahead)
+        monkeypatch.setattr(gguf_blocks, "_CHUNK_VALUES", chunk)  # many small work items per tensor
+        out = tmp_path / f"o{threads}.gguf"
+        GGUFQuantizer().run(src, out, GGUFQuantConfig(type="Q4_K_M", threads=threads))
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1] == outs[2]

@@ -22,6 +22,7 @@ from llmq.io import (
 )
 from llmq.io.base import TensorInfo, check_output
 from llmq.io.ggml_types import GGML_TYPES, GGUFValueType, type_nbytes
+from llmq.io.gguf import RawStrings
 from llmq.io.safetensors import save_file
 
 # ---------------------------------------------------------------------------------------------- safetensors
@@ -286,6 +287,27 @@ def test_gguf_writer_round_trip_and_reference_reader(tmp_path):
     assert ref.fields["general.name"].contents() == "tést"
     assert {t.name for t in ref.tensors} == set(tensors)
     assert np.array_equal(np.asarray(ref.get_tensor(0).data), x)
+
+
+def test_gguf_raw_string_arrays_copy_byte_for_byte(tmp_path, smollm2_gguf_path):
+    """decode_strings="raw" keeps vocabularies as their bytes; written back they are identical, and they decode
+    to the same strings as a decoding read."""
+    raw = GGUFReader(smollm2_gguf_path, decode_strings="raw")
+    decoded = GGUFReader(smollm2_gguf_path)
+    tokens = raw.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, RawStrings) and len(tokens) == len(decoded.metadata["tokenizer.ggml.tokens"])
+    assert list(tokens) == decoded.metadata["tokenizer.ggml.tokens"] and tokens[5] == list(tokens)[5]
+    out = tmp_path / "meta.gguf"
+    w = GGUFFileWriter(out, None)
+    for key, val in raw.metadata.items():
+        vtype, sub = raw.kv_types[key]
+        w.add(key, val, vtype, sub)
+    w.plan([])
+    w.close()
+    again = GGUFReader(out)
+    for key, val in decoded.metadata.items():
+        assert again.metadata[key] == val, key
+    assert out.read_bytes()[24:].rstrip(b"\0") in Path(smollm2_gguf_path).read_bytes()  # kv section verbatim
 
 
 def test_gguf_split_round_trip(tmp_path):

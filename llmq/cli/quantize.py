@@ -145,6 +145,14 @@ def quantize_cmd(
         list[str] | None,
         typer.Option("--tensor-type", help="PATTERN=TYPE override (repeatable).", rich_help_panel=_F),
     ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="Encoding threads (default: the CPUs available, as llama-quantize).",
+            rich_help_panel=_F,
+        ),
+    ] = None,
     calibration: Annotated[
         str | None,
         typer.Option(
@@ -179,7 +187,7 @@ def quantize_cmd(
         "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type,
         "leave_output_tensor": leave_output_tensor, "tensor_type": tuple(tensor_type) if tensor_type else None,
         "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-        "max_shard_size": max_shard_size,
+        "max_shard_size": max_shard_size, "threads": threads,
     }  # fmt: skip
     options = {k: v for k, v in options.items() if v is not None}
     if dry_run:

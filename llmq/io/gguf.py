@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile
-from llmq.io.base import TensorInfo, check_no_overlap, fsync_close, group_by_size, write_tensor
+from llmq.io.base import TensorInfo, WriteBehind, check_no_overlap, group_by_size, write_tensor
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
     GGML_TYPE_BY_ID,
@@ -51,10 +51,40 @@ class SkippedStrings:
         return f"[{self.count} strings]"
 
 
+class RawStrings:
+    """A string array kept as its serialized GGUF bytes (u64 length + UTF-8, per string): a writer copies it
+    out unchanged, without decoding and re-encoding a 100k-token vocabulary; iterating decodes it."""
+
+    def __init__(self, count: int, data: bytes):
+        self.count = count
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[str]:
+        buf, pos = self.data, 0
+        for _ in range(self.count):
+            (n,) = _U64.unpack_from(buf, pos)
+            yield buf[pos + 8 : pos + 8 + n].decode("utf-8", errors="surrogateescape")
+            pos += 8 + n
+
+    def __getitem__(self, i):
+        return list(self)[i]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RawStrings):
+            return self.count == other.count and self.data == other.data
+        return list(self) == other
+
+    def __repr__(self) -> str:
+        return f"[{self.count} strings]"
+
+
 class _Cursor:
     """Bounded little-endian reads from a bytes-like header region."""
 
-    def __init__(self, buf: bytes, path: Path, decode_strings: bool = True):
+    def __init__(self, buf: bytes, path: Path, decode_strings: bool | str = True):
         self.buf = buf
         self.pos = 0
         self.path = path
@@ -81,9 +111,10 @@ class _Cursor:
         # surrogateescape keeps invalid UTF-8 (it happens in byte-level vocabularies) round-trippable
         return raw.decode("utf-8", errors="surrogateescape")
 
-    def string_array(self, count: int, what: str) -> list[str] | SkippedStrings:
+    def string_array(self, count: int, what: str) -> list[str] | SkippedStrings | RawStrings:
         # the hot path of every header (vocabularies of 100k+ tokens and merges): one tight loop, bytes slices
         buf, pos, end = self.buf, self.pos, len(self.buf)
+        decode = self.decode_strings is True
         unpack = _U64.unpack_from
         out: list[str] = []
         append = out.append
@@ -94,11 +125,13 @@ class _Cursor:
             pos += 8
             if n > end - pos:
                 raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
-            if self.decode_strings:
+            if decode:
                 append(buf[pos : pos + n].decode("utf-8", errors="surrogateescape"))
             pos += n
-        self.pos = pos
-        return out if self.decode_strings else SkippedStrings(count)
+        start, self.pos = self.pos, pos
+        if self.decode_strings == "raw":
+            return RawStrings(count, bytes(buf[start:pos]))
+        return out if decode else SkippedStrings(count)
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         try:
@@ -138,7 +171,7 @@ class _Cursor:
 class GGUFFile:
     """The parsed header of one GGUF file."""
 
-    def __init__(self, path: Path, decode_strings: bool = True):
+    def __init__(self, path: Path, decode_strings: bool | str = True):
         self.path = path
         self.decode_strings = decode_strings
         try:
@@ -276,8 +309,9 @@ class GGUFReader(FileTensorReader):
     kind = "gguf"
     config = None
 
-    def __init__(self, path: str | os.PathLike, decode_strings: bool = True):
-        """``decode_strings=False`` leaves string arrays (vocabularies, merges) as :class:`SkippedStrings`."""
+    def __init__(self, path: str | os.PathLike, decode_strings: bool | str = True):
+        """``decode_strings=False`` leaves string arrays (vocabularies, merges) as :class:`SkippedStrings`,
+        ``"raw"`` as :class:`RawStrings` (their bytes, for copying them to another GGUF)."""
         self.path = Path(path)
         self.files = [GGUFFile(p, decode_strings) for p in split_paths(self.path)]
         first = self.files[0]
@@ -327,6 +361,8 @@ def _infer_vtype(value: Any) -> tuple[GGUFValueType, GGUFValueType | None]:
         return GGUFValueType.FLOAT32, None
     if isinstance(value, (str, bytes)):
         return GGUFValueType.STRING, None
+    if isinstance(value, RawStrings):
+        return GGUFValueType.ARRAY, GGUFValueType.STRING
     if isinstance(value, (list, tuple)):
         if not value:
             return GGUFValueType.ARRAY, GGUFValueType.INT32
@@ -355,6 +391,8 @@ def pack_value(value: Any, vtype: GGUFValueType, sub: GGUFValueType | None = Non
         if sub in NUMPY_SCALARS:
             return head + np.asarray(value, dtype=np.dtype(NUMPY_SCALARS[sub])).tobytes()
         if sub == GGUFValueType.STRING:
+            if isinstance(value, RawStrings):
+                return head + value.data
             return head + b"".join(_pack_string(v) for v in value)
         return head + b"".join(pack_value(v, GGUFValueType.ARRAY) for v in value)
     return struct.pack(SCALAR_FORMATS[vtype], value)
@@ -437,6 +475,7 @@ class GGUFFileWriter:
         header = b"".join(parts)
         header += b"\0" * (_align(len(header), self.alignment) - len(header))
         self._fh = open(path, "wb")
+        self._sync = WriteBehind(self._fh)
         self._fh.write(header)
 
     def write(self, name: str, data) -> None:
@@ -454,12 +493,13 @@ class GGUFFileWriter:
         pad = _align(expected.nbytes, self.alignment) - expected.nbytes
         if pad:
             self._fh.write(b"\0" * pad)
+        self._sync.wrote(expected.nbytes + pad)
         self._queue.pop()
 
     def _finish_file(self) -> None:
         assert self._fh is not None
-        fsync_close(self._fh)
         self._fh = None
+        self._sync.close()
 
     def close(self) -> list[Path]:
         if self._queue:
@@ -475,6 +515,7 @@ class GGUFFileWriter:
 
     def abort(self) -> None:
         if self._fh is not None:
+            self._sync.join()
             self._fh.close()
             self._fh = None
         for p in self.paths:

@@ -45,6 +45,29 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> np.n
     return arr.reshape(stop - start, *info.shape[-1:])
 
 
+def map_rows(info: TensorInfo) -> np.ndarray:
+    """The whole tensor as ``read_rows`` returns it, but a read-only view of a memory map of just its bytes: no
+    copy and no fresh pages (the page cache's are mapped as they are touched, as llama.cpp reads its input),
+    unmapped when the array is dropped, so resident memory stays bounded by the tensors held."""
+    import mmap
+
+    if info.file is None or info.offset is None:
+        raise ValueError(f"tensor {info.name} has no location")
+    if not info.nbytes:
+        return read_rows(info)
+    base = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+    with open(info.file, "rb") as f:
+        try:  # mmap checks the range against the file size (a truncated file raises, never SIGBUS)
+            m = mmap.mmap(f.fileno(), info.offset + info.nbytes - base, offset=base, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise CorruptFile(f"{Path(info.file).name}: tensor {info.name} is truncated") from None
+    buf = np.frombuffer(m, dtype=np.uint8, count=info.nbytes, offset=info.offset - base)
+    rows = n_rows(info)
+    if is_block_type(info.dtype):
+        return buf.reshape(rows, info.nbytes // rows if rows else 0)
+    return buf.view(np.dtype(NUMPY_DTYPES[info.dtype])).reshape(info.shape)
+
+
 def row_chunks(
     info: TensorInfo, multiple: int = 1, max_elements: int = CHUNK_ELEMENTS
 ) -> Iterator[tuple[int, int]]:
@@ -89,10 +112,11 @@ class FileTensorReader(TensorTable):
     def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         return read_rows(self.info(name), start, stop)
 
-    def read_float(self, name: str) -> np.ndarray:
-        """The tensor as float32 numpy (ggml block types dequantized), in torch shape."""
+    def read_float(self, name: str, mapped: bool = False) -> np.ndarray:
+        """The tensor as float32 numpy (ggml block types dequantized), in torch shape. ``mapped``: read-only,
+        over a memory map of the file where the stored type is float32 already (see :func:`map_rows`)."""
         info = self.info(name)
         try:
-            return to_float32(read_rows(info), info.dtype).reshape(info.shape)
+            return to_float32(map_rows(info) if mapped else read_rows(info), info.dtype).reshape(info.shape)
         except UnsupportedType as e:
             raise UnsupportedType(f"{e} (tensor {name})") from None

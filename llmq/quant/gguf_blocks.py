@@ -3,13 +3,16 @@
 ``quantize(x, type_name, imatrix=None)`` takes float32 rows ``(nrows, n_per_row)`` and returns the raw blocks
 ``(nrows, row_bytes)`` as uint8, exactly the bytes ``ggml_quantize_chunk`` writes: without an importance matrix
 the ``quantize_row_*_ref`` paths, with one the ``quantize_row_*_impl`` paths (the imatrix is a per-column weight
-of length n_per_row, as llama.cpp passes it). All blocks of a chunk of rows are processed at once by numpy;
-there is no Python loop over blocks. The algorithm (scale search) lives in :mod:`llmq.quant.gguf_search`, the
-byte layout of each block here.
+of length n_per_row, as llama.cpp passes it). All blocks of a chunk of rows (256K values, so that a search's
+temporaries stay in the last-level cache) are processed at once by numpy, element-major (the n values of every
+block as n rows) from the transposed input to the quants; bits are packed on uint64 words. ``encode_jobs`` hands
+out the chunks as work items for a thread pool (numpy releases the GIL in its loops). The algorithm (scale search)
+lives in :mod:`llmq.quant.gguf_search`, the byte layout of each block here.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +29,8 @@ from llmq.quant.gguf_search import (
     make_qp_quants,
     make_qx_quants,
     nearest_int,
+    rint_exact,
+    search_qx,
     ssum,
 )
 
@@ -43,15 +48,15 @@ def _f16(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=F32).astype("<f2").view(np.uint8).reshape(*np.shape(v), 2)
 
 
+def _put_f16(out: np.ndarray, col: int, v: np.ndarray) -> None:
+    """Store _f16(v) at bytes col, col+1 of every block of ``out`` (M, even row bytes): one strided uint16 copy
+    instead of a copy of 2-byte rows."""
+    out.view("<u2")[:, col // 2] = np.asarray(v, dtype=F32).astype("<f2").view("<u2")
+
+
 def _f16_back(v: np.ndarray) -> np.ndarray:
     """GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(v))."""
     return np.asarray(v, dtype=F32).astype(np.float16).astype(F32)
-
-
-def _roundf(v: np.ndarray) -> np.ndarray:
-    """C roundf: half away from zero (np.round would round half to even)."""
-    t = np.trunc(v)
-    return t + np.sign(v) * (np.abs(v - t) >= F32(0.5))
 
 
 def _u8(v: np.ndarray) -> np.ndarray:
@@ -72,7 +77,21 @@ def _c_min_int8(v: np.ndarray, hi: int) -> np.ndarray:
 
 def _em(blocks: np.ndarray) -> np.ndarray:
     """(M, n) groups -> element-major (n, M) contiguous."""
-    return np.ascontiguousarray(blocks.T)
+    M, n = blocks.shape
+    out = np.empty((n, M), dtype=blocks.dtype)
+    step = max(64, 8192 // n)  # numpy's strided copy is 2-4x faster when each piece stays in L1 (~32 KB)
+    for j in range(0, M, step):
+        out[:, j : j + step] = blocks[j : j + step].T
+    return out
+
+
+def _from_em(q: np.ndarray) -> np.ndarray:
+    """Element-major (n, M) quants -> (M, n) uint8; one strided column write per element beats a transpose."""
+    q8 = q.astype(np.uint8)
+    out = np.empty(q.shape[::-1], dtype=np.uint8)
+    for i in range(q.shape[0]):
+        out[:, i] = q8[i]
+    return out
 
 
 def _nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -89,56 +108,49 @@ def _row_sigma2(x: np.ndarray, factor: float = 1.0) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- legacy 32-blocks
 
 
+def _put_em(out: np.ndarray, col: int, P: np.ndarray) -> None:
+    """Write element-major bytes P (k, M) as columns col..col+k of the block array ``out`` (M, row bytes)."""
+    dst = out[:, col : col + P.shape[0]]
+    for i in range(P.shape[0]):
+        dst[:, i] = P[i]
+
+
+def _inv(d: np.ndarray) -> np.ndarray:
+    """ggml's ``id = d ? 1.0f/d : 0.0f``."""
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
+
+
 def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    amax = np.abs(np.maximum(b.max(axis=1), -b.min(axis=1)))  # abs: ggml's running max starts at +0.0
+    X = _em(x.reshape(-1, 32))
+    amax = np.abs(np.maximum(X.max(axis=0), -X.min(axis=0)))  # abs: ggml's running max starts at +0.0
     d = amax / F32(127)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    v = b * idv[:, None]
-    # roundf (half away from zero) as trunc(v + copysign(0.5 - 2^-25, v)): exact for |v| < 2^23
-    v += np.copysign(F32(0.49999997), v)
-    np.trunc(v, out=v)
-    out = np.empty((b.shape[0], 34), dtype=np.uint8)
-    out[:, :2] = _f16(d)
-    out[:, 2:] = v.astype(np.int8).view(np.uint8)
+    with np.errstate(invalid="ignore"):
+        np.multiply(X, _inv(d), out=X)
+    # roundf (half away from zero) as trunc(v + copysign(0.5 - 2^-25, v)): exact for |v| < 2^23; the float ->
+    # int8 cast in _put_em truncates
+    X += np.copysign(F32(0.49999997), X)
+    out = np.empty((X.shape[1], 34), dtype=np.uint8)
+    _put_f16(out, 0, d)
+    with np.errstate(invalid="ignore"):
+        _put_em(out.view(np.int8), 2, X)
     return out
 
 
-def _signed_absmax(b: np.ndarray) -> np.ndarray:
-    """Per row of ``b`` (M, n): the value with the largest |x|, the first one on a tie (ggml's strict > loop)."""
-    mx, mn = b.max(axis=1), b.min(axis=1)
-    vmax = np.where(mx >= -mn, mx, mn)
-    tie = (mx == -mn) & (mx != 0)
-    if tie.any():  # +a and -a both present: whichever comes first
-        rows = b[tie]
-        vmax[tie] = rows[np.arange(len(rows)), np.argmax(np.abs(rows), axis=1)]
+def _signed_absmax(X: np.ndarray) -> np.ndarray:
+    """Per block of element-major X (n, M): the value with the largest |x|, the first one on a tie."""
+    _, vmax = first_absmax(X)
     vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
     return vmax
 
 
-def _first_zero_sign(b: np.ndarray, ext: np.ndarray) -> np.ndarray:
+def _first_zero_sign(X: np.ndarray, ext: np.ndarray) -> np.ndarray:
     """ggml's min/max loops keep the first of equal values: a zero extreme has the sign of the first zero."""
     z = ext == 0
     if z.any():
-        rows = b[z]
-        ext[z] = rows[np.arange(len(rows)), np.argmax(rows == 0, axis=1)]
+        cols = X[:, z]
+        ext[z] = cols[np.argmax(cols == 0, axis=0), np.arange(cols.shape[1])]
     return ext
-
-
-def _abs_max_scale(b: np.ndarray, div: float) -> tuple[np.ndarray, np.ndarray]:
-    d = _signed_absmax(b) / F32(div)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    return d, idv
-
-
-def _min_max_scale(b: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mn, mx = _first_zero_sign(b, b.min(axis=1)), _first_zero_sign(b, b.max(axis=1))
-    d = (mx - mn) / F32(levels)
-    with np.errstate(divide="ignore"):
-        idv = np.where(d != 0, F32(1) / np.where(d != 0, d, F32(1)), F32(0))
-    return d, idv, mn
 
 
 def _qh_bits(q: np.ndarray) -> np.ndarray:
@@ -153,70 +165,141 @@ def _legacy_weights(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     return (qw[None, :] * np.sqrt(sigma2 + x * x)).reshape(-1, 32)
 
 
+def _code_em(X: np.ndarray, d: np.ndarray, idv: np.ndarray, add: float, hi: int,
+             mn: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    """``MIN(hi, (int8_t)((x [- min]) * id + add))`` of element-major blocks, as uint8 (32, M); overwrites X.
+    Blocks whose d or id is not finite (a denormal d, an inf or NaN input) take _c_min_int8's x86 conversion;
+    elsewhere |x*id| is small and a plain cast truncates the same way."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = np.subtract(X, mn, out=X) if mn is not None else X  # X is a scratch copy from _em
+        np.multiply(v, idv, out=v)
+        v += F32(add)
+    q = v.astype(np.uint8)
+    np.minimum(q, np.uint8(hi), out=q)
+    bad = ~(np.isfinite(idv) & np.isfinite(d))
+    if bad.any():
+        q[:, bad] = _c_min_int8(v[:, bad], hi)
+    return q
+
+
 def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv = _abs_max_scale(b, -8)
-        with np.errstate(invalid="ignore"):
-            q = b * idv[:, None]
-        q += F32(8.5)
-        qi = _c_min_int8(q, 15).astype(np.uint16)
-        # ggml ORs the two codes without masking: identical to nibbles for in-range codes
-        packed = ((qi[:, :16] | (qi[:, 16:] << 4)) & 0xFF).astype(np.uint8)
-        return np.concatenate([_f16(d), packed], axis=1)
-    d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
-    q = L.T
-    return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    if qw is not None:
+        b = x.reshape(-1, 32)
+        d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
+        q = L.T
+        return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d = _signed_absmax(X) / F32(-8)
+    q = _code_em(X, d, _inv(d), 8.5, 15)
+    out = np.empty((X.shape[1], 18), dtype=np.uint8)
+    _put_f16(out, 0, d)
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 2, q[:16])
+    return out
+
+
+def _put_qh(out: np.ndarray, col: int, q: np.ndarray) -> None:
+    """The 5th bit of each of the 32 quants (32, M) as ggml's little-endian uint32 qh: bytes col..col+4."""
+    h = (q >> 4).reshape(4, 8, -1)
+    h <<= np.arange(8, dtype=np.uint8)[None, :, None]
+    _put_em(out, col, np.bitwise_or.reduce(h, axis=1))
 
 
 def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv = _abs_max_scale(b, -16)
-        with np.errstate(invalid="ignore"):
-            q = b * idv[:, None]
-        q += F32(16.5)
-        q = _c_min_int8(q, 31)
-    else:
+    if qw is not None:
+        b = x.reshape(-1, 32)
         d, L = make_qx_quants(_em(b), 16, _em(_legacy_weights(x, qw)))
-        q = L.T
-    q = q.astype(np.uint8)
-    return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+        q = L.T.astype(np.uint8)
+        return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d = _signed_absmax(X) / F32(-16)
+    q = _code_em(X, d, _inv(d), 16.5, 31)
+    out = np.empty((X.shape[1], 22), dtype=np.uint8)
+    _put_f16(out, 0, d)
+    _put_qh(out, 2, q)
+    q &= 0xF
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 6, q[:16])
+    return out
+
+
+def _min_max_em(X: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    mn, mx = _first_zero_sign(X, X.min(axis=0)), _first_zero_sign(X, X.max(axis=0))
+    d = (mx - mn) / F32(levels)
+    return d, _inv(d), mn
 
 
 def _q4_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv, mn = _min_max_scale(b, 15)
-        with np.errstate(invalid="ignore"):
-            qi = _c_min_int8((b - mn[:, None]) * idv[:, None] + F32(0.5), 15).astype(np.uint16)
-        packed = ((qi[:, :16] | (qi[:, 16:] << 4)) & 0xFF).astype(np.uint8)
-        return np.concatenate([_f16(d), _f16(mn), packed], axis=1)
-    else:
+    if qw is not None:
+        b = x.reshape(-1, 32)
         d, the_min, L = make_qkx_quants(_em(b), _em(_legacy_weights(x, qw)), 15, -0.9, 0.05, 36, False)
         mn, q = -the_min, L.T
-    return np.concatenate([_f16(d), _f16(mn), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+        return np.concatenate([_f16(d), _f16(mn), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d, idv, mn = _min_max_em(X, 15)
+    q = _code_em(X, d, idv, 0.5, 15, mn)
+    out = np.empty((X.shape[1], 20), dtype=np.uint8)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, mn)
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 4, q[:16])
+    return out
 
 
 def _q5_1(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    b = x.reshape(-1, 32)
-    if qw is None:
-        d, idv, mn = _min_max_scale(b, 31)
-        q = _u8(np.trunc((b - mn[:, None]) * idv[:, None] + F32(0.5)))
-    else:
+    if qw is not None:
+        b = x.reshape(-1, 32)
         d, the_min, L = make_qkx_quants(_em(b), _em(_legacy_weights(x, qw)), 31, -0.9, 0.05, 36, False)
         mn, q = -the_min, L.T.astype(np.uint8)
-    return np.concatenate([_f16(d), _f16(mn), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+        return np.concatenate([_f16(d), _f16(mn), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
+    X = _em(x.reshape(-1, 32))
+    d, idv, mn = _min_max_em(X, 31)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = np.subtract(X, mn)
+        np.multiply(v, idv, out=v)
+        v += F32(0.5)
+    q = _u8(np.trunc(v))  # ggml's (uint8_t) without a MIN: the low byte
+    out = np.empty((X.shape[1], 24), dtype=np.uint8)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, mn)
+    _put_qh(out, 4, q)
+    q &= 0xF
+    q[16:] <<= 4
+    q[:16] |= q[16:]
+    _put_em(out, 8, q[:16])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- K-quant packing
 
 
-def _pack_2bit(L: np.ndarray) -> np.ndarray:
-    """qs of Q2_K/Q3_K: per 128 quants, byte l holds quants l, l+32, l+64, l+96 (2 bits each). L: (nb, 256)."""
-    q = L.astype(np.uint8).reshape(-1, 2, 4, 32)
-    out = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
-    return out.reshape(-1, 64)
+# Bit packing works on 8 quants at a time: a block's uint8 quants viewed as little-endian uint64 words. Every
+# field stays inside its own byte (no carries across bytes), so word-wide shifts and ORs give ggml's bytes, with
+# 8x fewer numpy elements than byte-wise packing.
+_LO4, _BIT0, _LO2 = (np.uint64(0x0101010101010101 * v) for v in (0x0F, 0x01, 0x03))
+
+
+def _words(q: np.ndarray, *shape: int) -> np.ndarray:
+    """Blocks of uint8 quants (nb, 256) as uint64 words (nb, *shape)."""
+    return np.ascontiguousarray(q).view("<u8").reshape(q.shape[0], *shape)
+
+
+def _bytes(w: np.ndarray) -> np.ndarray:
+    return w.view(np.uint8).reshape(w.shape[0], -1)
+
+
+def _shl(w: np.ndarray, n: int) -> np.ndarray:
+    return w << np.uint64(n)
+
+
+def _pack_2bit(q: np.ndarray) -> np.ndarray:
+    """qs of Q2_K/Q3_K: per 128 quants, byte l holds quants l, l+32, l+64, l+96 (2 bits each). q: (nb, 256)
+    uint8 in [0, 3]."""
+    w = _words(q, 2, 4, 4)  # [half, k, word]
+    return _bytes(w[:, :, 0] | _shl(w[:, :, 1], 2) | _shl(w[:, :, 2], 4) | _shl(w[:, :, 3], 6))
 
 
 def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -239,18 +322,25 @@ def _pack_scales_q3(ls: np.ndarray) -> np.ndarray:
     return out
 
 
-def _requant(
-    x: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray, lo: int, hi: int
-) -> np.ndarray:
-    """Final quants from the stored (fp16-rounded) scales: nearest_int((x + m)/d) where d != 0, else keep L.
+def _requant(X: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray | Callable[[np.ndarray], np.ndarray],
+             lo: int, hi: int, off: int = 0) -> np.ndarray:  # fmt: skip
+    """Final quants from the stored (fp16-rounded) scales, as uint8 blocks (nb, 256) in ggml's element order:
+    off + clamp(nearest_int((x + m)/d), lo, hi) where d != 0, else the search's L.
 
-    x, L: (nb, nsub, n); d, m: (nb, nsub).
+    X, L: element-major (n, M) groups (L may be a function giving the columns it is asked for); d, m: (M,).
     """
     nz = d != 0
-    dd = np.where(nz, d, F32(1))[..., None]
-    v = x if m is None else x + m[..., None]
-    q = np.clip(nearest_int(v / dd), F32(lo), F32(hi))
-    return np.where(nz[..., None], q, L)
+    dd = np.where(nz, d, F32(1))
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.divide(np.add(X, m), dd) if m is not None else np.divide(X, dd)
+    rint_exact(q, out=q)
+    np.clip(q, F32(lo), F32(hi), out=q)
+    if off:
+        q += F32(off)
+    if not nz.all():
+        cols = np.flatnonzero(~nz)
+        q[:, cols] = L(cols) if callable(L) else L[:, cols]
+    return _from_em(q).reshape(-1, QK_K)
 
 
 def _kquant_subblocks(x: np.ndarray, n: int) -> np.ndarray:
@@ -270,8 +360,7 @@ def _q2_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     nb = x.size // QK_K
     X = _kquant_subblocks(x, 16)
     if qw is None:
-        W = np.abs(X)
-        scales, mins, L = make_qkx_quants(X, W, 3, -0.5, 0.1, 15, True)
+        scales, mins, L = make_qkx_quants(X, np.abs(X), 3, -0.5, 0.1, 15, True)
         scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -291,11 +380,15 @@ def _q2_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         d, Ls = make_qp_quants(_em(scales.reshape(nb, 16)), 15, _em(sw))
         dmin, Lm = make_qp_quants(_em(mins.reshape(nb, 16)), 15, _em(sw))
         sc = _u8(Ls.T) | _u8(Lm.T.astype(np.int64) << 4)
-    dq, mq = _f16_back(d), _f16_back(dmin)
-    dsub = dq[:, None] * (sc & 0xF).astype(F32)
-    msub = mq[:, None] * (sc >> 4).astype(F32)
-    Lf = _requant(x.reshape(nb, 16, 16), dsub, msub, L.T.reshape(nb, 16, 16), 0, 3)
-    return np.concatenate([sc, _pack_2bit(Lf.reshape(nb, QK_K)), _f16(d), _f16(dmin)], axis=1)
+    dsub = _f16_back(d)[:, None] * (sc & 0xF).astype(F32)
+    msub = _f16_back(dmin)[:, None] * (sc >> 4).astype(F32)
+    q = _requant(X, dsub.reshape(-1), msub.reshape(-1), L, 0, 3)
+    out = np.empty((nb, 84), dtype=np.uint8)
+    out[:, :16] = sc
+    out[:, 16:80] = _pack_2bit(q)
+    _put_f16(out, 80, d)
+    _put_f16(out, 82, dmin)
+    return out
 
 
 def _q3_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -320,14 +413,18 @@ def _q3_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         scales, L = make_qx_quants(X, 4, W)
         d, Ls = make_qx_quants(_em(scales.reshape(nb, 16)), 32, _em(sw))
         ls = Ls.T.astype(np.int64)
-    sc = _pack_scales_q3(ls)
     dsub = _f16_back(d)[:, None] * (ls - 32).astype(F32)
-    Lf = _requant(x.reshape(nb, 16, 16), dsub, None, L.T.reshape(nb, 16, 16) - F32(4), -4, 3) + F32(4)
-    Lf = Lf.reshape(nb, 8, 32).astype(np.uint8)  # quant j -> hmask byte j % 32, bit j // 32
-    high = Lf > 3
-    hmask = np.bitwise_or.reduce(high.astype(np.uint8) << np.arange(8, dtype=np.uint8)[None, :, None], axis=1)
-    low = np.where(high, Lf - 4, Lf).reshape(nb, QK_K)
-    return np.concatenate([hmask, _pack_2bit(low), sc, _f16(d)], axis=1)
+    q = _requant(X, dsub.reshape(-1), None, L, -4, 3, off=4)
+    w = _words(q, 8, 4)  # quant j -> hmask byte j % 32, bit j // 32: the quant's bit 2 (q in [0, 7])
+    hmask = (w[:, 0] >> np.uint64(2)) & _BIT0
+    for j in range(1, 8):
+        hmask |= _shl((w[:, j] >> np.uint64(2)) & _BIT0, j)
+    out = np.empty((nb, 110), dtype=np.uint8)
+    out[:, :32] = _bytes(hmask)
+    out[:, 32:96] = _pack_2bit(_bytes(w & _LO2))
+    out[:, 96:108] = _pack_scales_q3(ls)
+    _put_f16(out, 108, d)
+    return out
 
 
 def _q45_K(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray, ...]:
@@ -335,10 +432,12 @@ def _q45_K(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray,
     nb = x.size // QK_K
     X = _kquant_subblocks(x, 32)
     if qw is None:
-        av_x = np.sqrt(ssum(X * X) / F32(32))
-        W = av_x[None, :] + np.abs(X)
+        W = np.multiply(X, X)
+        av_x = np.sqrt(ssum(W) / F32(32))
+        W = np.add(av_x, np.abs(X, out=W), out=W)
         rmin, nstep = (-1.0, 20) if nmax == 15 else (-0.5, 15)
         scales, mins, L = make_qkx_quants(X, W, nmax, rmin, 0.1, nstep, False)
+        del W
         scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
         max_scale = np.maximum(scales.max(axis=1), F32(0))
         max_min = np.maximum(mins.max(axis=1), F32(0))
@@ -358,33 +457,43 @@ def _q45_K(x: np.ndarray, qw: np.ndarray | None, nmax: int) -> tuple[np.ndarray,
         ls, lm = _u8(Ls.T), _u8(Lm.T)
     dsub = _f16_back(d)[:, None] * ls.astype(F32)
     msub = _f16_back(dmin)[:, None] * lm.astype(F32)
-    Lf = _requant(x.reshape(nb, 8, 32), dsub, msub, L.T.reshape(nb, 8, 32), 0, nmax)
-    return d, dmin, _pack_scales_k4(ls, lm), Lf.reshape(nb, QK_K).astype(np.uint8)
+    q = _requant(X, dsub.reshape(-1), msub.reshape(-1), L, 0, nmax)
+    return d, dmin, _pack_scales_k4(ls, lm), q
 
 
 def _q4_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    d, dmin, sc, L = _q45_K(x, qw, 15)
-    q = L.reshape(-1, 4, 2, 32)
-    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([_f16(d), _f16(dmin), sc, qs], axis=1)
+    d, dmin, sc, q = _q45_K(x, qw, 15)
+    w = _words(q, 4, 2, 4)  # chunk c of 64 quants: byte l = quant l | quant l+32 << 4
+    out = np.empty((q.shape[0], 144), dtype=np.uint8)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, dmin)
+    out[:, 4:16] = sc
+    out[:, 16:] = _bytes(w[:, :, 0] | _shl(w[:, :, 1], 4))
+    return out
 
 
 def _q5_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
-    d, dmin, sc, L = _q45_K(x, qw, 31)
-    q = L.reshape(-1, 4, 2, 32)  # chunk c of 64 quants: low half bit 2c, high half bit 2c+1 of qh
-    hib = (q >> 4).astype(np.uint8)
-    shifts = (2 * np.arange(4, dtype=np.uint8))[None, :, None]
-    qh = np.bitwise_or.reduce((hib[:, :, 0] << shifts) | (hib[:, :, 1] << (shifts + 1)), axis=1)
-    lo = q & 0xF
-    qs = (lo[:, :, 0] | (lo[:, :, 1] << 4)).reshape(-1, 128)
-    return np.concatenate([_f16(d), _f16(dmin), sc, qh, qs], axis=1)
+    d, dmin, sc, q = _q45_K(x, qw, 31)
+    w = _words(q, 4, 2, 4)  # chunk c of 64 quants: low half bit 2c, high half bit 2c+1 of qh
+    hib = (w >> np.uint64(4)) & _BIT0
+    qh = hib[:, 0, 0] | _shl(hib[:, 0, 1], 1)
+    for c in range(1, 4):
+        qh |= _shl(hib[:, c, 0], 2 * c) | _shl(hib[:, c, 1], 2 * c + 1)
+    lo = w & _LO4
+    out = np.empty((q.shape[0], 176), dtype=np.uint8)
+    _put_f16(out, 0, d)
+    _put_f16(out, 2, dmin)
+    out[:, 4:16] = sc
+    out[:, 16:48] = _bytes(qh)
+    out[:, 48:] = _bytes(lo[:, :, 0] | _shl(lo[:, :, 1], 4))
+    return out
 
 
 def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     nb = x.size // QK_K
     X = _kquant_subblocks(x, 16)
     W = None if qw is None else _em(np.broadcast_to(qw.reshape(1, -1), x.shape).reshape(-1, 16))
-    scales, L = make_qx_quants(X, 32, W)
+    scales, L = search_qx(X, 32, W)
     scales = scales.reshape(nb, 16)
     max_abs, max_scale = first_absmax(_em(scales))
     zero = max_abs < GROUP_MAX_EPS
@@ -394,14 +503,14 @@ def _q6_K(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         sc = np.minimum(F32(127), nearest_int(iscale[:, None] * scales)).astype(np.int64)
     sc = np.where(zero[:, None], 0, sc)
     dsub = _f16_back(d)[:, None] * sc.astype(F32)
-    Lf = _requant(x.reshape(nb, 16, 16), dsub, None, L.T.reshape(nb, 16, 16) - F32(32), -32, 31) + F32(32)
-    q = Lf.reshape(nb, 2, 4, 32).astype(np.uint8)  # half h, quarter k of 32
-    lo, hi = q & 0xF, q >> 4
-    ql = np.concatenate([lo[:, :, 0] | (lo[:, :, 2] << 4), lo[:, :, 1] | (lo[:, :, 3] << 4)], axis=2)
-    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
-    out = np.concatenate(
-        [ql.reshape(nb, 128), qh.reshape(nb, 64), sc.astype(np.int8).view(np.uint8), _f16(d)], axis=1
-    )
+    q = _requant(X, dsub.reshape(-1), None, L, -32, 31, off=32)
+    out = np.empty((nb, 210), dtype=np.uint8)
+    w = _words(q, 2, 2, 8)  # half h of 128 quants: ql byte p = low nibbles of quants p and p+64
+    out[:, :128] = _bytes((w[:, :, 0] & _LO4) | _shl(w[:, :, 1] & _LO4, 4))
+    hi = (_words(q, 2, 4, 4) >> np.uint64(4)) & _LO2  # qh byte l: the high 2 bits of l, l+32, l+64, l+96
+    out[:, 128:192] = _bytes(hi[:, :, 0] | _shl(hi[:, :, 1], 2) | _shl(hi[:, :, 2], 4) | _shl(hi[:, :, 3], 6))
+    out[:, 192:208] = sc.astype(np.int8).view(np.uint8)
+    _put_f16(out, 208, d)
     out[zero] = 0  # ggml memsets an all-zero super-block
     return out
 
@@ -412,7 +521,7 @@ _ENCODERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
 }  # fmt: skip
 
 # rows per work item: about 64K values keeps the temporaries of the searches in cache
-_CHUNK_VALUES = 1 << 16
+_CHUNK_VALUES = 1 << 18
 
 
 def row_bytes(type_name: str, n_per_row: int) -> int:
@@ -420,14 +529,21 @@ def row_bytes(type_name: str, n_per_row: int) -> int:
     return n_per_row // blck * nbytes
 
 
-def quantize(
-    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None, threads: int | None = None
-) -> np.ndarray:
-    """Encode float32 rows ``x`` (nrows, n_per_row) as ggml ``type_name`` blocks: uint8 (nrows, row_bytes).
+def default_threads() -> int:
+    """Worker threads for encoding: the CPUs this process may use (llama.cpp's nthread default), at most 8."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
 
-    ``imatrix`` (n_per_row,) switches to llama.cpp's importance-weighted search where ggml has one (Q8_0 ignores
-    it, as ggml does).
-    """
+
+def encode_jobs(
+    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None
+) -> tuple[np.ndarray, list[Callable[[], None]]]:
+    """The output (nrows, row_bytes) of encoding rows ``x`` as ``type_name`` and the work items that fill it,
+    each a slice of rows small enough that its temporaries stay in cache: run them in any order, on any
+    threads (numpy releases the GIL in its loops), then the output is complete."""
     type_name = type_name.upper()
     if type_name not in _ENCODERS:
         raise UnsupportedType(f"no GGUF encoder for {type_name} (have {', '.join(SUPPORTED_TYPES)})")
@@ -452,15 +568,26 @@ def quantize(
     def work(r0: int) -> None:
         out[r0 : r0 + step] = enc(np.ascontiguousarray(x[r0 : r0 + step]), qw).reshape(-1, out.shape[1])
 
-    starts = range(0, nrows, step)
-    nthreads = threads or min(8, os.cpu_count() or 1)
-    if nthreads <= 1 or len(starts) == 1:
-        for r0 in starts:
-            work(r0)
+    return out, [functools.partial(work, r0) for r0 in range(0, nrows, step)]
+
+
+def quantize(
+    x: np.ndarray, type_name: str, imatrix: np.ndarray | None = None, threads: int | None = None
+) -> np.ndarray:
+    """Encode float32 rows ``x`` (nrows, n_per_row) as ggml ``type_name`` blocks: uint8 (nrows, row_bytes).
+
+    ``imatrix`` (n_per_row,) switches to llama.cpp's importance-weighted search where ggml has one (Q8_0 ignores
+    it, as ggml does).
+    """
+    out, jobs = encode_jobs(x, type_name, imatrix)
+    nthreads = threads or default_threads()
+    if nthreads <= 1 or len(jobs) == 1:
+        for job in jobs:
+            job()
     else:
-        # numpy releases the GIL inside its loops, so chunks on threads overlap well
-        with ThreadPoolExecutor(nthreads) as pool:
-            list(pool.map(work, starts))
+        with ThreadPoolExecutor(min(nthreads, len(jobs))) as pool:
+            for f in [pool.submit(job) for job in jobs]:
+                f.result()
     return out
 
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from llmq.errors import BadInput, UnsupportedType
+from llmq.io.ggml_types import GGML_TYPES
 
 
 @dataclass(frozen=True)
@@ -94,26 +95,32 @@ _NOT_QUANTIZED_PARTS = (
 _LOW_IQ = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"})
 
 
-def _quant_sizes() -> Mapping[str, tuple[int, int]]:
-    """ggml type name -> (block size, bytes per block), from gguf-py's table."""
-    import gguf
+def _type_size(type_name: str) -> tuple[int, int] | None:
+    """(block size, bytes per block) of a ggml type name, None if there is no such type."""
+    up = type_name.upper()
+    if up in GGML_TYPES:
+        return GGML_TYPES[up][1:]
+    import gguf  # about 0.1 s: only for the few types llmq.io's table lacks
 
-    return {t.name: v for t, v in gguf.GGML_QUANT_SIZES.items()}
+    try:
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[up]]
+    except KeyError:
+        return None
 
 
 def block_size(type_name: str) -> int:
-    try:
-        return _quant_sizes()[type_name.upper()][0]
-    except KeyError:
-        raise UnsupportedType(f"unknown ggml type {type_name!r}") from None
+    size = _type_size(type_name)
+    if size is None:
+        raise UnsupportedType(f"unknown ggml type {type_name!r}")
+    return size[0]
 
 
 def ggml_type_nbytes(type_name: str, shape: Sequence[int]) -> int:
     """Bytes a tensor of ``shape`` (torch order) takes on disk as ggml type ``type_name`` (no padding)."""
-    try:
-        blck, nbytes = _quant_sizes()[type_name.upper()]
-    except KeyError:
-        raise UnsupportedType(f"unknown ggml type {type_name!r}") from None
+    size = _type_size(type_name)
+    if size is None:
+        raise UnsupportedType(f"unknown ggml type {type_name!r}")
+    blck, nbytes = size
     numel = 1
     for d in shape:
         numel *= int(d)
@@ -126,7 +133,7 @@ def ggml_type_nbytes(type_name: str, shape: Sequence[int]) -> int:
 def parse_ggml_type(name: str) -> str:
     """A ggml type name as llama-quantize accepts it (case-insensitive)."""
     up = name.strip().upper()
-    if up not in _quant_sizes():
+    if _type_size(up) is None:
         raise BadInput(f"unknown ggml type {name!r}")
     return up
 

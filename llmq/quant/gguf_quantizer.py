@@ -12,7 +12,9 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -80,6 +82,8 @@ class GGUFQuantConfig(QuantConfig):
             raise BadInput("--save-imatrix needs --calibration (an imatrix to compute)")
         if self.nsamples < 1 or self.seqlen < 8:
             raise BadInput("--nsamples must be >= 1 and --seqlen >= 8")
+        if self.threads is not None and self.threads < 1:
+            raise BadInput("--threads must be >= 1")
 
 
 def _arch_info(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,7 +127,8 @@ class _GGUFSource:
         from llmq.io.gguf import GGUFReader
 
         self.path = path
-        self.reader = GGUFReader(path)
+        # vocabularies are copied to the output byte for byte, never decoded and re-encoded
+        self.reader = GGUFReader(path, decode_strings="raw")
         self.meta = self.reader.metadata
         self.kv_types = self.reader.kv_types
         self.alignment = self.reader.alignment
@@ -135,7 +140,9 @@ class _GGUFSource:
         """The tensor as float32 rows (n_rows, n_per_row), converted like llama.cpp (ggml's to_float)."""
         info = self.reader.info(name)
         n = info.shape[-1] if info.shape else 1
-        return np.ascontiguousarray(self.reader.read_float(name), dtype=np.float32).reshape(-1, n)
+        # mapped: an f32 source is encoded straight from the page cache, without a copy (as llama.cpp does)
+        x = self.reader.read_float(name, mapped=True)
+        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n)
 
     def raw(self, name: str) -> np.ndarray:
         return self.reader.read_raw(name)
@@ -150,27 +157,83 @@ class _GGUFSource:
         self.close()
 
 
-def _encode(x: np.ndarray, dst_type: str, qw: np.ndarray | None, nrows_per_expert: int,
-            threads: int | None) -> np.ndarray:  # fmt: skip
+def _encode_jobs(x: np.ndarray, dst_type: str, qw: np.ndarray | None,
+                 nrows_per_expert: int) -> tuple[Callable[[], np.ndarray], list[Callable[[], None]]]:  # fmt: skip
+    """Work items that encode ``x`` as ``dst_type`` and a function that returns the bytes once they have run."""
     from llmq.quant import gguf_blocks
 
+    if dst_type in _PLAIN_OUT:
+        return lambda: _encode_plain(x, dst_type), []
+    if dst_type not in gguf_blocks.SUPPORTED_TYPES:
+        raise UnsupportedType(f"llmq has no encoder for {dst_type} yet")
+    if qw is None:
+        out, jobs = gguf_blocks.encode_jobs(x, dst_type)
+        return lambda: out.reshape(-1), jobs
+    n = x.shape[1]
+    parts, jobs = [], []
+    for e, r0 in enumerate(range(0, x.shape[0], nrows_per_expert)):  # each expert has its own imatrix slice
+        out, j = gguf_blocks.encode_jobs(x[r0 : r0 + nrows_per_expert], dst_type, qw[e * n : (e + 1) * n])
+        parts.append(out)
+        jobs += j
+    return lambda: np.concatenate(parts, axis=0).reshape(-1), jobs
+
+
+def _encode_plain(x: np.ndarray, dst_type: str) -> np.ndarray:
     if dst_type == "F32":
         return x.astype(np.float32).view(np.uint8).reshape(-1)
     if dst_type == "F16":
         return x.astype(np.float16).view(np.uint8).reshape(-1)
-    if dst_type == "BF16":
-        return _to_bf16(x).view(np.uint8).reshape(-1)
-    if dst_type not in gguf_blocks.SUPPORTED_TYPES:
-        raise UnsupportedType(f"llmq has no encoder for {dst_type} yet")
-    if qw is None:
-        return gguf_blocks.quantize(x, dst_type, None, threads).reshape(-1)
-    n = x.shape[1]
-    parts = []
-    for e, r0 in enumerate(range(0, x.shape[0], nrows_per_expert)):  # each expert has its own imatrix slice
-        parts.append(
-            gguf_blocks.quantize(x[r0 : r0 + nrows_per_expert], dst_type, qw[e * n : (e + 1) * n], threads)
-        )
-    return np.concatenate(parts, axis=0).reshape(-1)
+    return _to_bf16(x).view(np.uint8).reshape(-1)
+
+
+# float32 bytes read ahead of the writer while earlier tensors are still being encoded; a bigger tensor is read
+# alone, once everything before it is written, so peak memory stays about one tensor (plus this) as before
+_READ_AHEAD_BYTES = 64 << 20
+
+
+def _encoded_tensors(s: _GGUFSource, ordered: Sequence[TensorInfo], types: Mapping[str, str],
+                     weights: Mapping[str, np.ndarray], threads: int | None) -> Iterator[np.ndarray]:  # fmt: skip
+    """The output bytes of each tensor of ``ordered``, in order. The chunks of rows of several tensors are encoded
+    on one thread pool while the caller writes the finished ones, as llama.cpp splits rows over nthread threads
+    (but it handles one tensor at a time, and small tensors leave its threads idle)."""
+    from llmq.quant.gguf_blocks import default_threads
+
+    nthreads = threads or default_threads()
+    pool = ThreadPoolExecutor(nthreads) if nthreads > 1 else None
+    pending: deque[tuple[Callable[[], np.ndarray], list[Future], int]] = deque()
+    in_flight = 0
+    try:
+        for t in ordered:
+            dst = types[t.name]
+            size = t.nbytes if dst == t.dtype else 4 * t.numel
+            while pending and in_flight + size > _READ_AHEAD_BYTES:
+                finish, futures, n = pending.popleft()
+                for f in futures:
+                    f.result()
+                in_flight -= n
+                yield finish()
+            if dst == t.dtype:
+                raw = s.raw(t.name)
+                finish, jobs = (lambda raw=raw: raw), []
+            else:
+                rows_per_expert = t.shape[-2] if len(t.shape) >= 2 else 1
+                finish, jobs = _encode_jobs(s.read_f32(t.name), dst, weights.get(t.name), rows_per_expert)
+            if pool is None:
+                for job in jobs:
+                    job()
+                futures = []
+            else:
+                futures = [pool.submit(job) for job in jobs]
+            pending.append((finish, futures, size))
+            in_flight += size
+        while pending:
+            finish, futures, _ = pending.popleft()
+            for f in futures:
+                f.result()
+            yield finish()
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _to_bf16(x: np.ndarray) -> np.ndarray:
@@ -294,13 +357,8 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
 
     def tensor_data():
         done = 0
-        for t in ordered:
-            dst = types[t.name]
-            if dst == t.dtype:
-                yield s.raw(t.name)
-            else:
-                rows_per_expert = t.shape[-2] if len(t.shape) >= 2 else 1
-                yield _encode(s.read_f32(t.name), dst, weights.get(t.name), rows_per_expert, cfg.threads)
+        for t, data in zip(ordered, _encoded_tensors(s, ordered, types, weights, cfg.threads), strict=True):
+            yield data
             done += t.numel
             progress("quantize", done, total)
 

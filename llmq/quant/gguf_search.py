@@ -10,6 +10,8 @@ Every arithmetic step is written in the same order and precision as ggml-quants.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 F32 = np.float32
@@ -51,53 +53,102 @@ def _fix_out_of_range(out: np.ndarray, iscale: np.ndarray, span: np.ndarray, exa
 
 def first_absmax(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(amax, the signed value at the first index of the largest |x|) per group, as ggml's strict ``>`` loop."""
-    idx = np.argmax(np.abs(X), axis=0)
-    vmax = np.take_along_axis(X, idx[None, :], axis=0)[0]
+    mx, mn = X.max(axis=0), X.min(axis=0)  # two axis-0 reductions are much cheaper than argmax(|X|)
+    vmax = np.where(mx >= -mn, mx, mn)
+    tie = (mx == -mn) & (mx != 0)
+    if tie.any():  # +a and -a both present: whichever comes first
+        cols = X[:, tie]
+        vmax[tie] = cols[np.argmax(np.abs(cols), axis=0), np.arange(cols.shape[1])]
     return np.abs(vmax), vmax
 
 
 def make_qx_quants(X: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """make_qx_quants with rmse_type 1: returns (scale (M,), L (n, M) float in [0, 2*nmax))."""
+    scale, quants = search_qx(X, nmax, qw)
+    return scale, quants(None)
+
+
+def search_qx(
+    X: np.ndarray, nmax: int, qw: np.ndarray | None
+) -> tuple[np.ndarray, Callable[[np.ndarray | None], np.ndarray]]:
+    """make_qx_quants' search: (scale (M,), a function giving L (n, k) for the groups ``cols`` (None: all)).
+    The K-quant encoders requantize from their rounded scales and need the search's L only where a scale is 0."""
     amax, vmax = first_absmax(X)
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
+    # the largest |x| of the sign opposite to max's: with amax it bounds every group's rint(iscale*x) below
+    opp = np.maximum(np.where(vmax > 0, -X.min(axis=0), X.max(axis=0)), F32(0))
     w = X * X if qw is None else qw
     wx = w * X
     fn = F32(nmax)
+    lo, hi = -fn, fn - 1
     lq, tmp = np.empty_like(X), np.empty_like(X)
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # every candidate's iscale = -(nmax + 0.1*is)/max (the base, is = 0, first; then ggml's order), and the groups
+    # each must clamp: rounding is monotonic, so a group's quants lie between rint(iscale*max) and
+    # rint(|iscale|*opp); only those whose bounds leave [-nmax, nmax-1] need it (few: an opposite-sign value
+    # close to max), except for the widest candidates, where the max itself rounds past -nmax in every group
+    steps = np.array([fn] + [fn + F32(0.1) * F32(i) for i in range(-9, 10) if i], dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        iscales = np.divide(-steps[:, None], safe_max)
+        clamp = np.rint(iscales * vmax) < lo
+        clamp |= np.rint(np.abs(iscales) * opp) > hi
+    full = steps > nmax + 0.5
+    some = clamp.any(axis=1)
+
+    def trial(k: int) -> tuple[np.ndarray, np.ndarray]:
         # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
-        with np.errstate(over="ignore", invalid="ignore"):
-            np.multiply(iscale, X, out=lq)
-            np.rint(lq, out=lq)
-            np.maximum(lq, -fn, out=lq)
-            np.minimum(lq, fn - 1, out=lq)
+        np.multiply(iscales[k], X, out=lq)
+        np.rint(lq, out=lq)  # |iscale*x| <= nmax + 1: inside nearest_int's exact range
+        if full[k]:
+            np.clip(lq, lo, hi, out=lq)
+        elif some[k]:
+            cols = np.flatnonzero(clamp[k])
+            lq[:, cols] = np.clip(lq[:, cols], lo, hi)
         np.multiply(wx, lq, out=tmp)
         sumlx = ssum(tmp)
         np.multiply(w, lq, out=tmp)
         np.multiply(tmp, lq, out=tmp)
         return sumlx, ssum(tmp)
 
-    sumlx, suml2 = trial(-fn / safe_max)
-    L = lq + fn
-    pos = suml2 != 0
-    scale = np.where(pos, sumlx / np.where(pos, suml2, F32(1)), F32(0))
-    best = scale * sumlx
-    for i in range(-9, 10):
-        if i == 0:
-            continue
-        iscale = -(fn + F32(0.1) * F32(i)) / safe_max
-        sumlx, suml2 = trial(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        if better.any():
-            np.add(lq, fn, out=L, where=better[None, :])
-            new_scale = sumlx / np.where(better, suml2, F32(1))
-            scale = np.where(better, new_scale, scale)
-            best = np.where(better, new_scale * sumlx, best)
-    scale = np.where(zero, F32(0), scale)
-    L[:, zero] = 0
-    return scale, L
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        best_iscale = iscales[0].copy()
+        sumlx, suml2 = trial(0)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best = scale * sumlx
+        for k in range(1, len(steps)):
+            sumlx, suml2 = trial(k)
+            better = sumlx * sumlx > best * suml2
+            better &= suml2 > 0
+            if better.any():
+                # ggml recomputes L from the winning iscale; so do we, once, after the search
+                np.copyto(best_iscale, iscales[k], where=better)
+                new_scale = sumlx / suml2
+                np.copyto(scale, new_scale, where=better)
+                np.copyto(best, new_scale * sumlx, where=better)
+    scale[zero] = 0
+
+    def final(cols: np.ndarray | None) -> np.ndarray:
+        Xc, isc, z = (X, best_iscale, zero) if cols is None else (X[:, cols], best_iscale[cols], zero[cols])
+        with np.errstate(over="ignore", invalid="ignore"):
+            L = np.clip(np.rint(isc * Xc), lo, hi)
+        L += fn
+        L[:, z] = 0
+        return L
+
+    return scale, final
+
+
+def rint_exact(v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """nearest_int of ``v`` as float32: np.rint where that is exact (checked with two reductions, no
+    temporaries), ggml's bits when some value is outside its range or not finite."""
+    if v.size and not (v.max() <= NEAREST_INT_RANGE and v.min() >= -NEAREST_INT_RANGE):
+        r = nearest_int(v)
+        if out is None:
+            return r
+        out[...] = r
+        return out
+    return np.rint(v, out=out)
 
 
 def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,36 +157,78 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     zero = amax < GROUP_MAX_EPS
     safe_max = np.where(zero, F32(1), vmax)
     fn = F32(nmax)
-    iscale = -fn / safe_max
-    L = np.clip(nearest_int(iscale * X), -fn, fn - 1)
-    w = X * X
-    wx = w * X
-    sumlx = ssum(wx * L)
-    suml2 = ssum((w * L) * L)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for _ in range(5):
-            changed = False
-            for i in range(X.shape[0]):
-                wi, xi, wxi, Li = w[i], X[i], wx[i], L[i]
-                slx = sumlx - wxi * Li
-                ok = slx > 0
-                sl2 = suml2 - (wi * Li) * Li
-                new_l = np.clip(nearest_int(xi * sl2 / np.where(ok, slx, F32(1))), -fn, fn - 1)
-                ok &= new_l != Li
-                slx = slx + wxi * new_l
-                sl2 = sl2 + (wi * new_l) * new_l
-                ok &= (sl2 > 0) & ((slx * slx) * suml2 > (sumlx * sumlx) * sl2)
-                if ok.any():
-                    changed = True
-                    L[i] = np.where(ok, new_l, Li)
-                    sumlx = np.where(ok, slx, sumlx)
-                    suml2 = np.where(ok, sl2, suml2)
-            # a group where nothing changed stays unchanged in later passes, as ggml's early break
-            if not changed:
-                break
+        L = np.multiply(-fn / safe_max, X)
+        np.clip(np.rint(L, out=L), -fn, fn - 1, out=L)  # |iscale*x| <= nmax: rint is nearest_int here
+        w = X * X
+        t = np.multiply(w, X)
+        sumlx = ssum(np.multiply(t, L, out=t))
+        np.multiply(w, L, out=t)
+        suml2 = ssum(np.multiply(t, L, out=t))
+        # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
+        # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched.
+        _q3_descent(X, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
-    L = L + fn
-    return np.where(zero, F32(0), scale), np.where(zero, F32(0), L)
+    L += fn
+    scale[zero] = 0
+    L[:, zero] = 0
+    return scale, L
+
+
+def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, fn: np.float32,
+                live: np.ndarray) -> None:  # fmt: skip
+    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2.
+
+    ggml visits quant i = 0..n-1 of a group, recomputes it from the sums without it and keeps it if the error
+    drops; a pass without a change ends the group's search (at most 5 passes). Changes are rare, so each round
+    tries, for every group still searching, all quants from its position on at once, against the group's
+    current sums: the tries before the first accepted one are exactly what ggml computes (nothing changed in
+    between), that one is applied and the group goes on from the next quant (or the next pass) in the next
+    round. Same floats as ggml's loop, with a few rounds of whole-array numpy calls instead of 80 small ones.
+    """
+    n = X.shape[0]
+    rows = np.arange(n)[:, None]
+    pos = np.zeros(live.size, dtype=np.intp)  # per group: next quant to try in its current pass
+    npass = np.zeros(live.size, dtype=np.intp)
+    changed = np.zeros(live.size, dtype=bool)  # per group: something changed in its current pass
+    while live.size:
+        x, lq = np.take(X, live, axis=1), np.take(L, live, axis=1)
+        slx_t, sl2_t = sumlx[live], suml2[live]
+        w = x * x
+        wx = w * x
+        slx = slx_t - wx * lq
+        sl2 = w * lq
+        sl2 *= lq
+        np.subtract(sl2_t, sl2, out=sl2)
+        ok = slx > 0
+        q = x * sl2
+        np.divide(q, slx, out=q, where=ok)
+        new_l = np.clip(rint_exact(q, out=q), -fn, fn - 1)
+        ok &= new_l != lq
+        slx += wx * new_l
+        w *= new_l
+        w *= new_l
+        sl2 += w
+        ok &= sl2 > 0
+        ok &= (slx * slx) * sl2_t > (slx_t * slx_t) * sl2
+        ok &= rows >= pos
+        hit = ok.any(axis=0)
+        k = np.flatnonzero(hit)
+        first = np.argmax(ok[:, k], axis=0)
+        g = live[k]
+        L[first, g] = new_l[first, k]
+        sumlx[g] = slx[first, k]
+        suml2[g] = sl2[first, k]
+        pos[k] = first + 1
+        changed[k] = True
+        # the end of a pass: a group goes on to its next pass if it changed something in this one
+        end = ~hit | (pos == n)
+        again = end & changed & (npass < 4)
+        npass[again] += 1
+        pos[again] = 0
+        changed[again] = False
+        keep = ~end | again
+        live, pos, npass, changed = live[keep], pos[keep], npass[keep], changed[keep]
 
 
 def make_qkx_quants(
@@ -145,15 +238,36 @@ def make_qkx_quants(
     xmin = np.minimum(X.min(axis=0), F32(0))
     xmax = X.max(axis=0)
     sum_w = ssum(W)
-    sum_x = ssum(W * X)
-    flat = xmax == xmin
-    rng = np.where(flat, F32(1), xmax - xmin)
-    fn = F32(nmax)
-
     la, t1, t2 = np.empty_like(X), np.empty_like(X), np.empty_like(X)
+    sum_x = ssum(np.multiply(W, X, out=t1))
+    flat = xmax == xmin
+    fn = F32(nmax)
+    reduce = np.add.reduce  # every operand below is C-contiguous (n, M): sequential sums, see ssum
 
-    def error(scale: np.ndarray, mn: np.ndarray, L: np.ndarray) -> np.ndarray:
-        np.multiply(scale, L, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w
+    xlo = X.min(axis=0)
+
+    def quants(
+        iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray, mn: np.ndarray, top: float
+    ) -> np.ndarray:
+        np.multiply(iscale, Xm, out=la)
+        np.rint(la, out=la)
+        if not np.abs(iscale * span).max() <= NEAREST_INT_RANGE:  # rare: a NaN, inf or huge iscale
+            _fix_out_of_range(la, iscale, span, lambda bad: iscale[bad] * Xm[:, bad])
+        elif top < nmax + 0.49:
+            # rounding is monotonic: a group's quants lie between those of its smallest and largest x; clamp only
+            # the groups whose bounds leave [0, nmax] (their min moved above the smallest x), if they are few
+            a, b = np.rint(iscale * (xlo - mn)), np.rint(iscale * (xmax - mn))
+            out = ~((np.minimum(a, b) >= 0) & (np.maximum(a, b) <= fn))
+            k = np.count_nonzero(out)
+            if k * 8 < out.size:
+                if k:
+                    cols = np.flatnonzero(out)
+                    la[:, cols] = np.clip(la[:, cols], F32(0), fn)
+                return la
+        return np.clip(la, F32(0), fn, out=la)
+
+    def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
+        np.multiply(scale, la, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w
         np.add(t2, mn, out=t2)
         np.subtract(t2, X, out=t2)
         if use_mad:
@@ -161,49 +275,53 @@ def make_qkx_quants(
         else:
             np.multiply(t2, t2, out=t2)
         np.multiply(t2, W, out=t2)
-        return ssum(t2)
+        return reduce(t2, axis=0)
 
-    with np.errstate(over="ignore", divide="ignore"):
-        iscale = fn / rng
+    def offset(mn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x - min, the range divisor and max |x - min| (|x - min| peaks at xmax or xmin) for a new min."""
+        span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
+        return np.subtract(X, mn), np.where(flat, F32(1), xmax - mn), span
+
+    # (rmin + rdelta*is) + nmax of every step, as ggml computes it in float
+    steps = [(F32(rmin) + F32(rdelta) * F32(i)) + fn for i in range(nstep + 1)]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        mn = xmin
+        Xm, denom, span = offset(mn)
+        iscale = fn / denom
         scale = F32(1) / iscale
-        L = np.clip(nearest_int(iscale * (X - xmin)), F32(0), fn)
-    best = error(scale, xmin, L)
-    mn = xmin
-    Xm = X - mn
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for i in range(nstep + 1):
+        quants(iscale, span, Xm, mn, nmax)
+        best = error(scale, mn)
+        # ggml copies the winning quants; we keep the (iscale, min) that made them and redo them once at the end
+        best_iscale, best_from = iscale, mn
+        for step in steps:
             # ggml keeps using the best min found so far for the range and the offset
-            iscale = ((F32(rmin) + F32(rdelta) * F32(i)) + fn) / np.where(flat, F32(1), xmax - mn)
-            np.multiply(iscale, Xm, out=la)
-            np.rint(la, out=la)
-            # |x - mn| peaks at xmax or xmin (rounding is monotonic): the span without a pass over Xm
-            span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
-            _fix_out_of_range(la, iscale, span, lambda bad, s=iscale: s[bad] * Xm[:, bad])
-            np.maximum(la, F32(0), out=la)
-            np.minimum(la, fn, out=la)
-            np.multiply(W, la, out=t1)
-            sum_l = ssum(t1)
-            np.multiply(t1, la, out=t2)
-            sum_l2 = ssum(t2)
-            np.multiply(t1, X, out=t2)
-            sum_xl = ssum(t2)
+            iscale = step / denom
+            quants(iscale, span, Xm, mn, float(step))
+            sum_l = reduce(np.multiply(W, la, out=t1), axis=0)
+            sum_l2 = reduce(np.multiply(t1, la, out=t2), axis=0)
+            sum_xl = reduce(np.multiply(t1, X, out=t2), axis=0)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clamp = this_min > 0
-            this_min = np.where(clamp, F32(0), this_min)
-            this_scale = np.where(clamp, sum_xl / sum_l2, this_scale)
-            cur = error(this_scale, this_min, la)
-            better = (D > 0) & (cur < best)
+            if clamp.any():
+                this_min[clamp] = 0
+                this_scale[clamp] = (sum_xl / sum_l2)[clamp]
+            cur = error(this_scale, this_min)
+            better = cur < best
+            better &= D > 0
             if better.any():
-                np.copyto(L, la, where=better[None, :])
                 best = np.where(better, cur, best)
                 scale = np.where(better, this_scale, scale)
+                best_iscale = np.where(better, iscale, best_iscale)
+                best_from = np.where(better, mn, best_from)
                 mn = np.where(better, this_min, mn)
-                np.subtract(X, mn, out=Xm)
-    scale = np.where(flat, F32(0), scale)
+                Xm, denom, span = offset(mn)
+        Xm, _, span = offset(best_from)
+        L = quants(best_iscale, span, Xm, best_from, np.inf)
+    scale[flat] = 0
     mn = np.where(flat, xmin, mn)
-    L = np.where(flat, F32(0), L)
+    L[:, flat] = 0
     return scale, -mn, L
 
 

@@ -87,8 +87,11 @@ def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, 
     if method == "gptq":  # llm-compressor's defaults: static act-order, symmetric, damp 0.01
         # one Hessian pass per block, as llm-compressor's sequential pipeline does
         cfg = GPTQConfig(
-            **(common | dict(sym=True, act_order=True, static_groups=True, damp_percent=0.01,
-                             true_sequential=False) | json.loads(opts))
+            **(
+                common
+                | dict(sym=True, act_order=True, static_groups=True, damp_percent=0.01, true_sequential=False)
+                | json.loads(opts)
+            )
         )
         meth = GPTQBlockMethod(cfg)
     else:
@@ -294,7 +297,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--methods", default="gptq,awq")
-    ap.add_argument("--llmq-opts", default="{}", help='JSON overrides of llmq\'s config, e.g. \'{"mse": 2.4}\'')
+    ap.add_argument(
+        "--llmq-opts", default="{}", help="JSON overrides of llmq's config, e.g. '{\"mse\": 2.4}'"
+    )
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--rerun", action="store_true", help="redo runs whose results are already in --work")
     ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder blocks (0: all)")
@@ -312,8 +317,15 @@ def main() -> None:
         fn = worker_llmq if args.worker == "llmq" else worker_peer
         print(
             json.dumps(
-                fn(args.method_one, str(args.model), args.calib, args.out_dir, args.group_size, args.bits,
-                   args.llmq_opts)
+                fn(
+                    args.method_one,
+                    str(args.model),
+                    args.calib,
+                    args.out_dir,
+                    args.group_size,
+                    args.bits,
+                    args.llmq_opts,
+                )
             )
         )
         return

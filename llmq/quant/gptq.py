@@ -110,8 +110,9 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
-def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0,
-                  mse: float = 0.0) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0, mse: float = 0.0
+) -> torch.Tensor:
     """Round-to-nearest onto the grid, per row and group of ``group_size`` columns (-1: whole row); float out."""
     rows, cols = w.shape
     g = cols if group_size <= 0 else group_size
@@ -380,6 +381,11 @@ class GPTQBlockMethod:
                                           damp_percent=cfg.damp_percent, blocksize=cfg.blocksize,
                                           min_zero=cfg.min_zero, mse=cfg.mse, notify=ctx.notes.append,
                                           label=label)  # fmt: skip
+                acc = accs[grp[0]]
+                if acc.clipped:
+                    ctx.notes.append(f"{label}: {acc.clipped} of {acc.n} calibration tokens had more than "
+                                     f"{cfg.token_clip:g}x the median input norm; their weight in H was bounded "
+                                     "(--token-clip)")  # fmt: skip
                 for name, mod, part in zip(
                     grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True
                 ):
@@ -445,7 +451,7 @@ class GPTQConfig(BlockwiseConfig):
     true_sequential: bool = True
     damp_percent: float = 0.01
     blocksize: int = 128
-    token_clip: float = 0.0
+    token_clip: float = 10.0
     mse: float = 0.0
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ Every arithmetic step is written in the same order and precision as ggml-quants.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +30,45 @@ def ssum(a: np.ndarray) -> np.ndarray:
         out += row
     return out
 
+
+@functools.cache
+def _einsum_sequential() -> bool:
+    """Whether ``np.einsum('ij,ij->j', ...)`` multiplies and adds without fusing (no FMA) and sums in row order:
+    checked once on values where a fused multiply-add or another order would give a different float."""
+    a = F32(1 + 2**-12)
+    A = np.ones((3, 16), dtype=F32)
+    B = np.empty((3, 16), dtype=F32)
+    B[0], A[1], B[1] = -(a * a), a, a  # unfused: -(a*a) + a*a = 0; fused: the rounding error of a*a
+    B[2] = F32(2**-24)  # sequential: 0 + 2^-24; any product fused or reordered leaves a trace
+    C = np.full((3, 16), F32(1), dtype=F32)
+    expect = ((B[0] + A[1] * B[1]) + B[2]).astype(F32)
+    with np.errstate(all="ignore"):
+        return bool(
+            np.array_equal(np.einsum("ij,ij->j", A, B), expect)
+            and np.array_equal(np.einsum("ij,ij,ij->j", A, B, C), expect)
+        )
+
+
+def wsum(*ops: np.ndarray) -> np.ndarray:
+    """``sum_i ops[0][i] * ops[1][i] * ...`` per column, multiplied left to right and summed sequentially in
+    float32 over axis 0, as ggml's ``s += a[i]*b[i]*c[i]``. One einsum pass where numpy's einsum provably does
+    exactly that (C-contiguous (n, M) operands with M >= 16: row-by-row accumulation, checked to be unfused),
+    else multiplies and ``ssum``. einsum never goes through BLAS here (no ``optimize``)."""
+    a = ops[0]
+    if (
+        a.ndim == 2
+        and a.shape[1] >= 16
+        and all(o.shape == a.shape and o.dtype == F32 and o.flags.c_contiguous for o in ops)
+        and _einsum_sequential()
+    ):
+        return np.einsum(_SPECS[len(ops)], *ops)
+    p = ops[0] * ops[1]
+    for o in ops[2:]:
+        p *= o
+    return ssum(p)
+
+
+_SPECS = {2: "ij,ij->j", 3: "ij,ij,ij->j"}
 
 NEAREST_INT_RANGE = 4194303.0  # ggml's nearest_int is exact (round half to even) inside ±this
 
@@ -82,7 +122,7 @@ def search_qx(
     wx = w * X
     fn = F32(nmax)
     lo, hi = -fn, fn - 1
-    lq, tmp = np.empty_like(X), np.empty_like(X)
+    lq = np.empty_like(X)
 
     # every candidate's iscale = -(nmax + 0.1*is)/max (the base, is = 0, first; then ggml's order), and the groups
     # each must clamp: rounding is monotonic, so a group's quants lie between rint(iscale*max) and
@@ -105,11 +145,7 @@ def search_qx(
         elif some[k]:
             cols = np.flatnonzero(clamp[k])
             lq[:, cols] = np.clip(lq[:, cols], lo, hi)
-        np.multiply(wx, lq, out=tmp)
-        sumlx = ssum(tmp)
-        np.multiply(w, lq, out=tmp)
-        np.multiply(tmp, lq, out=tmp)
-        return sumlx, ssum(tmp)
+        return wsum(wx, lq), wsum(w, lq, lq)
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         best_iscale = iscales[0].copy()
@@ -242,7 +278,6 @@ def make_qkx_quants(
     sum_x = ssum(np.multiply(W, X, out=t1))
     flat = xmax == xmin
     fn = F32(nmax)
-    reduce = np.add.reduce  # every operand below is C-contiguous (n, M): sequential sums, see ssum
 
     xlo = X.min(axis=0)
 
@@ -271,11 +306,8 @@ def make_qkx_quants(
         np.add(t2, mn, out=t2)
         np.subtract(t2, X, out=t2)
         if use_mad:
-            np.abs(t2, out=t2)
-        else:
-            np.multiply(t2, t2, out=t2)
-        np.multiply(t2, W, out=t2)
-        return reduce(t2, axis=0)
+            return wsum(np.abs(t2, out=t2), W)
+        return wsum(t2, t2, W)  # w * diff^2 (the product's order does not change its rounding)
 
     def offset(mn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """x - min, the range divisor and max |x - min| (|x - min| peaks at xmax or xmin) for a new min."""
@@ -297,9 +329,7 @@ def make_qkx_quants(
             # ggml keeps using the best min found so far for the range and the offset
             iscale = step / denom
             quants(iscale, span, Xm, mn, float(step))
-            sum_l = reduce(np.multiply(W, la, out=t1), axis=0)
-            sum_l2 = reduce(np.multiply(t1, la, out=t2), axis=0)
-            sum_xl = reduce(np.multiply(t1, X, out=t2), axis=0)
+            sum_l, sum_l2, sum_xl = wsum(W, la), wsum(W, la, la), wsum(W, la, X)
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D

@@ -49,7 +49,7 @@ def _einsum_sequential() -> bool:
         )
 
 
-def wsum(*ops: np.ndarray) -> np.ndarray:
+def wsum(*ops: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``sum_i ops[0][i] * ops[1][i] * ...`` per column, multiplied left to right and summed sequentially in
     float32 over axis 0, as ggml's ``s += a[i]*b[i]*c[i]``. One einsum pass where numpy's einsum provably does
     exactly that (C-contiguous (n, M) operands with M >= 16: row-by-row accumulation, checked to be unfused),
@@ -61,11 +61,14 @@ def wsum(*ops: np.ndarray) -> np.ndarray:
         and all(o.shape == a.shape and o.dtype == F32 and o.flags.c_contiguous for o in ops)
         and _einsum_sequential()
     ):
-        return np.einsum(_SPECS[len(ops)], *ops)
+        return np.einsum(_SPECS[len(ops)], *ops, out=out)
     p = ops[0] * ops[1]
     for o in ops[2:]:
         p *= o
-    return ssum(p)
+    if out is None:
+        return ssum(p)
+    out[...] = ssum(p)
+    return out
 
 
 _SPECS = {2: "ij,ij->j", 3: "ij,ij,ij->j"}
@@ -135,6 +138,7 @@ def search_qx(
         clamp |= np.rint(np.abs(iscales) * opp) > hi
     full = steps > nmax + 0.5
     some = clamp.any(axis=1)
+    sums = np.empty((2, len(steps), X.shape[1]), dtype=F32)  # sumlx, suml2 of every candidate
 
     def trial(k: int) -> tuple[np.ndarray, np.ndarray]:
         # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
@@ -145,23 +149,25 @@ def search_qx(
         elif some[k]:
             cols = np.flatnonzero(clamp[k])
             lq[:, cols] = np.clip(lq[:, cols], lo, hi)
-        return wsum(wx, lq), wsum(w, lq, lq)
+        return wsum(wx, lq, out=sums[0, k]), wsum(w, lq, lq, out=sums[1, k])
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        best_iscale = iscales[0].copy()
         sumlx, suml2 = trial(0)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
+        best = np.where(suml2 != 0, sumlx / suml2, F32(0)) * sumlx
+        won = np.zeros(X.shape[1], dtype=np.uint8)  # per group: the candidate that won last (0: the base)
         for k in range(1, len(steps)):
             sumlx, suml2 = trial(k)
             better = sumlx * sumlx > best * suml2
             better &= suml2 > 0
             if better.any():
                 # ggml recomputes L from the winning iscale; so do we, once, after the search
-                np.copyto(best_iscale, iscales[k], where=better)
-                new_scale = sumlx / suml2
-                np.copyto(scale, new_scale, where=better)
-                np.copyto(best, new_scale * sumlx, where=better)
+                _select(better, (sumlx / suml2) * sumlx, best)
+                np.maximum(won, better.view(np.uint8) * np.uint8(k), out=won)  # k only grows
+        # the winner's scale, the same division ggml made when it won
+        at = won.astype(np.intp) * X.shape[1] + np.arange(X.shape[1])
+        sumlx, suml2 = sums[0].ravel().take(at), sums[1].ravel().take(at)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best_iscale = iscales.ravel().take(at)
     scale[zero] = 0
 
     def final(cols: np.ndarray | None) -> np.ndarray:
@@ -173,6 +179,16 @@ def search_qx(
         return L
 
     return scale, final
+
+
+def _select(mask: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """``out[mask] = a[mask]`` for float32 vectors, as branch-free integer ops on their bits (several times
+    faster than copyto(where=) or a boolean assignment with a random mask)."""
+    m = np.negative(mask.view(np.int8), dtype=np.int32, casting="unsafe")
+    o = out.view(np.int32)
+    t = np.bitwise_xor(a.view(np.int32), o)
+    t &= m
+    o ^= t
 
 
 def rint_exact(v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

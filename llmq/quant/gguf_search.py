@@ -213,10 +213,7 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         L = np.multiply(-fn / safe_max, X)
         np.clip(np.rint(L, out=L), -fn, fn - 1, out=L)  # |iscale*x| <= nmax: rint is nearest_int here
         w = X * X
-        t = np.multiply(w, X)
-        sumlx = ssum(np.multiply(t, L, out=t))
-        np.multiply(w, L, out=t)
-        suml2 = ssum(np.multiply(t, L, out=t))
+        sumlx, suml2 = wsum(w, X, L), wsum(w, L, L)
         # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
         # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched.
         _q3_descent(X, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))

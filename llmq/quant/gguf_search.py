@@ -73,6 +73,28 @@ def wsum(*ops: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 _SPECS = {2: "ij,ij->j", 3: "ij,ij,ij->j"}
 
+@functools.lru_cache(maxsize=32)
+def _const_row(n: int, v: float) -> np.ndarray:
+    row = np.full(n, v, dtype=F32)
+    row.flags.writeable = False
+    return row
+
+
+def clip_(a: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    """``np.clip(a, lo, hi, out=a)`` for float32 ``a``, as np.maximum / np.minimum against a constant row:
+    numpy's min/max against a broadcast scalar (and its clip) are not vectorized and cost 3x a plain pass, the
+    row-against-row loop is. Same values (NaN stays NaN); only the sign of a zero result may differ, which no
+    caller's sum or integer conversion can see."""
+    n = a.shape[-1] if a.ndim else 1
+    if a.ndim < 1 or n < 64:
+        return np.clip(a, lo, hi, out=a)
+    if lo is not None:
+        np.maximum(a, _const_row(n, float(lo)), out=a)
+    if hi is not None:
+        np.minimum(a, _const_row(n, float(hi)), out=a)
+    return a
+
+
 NEAREST_INT_RANGE = 4194303.0  # ggml's nearest_int is exact (round half to even) inside ±this
 
 
@@ -145,7 +167,7 @@ def search_qx(
         np.multiply(iscales[k], X, out=lq)
         np.rint(lq, out=lq)  # |iscale*x| <= nmax + 1: inside nearest_int's exact range
         if full[k]:
-            np.clip(lq, lo, hi, out=lq)
+            clip_(lq, lo, hi)
         elif some[k]:
             cols = np.flatnonzero(clamp[k])
             lq[:, cols] = np.clip(lq[:, cols], lo, hi)
@@ -173,7 +195,7 @@ def search_qx(
     def final(cols: np.ndarray | None) -> np.ndarray:
         Xc, isc, z = (X, best_iscale, zero) if cols is None else (X[:, cols], best_iscale[cols], zero[cols])
         with np.errstate(over="ignore", invalid="ignore"):
-            L = np.clip(np.rint(isc * Xc), lo, hi)
+            L = clip_(np.rint(isc * Xc), lo, hi)
         L += fn
         L[:, z] = 0
         return L
@@ -211,7 +233,7 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     fn = F32(nmax)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         L = np.multiply(-fn / safe_max, X)
-        np.clip(np.rint(L, out=L), -fn, fn - 1, out=L)  # |iscale*x| <= nmax: rint is nearest_int here
+        clip_(np.rint(L, out=L), -fn, fn - 1)  # |iscale*x| <= nmax: rint is nearest_int here
         w = X * X
         sumlx, suml2 = wsum(w, X, L), wsum(w, L, L)
         # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
@@ -252,7 +274,7 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
         ok = slx > 0
         q = x * sl2
         np.divide(q, slx, out=q, where=ok)
-        new_l = np.clip(rint_exact(q, out=q), -fn, fn - 1)
+        new_l = clip_(rint_exact(q, out=q), -fn, fn - 1)
         ok &= new_l != lq
         slx += wx * new_l
         w *= new_l
@@ -312,7 +334,7 @@ def make_qkx_quants(
                     cols = np.flatnonzero(out)
                     la[:, cols] = np.clip(la[:, cols], F32(0), fn)
                 return la
-        return np.clip(la, F32(0), fn, out=la)
+        return clip_(la, 0, fn)
 
     def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
         np.multiply(scale, la, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w

@@ -73,6 +73,7 @@ def wsum(*ops: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 
 _SPECS = {2: "ij,ij->j", 3: "ij,ij,ij->j"}
 
+
 @functools.lru_cache(maxsize=32)
 def _const_row(n: int, v: float) -> np.ndarray:
     row = np.full(n, v, dtype=F32)

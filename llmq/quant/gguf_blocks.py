@@ -222,15 +222,17 @@ def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     Y = _quads(x)
     d = _signed_absmax_quads(Y, x) / F32(-8)
     q = _code_em(Y, np.repeat(d, 4), np.repeat(_inv(d), 4), 8.5, 15)  # (8, 4M): quants 4r..4r+3 in row r
-    q[4:] <<= 4
-    q[:4] |= q[4:]  # qs byte j = quant j | quant j+16 << 4: row r holds bytes 4r..4r+3 of each block
+    # qs byte j = quant j | quant j+16 << 4, on uint32 words of 4 quants (< 16: no carry between bytes);
+    # word row r then holds bytes 4r..4r+3 of each block
+    w = q.view("<u4")
+    w[4:] <<= np.uint32(4)
+    w[:4] |= w[4:]
     M = Y.shape[1] // 4
     out = np.empty((M, 18), dtype=np.uint8)
     _put_f16(out, 0, d)
     qs = np.ndarray((M, 4), dtype="<u4", buffer=out, offset=2, strides=(18, 4))  # unaligned uint32 columns
-    words = q[:4].view("<u4")
     for r in range(4):
-        qs[:, r] = words[r]
+        qs[:, r] = w[r]
     return out
 
 

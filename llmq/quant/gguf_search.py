@@ -303,6 +303,10 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
         live, pos, npass, changed = live[keep], pos[keep], npass[keep], changed[keep]
 
 
+def _ZERO_ROW(n: int) -> np.ndarray:
+    return _const_row(n, 0.0)
+
+
 def make_qkx_quants(
     X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -345,22 +349,24 @@ def make_qkx_quants(
             return wsum(np.abs(t2, out=t2), W)
         return wsum(t2, t2, W)  # w * diff^2 (the product's order does not change its rounding)
 
+    xm_buf = np.empty_like(X)
+
     def offset(mn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """x - min, the range divisor and max |x - min| (|x - min| peaks at xmax or xmin) for a new min."""
         span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
-        return np.subtract(X, mn), np.where(flat, F32(1), xmax - mn), span
+        return np.subtract(X, mn, out=xm_buf), np.where(flat, F32(1), xmax - mn), span
 
     # (rmin + rdelta*is) + nmax of every step, as ggml computes it in float
     steps = [(F32(rmin) + F32(rdelta) * F32(i)) + fn for i in range(nstep + 1)]
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        mn = xmin
+        mn = xmin.copy()
         Xm, denom, span = offset(mn)
         iscale = fn / denom
         scale = F32(1) / iscale
         quants(iscale, span, Xm, mn, nmax)
         best = error(scale, mn)
         # ggml copies the winning quants; we keep the (iscale, min) that made them and redo them once at the end
-        best_iscale, best_from = iscale, mn
+        best_iscale, best_from = iscale.copy(), mn.copy()
         for step in steps:
             # ggml keeps using the best min found so far for the range and the offset
             iscale = step / denom
@@ -371,17 +377,17 @@ def make_qkx_quants(
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             clamp = this_min > 0
             if clamp.any():
-                this_min[clamp] = 0
-                this_scale[clamp] = (sum_xl / sum_l2)[clamp]
+                _select(clamp, _ZERO_ROW(clamp.size), this_min)
+                _select(clamp, sum_xl / sum_l2, this_scale)
             cur = error(this_scale, this_min)
             better = cur < best
             better &= D > 0
-            if better.any():
-                best = np.where(better, cur, best)
-                scale = np.where(better, this_scale, scale)
-                best_iscale = np.where(better, iscale, best_iscale)
-                best_from = np.where(better, mn, best_from)
-                mn = np.where(better, this_min, mn)
+            if better.any():  # branch-free selects: a masked copy per vector would cost several passes
+                _select(better, cur, best)
+                _select(better, this_scale, scale)
+                _select(better, iscale, best_iscale)
+                _select(better, mn, best_from)
+                _select(better, this_min, mn)
                 Xm, denom, span = offset(mn)
         Xm, _, span = offset(best_from)
         L = quants(best_iscale, span, Xm, best_from, np.inf)

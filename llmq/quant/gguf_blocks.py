@@ -138,13 +138,6 @@ def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _signed_absmax(X: np.ndarray) -> np.ndarray:
-    """Per block of element-major X (n, M): the value with the largest |x|, the first one on a tie."""
-    _, vmax = first_absmax(X)
-    vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
-    return vmax
-
-
 def _first_zero_sign(X: np.ndarray, ext: np.ndarray) -> np.ndarray:
     """ggml's min/max loops keep the first of equal values: a zero extreme has the sign of the first zero."""
     z = ext == 0
@@ -202,7 +195,8 @@ def _fold4(v: np.ndarray, op: np.ufunc) -> np.ndarray:
 
 
 def _signed_absmax_quads(Y: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """_signed_absmax of the blocks of ``x`` from their quad-lane layout Y (see _quads)."""
+    """Per 32-block of ``x``, from its quad-lane layout Y (see _quads): the value with the largest |x|, the first
+    one on a tie, as ggml's strict ``>`` loop (which starts from +0.0 and never replaces it by a -0.0)."""
     mx, mn = _fold4(Y.max(axis=0), np.maximum), _fold4(Y.min(axis=0), np.minimum)
     vmax = np.where(mx >= -mn, mx, mn)
     tie = (mx == -mn) & (mx != 0)
@@ -249,16 +243,28 @@ def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         d, L = make_qx_quants(_em(b), 16, _em(_legacy_weights(x, qw)))
         q = L.T.astype(np.uint8)
         return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
-    X = _em(x.reshape(-1, 32))
-    d = _signed_absmax(X) / F32(-16)
-    q = _code_em(X, d, _inv(d), 16.5, 31)
-    out = np.empty((X.shape[1], 22), dtype=np.uint8)
+    Y = _quads(x)
+    d = _signed_absmax_quads(Y, x) / F32(-16)
+    q = _code_em(Y, np.repeat(d, 4), np.repeat(_inv(d), 4), 16.5, 31)  # (8, 4M): quants 4r..4r+3 in row r
+    w = q.view("<u4")  # word r of a block: its quants 4r..4r+3, one a byte
+    M = w.shape[1]
+    out = np.empty((M, 22), dtype=np.uint8)
     _put_f16(out, 0, d)
-    _put_qh(out, 2, q)
-    q &= 0xF
-    q[16:] <<= 4
-    q[:16] |= q[16:]
-    _put_em(out, 6, q[:16])
+    # qh bit j = bit 4 of quant j: the 4 bits of a word (at 8k + 4) gathered to bits k, then word r at bits 4r
+    h = (w >> np.uint32(4)) & np.uint32(0x01010101)
+    h |= h >> np.uint32(7)
+    h |= h >> np.uint32(14)
+    h &= np.uint32(0xF)
+    qh = h[0].copy()
+    for r in range(1, 8):
+        qh |= h[r] << np.uint32(4 * r)
+    np.ndarray((M,), dtype="<u4", buffer=out, offset=2, strides=(22,))[:] = qh
+    w &= np.uint32(0x0F0F0F0F)
+    w[4:] <<= np.uint32(4)
+    w[:4] |= w[4:]  # qs byte j = low nibbles of quants j and j+16
+    qs = np.ndarray((M, 4), dtype="<u4", buffer=out, offset=6, strides=(22, 4))
+    for r in range(4):
+        qs[:, r] = w[r]
     return out
 
 

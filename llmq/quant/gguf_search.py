@@ -319,26 +319,13 @@ def make_qkx_quants(
     flat = xmax == xmin
     fn = F32(nmax)
 
-    xlo = X.min(axis=0)
-
-    def quants(
-        iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray, mn: np.ndarray, top: float
-    ) -> np.ndarray:
+    def quants(iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray) -> np.ndarray:
         np.multiply(iscale, Xm, out=la)
         np.rint(la, out=la)
         if not np.abs(iscale * span).max() <= NEAREST_INT_RANGE:  # rare: a NaN, inf or huge iscale
             _fix_out_of_range(la, iscale, span, lambda bad: iscale[bad] * Xm[:, bad])
-        elif top < nmax + 0.49:
-            # rounding is monotonic: a group's quants lie between those of its smallest and largest x; clamp only
-            # the groups whose bounds leave [0, nmax] (their min moved above the smallest x), if they are few
-            a, b = np.rint(iscale * (xlo - mn)), np.rint(iscale * (xmax - mn))
-            out = ~((np.minimum(a, b) >= 0) & (np.maximum(a, b) <= fn))
-            k = np.count_nonzero(out)
-            if k * 8 < out.size:
-                if k:
-                    cols = np.flatnonzero(out)
-                    la[:, cols] = np.clip(la[:, cols], F32(0), fn)
-                return la
+        # two vectorized passes: cheaper than finding the few groups that need the clamp with a dozen small
+        # per-group array calls (each a GIL hand-off when several threads encode)
         return clip_(la, 0, fn)
 
     def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
@@ -359,22 +346,27 @@ def make_qkx_quants(
     # (rmin + rdelta*is) + nmax of every step, as ggml computes it in float
     steps = [(F32(rmin) + F32(rdelta) * F32(i)) + fn for i in range(nstep + 1)]
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        mn = xmin.copy()
+        # per group: the best error, its scale, the iscale and min that made its quants, and the current min --
+        # one (5, M) array, so that an improvement is one branch-free select over all five
+        state = np.empty((5, X.shape[1]), dtype=F32)
+        best, scale, best_iscale, best_from, mn = state
+        cand = np.empty_like(state)  # this step's values of the same
+        mn[...] = xmin
         Xm, denom, span = offset(mn)
-        iscale = fn / denom
-        scale = F32(1) / iscale
-        quants(iscale, span, Xm, mn, nmax)
-        best = error(scale, mn)
+        np.divide(fn, denom, out=best_iscale)
+        np.divide(F32(1), best_iscale, out=scale)
+        quants(best_iscale, span, Xm)
+        best[...] = error(scale, mn)
+        best_from[...] = mn
         # ggml copies the winning quants; we keep the (iscale, min) that made them and redo them once at the end
-        best_iscale, best_from = iscale.copy(), mn.copy()
         for step in steps:
             # ggml keeps using the best min found so far for the range and the offset
-            iscale = step / denom
-            quants(iscale, span, Xm, mn, float(step))
+            iscale = np.divide(step, denom, out=cand[2])
+            quants(iscale, span, Xm)
             sum_l, sum_l2, sum_xl = wsum(W, la), wsum(W, la, la), wsum(W, la, X)
             D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            this_scale = np.divide(sum_w * sum_xl - sum_x * sum_l, D, out=cand[1])
+            this_min = np.divide(sum_l2 * sum_x - sum_l * sum_xl, D, out=cand[4])
             clamp = this_min > 0
             if clamp.any():
                 _select(clamp, _ZERO_ROW(clamp.size), this_min)
@@ -382,15 +374,14 @@ def make_qkx_quants(
             cur = error(this_scale, this_min)
             better = cur < best
             better &= D > 0
-            if better.any():  # branch-free selects: a masked copy per vector would cost several passes
-                _select(better, cur, best)
-                _select(better, this_scale, scale)
-                _select(better, iscale, best_iscale)
-                _select(better, mn, best_from)
-                _select(better, this_min, mn)
+            if better.any():
+                cand[0] = cur
+                cand[3] = mn
+                _select(np.broadcast_to(better, state.shape), cand, state)
                 Xm, denom, span = offset(mn)
         Xm, _, span = offset(best_from)
-        L = quants(best_iscale, span, Xm, best_from, np.inf)
+        L = quants(best_iscale, span, Xm)
+    scale = scale.copy()
     scale[flat] = 0
     mn = np.where(flat, xmin, mn)
     L[:, flat] = 0

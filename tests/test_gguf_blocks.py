@@ -135,3 +135,18 @@ def test_opposite_sign_near_max_bit_exact(type_name: str) -> None:
             _differing_blocks(gb.quantize(x, type_name, qw), ggml_quantize_chunk(x, type_name, qw), type_name)
             == 0
         )
+
+
+@pytest.mark.parametrize("n, m", [(16, 1), (16, 7), (32, 16), (16, 1000), (8, 4097)])
+def test_wsum_is_ggml_sequential_sum(n: int, m: int) -> None:
+    """wsum (einsum where it is exact) gives the float32 sum of ggml's loop: products left to right, in order."""
+    from llmq.quant.gguf_search import wsum
+
+    rng = np.random.default_rng(n * m)
+    a, b, c = (rng.standard_normal((n, m)).astype(np.float32) * s for s in (1.0, 1e3, 1e-2))
+    s2, s3 = np.zeros(m, np.float32), np.zeros(m, np.float32)
+    for i in range(n):
+        s2 = s2 + a[i] * b[i]
+        s3 = s3 + (a[i] * b[i]) * c[i]
+    assert np.array_equal(wsum(a, b), s2)
+    assert np.array_equal(wsum(a, b, c), s3)

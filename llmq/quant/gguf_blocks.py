@@ -23,6 +23,7 @@ from llmq.errors import ShapeError, UnsupportedType
 from llmq.quant.gguf_search import (
     F32,
     GROUP_MAX_EPS,
+    clip_,
     first_absmax,
     make_q3_quants,
     make_qkx_quants,
@@ -137,13 +138,6 @@ def _q8_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _signed_absmax(X: np.ndarray) -> np.ndarray:
-    """Per block of element-major X (n, M): the value with the largest |x|, the first one on a tie."""
-    _, vmax = first_absmax(X)
-    vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
-    return vmax
-
-
 def _first_zero_sign(X: np.ndarray, ext: np.ndarray) -> np.ndarray:
     """ggml's min/max loops keep the first of equal values: a zero extreme has the sign of the first zero."""
     z = ext == 0
@@ -174,12 +168,43 @@ def _code_em(X: np.ndarray, d: np.ndarray, idv: np.ndarray, add: float, hi: int,
         v = np.subtract(X, mn, out=X) if mn is not None else X  # X is a scratch copy from _em
         np.multiply(v, idv, out=v)
         v += F32(add)
-    q = v.astype(np.uint8)
-    np.minimum(q, np.uint8(hi), out=q)
     bad = ~(np.isfinite(idv) & np.isfinite(d))
-    if bad.any():
-        q[:, bad] = _c_min_int8(v[:, bad], hi)
+    qbad = _c_min_int8(v[:, bad], hi) if bad.any() else None
+    # elsewhere v is in [0, hi + 1.5): MIN(hi, trunc(v)) = trunc(MIN(v, hi + 0.5)), and a float minimum is
+    # several times faster than numpy's uint8 minimum with a scalar
+    clip_(v, None, hi + 0.5)
+    q = v.astype(np.uint8)
+    if qbad is not None:
+        q[:, bad] = qbad
     return q
+
+
+def _quads(x: np.ndarray) -> np.ndarray:
+    """32-blocks of contiguous rows ``x`` -> (8, 4M) float32, row r holding values 4r..4r+3 of every block:
+    the transpose moves 16-byte units (half the cost of a float-wise one), and every block's values still
+    sit in its 4 lanes of each row for axis-0 reductions."""
+    q = _em(np.ascontiguousarray(x).reshape(-1, 32).view("V16"))
+    return q.view(F32).reshape(8, -1)
+
+
+def _fold4(v: np.ndarray, op: np.ufunc) -> np.ndarray:
+    """Combine the 4 lanes of each block of a (4M,) vector: (M,)."""
+    out = op(v[0::4], v[1::4])
+    op(out, v[2::4], out=out)
+    return op(out, v[3::4], out=out)
+
+
+def _signed_absmax_quads(Y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Per 32-block of ``x``, from its quad-lane layout Y (see _quads): the value with the largest |x|, the first
+    one on a tie, as ggml's strict ``>`` loop (which starts from +0.0 and never replaces it by a -0.0)."""
+    mx, mn = _fold4(Y.max(axis=0), np.maximum), _fold4(Y.min(axis=0), np.minimum)
+    vmax = np.where(mx >= -mn, mx, mn)
+    tie = (mx == -mn) & (mx != 0)
+    if tie.any():  # +a and -a both present: whichever comes first
+        rows = x.reshape(-1, 32)[tie]
+        vmax[tie] = rows[np.arange(rows.shape[0]), np.argmax(np.abs(rows), axis=1)]
+    vmax[vmax == 0] = 0  # ggml starts from +0.0 and never replaces it by a -0.0
+    return vmax
 
 
 def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
@@ -188,14 +213,20 @@ def _q4_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         d, L = make_qx_quants(_em(b), 8, _em(_legacy_weights(x, qw)))
         q = L.T
         return np.concatenate([_f16(d), _nibbles(q[:, :16], q[:, 16:])], axis=1)
-    X = _em(x.reshape(-1, 32))
-    d = _signed_absmax(X) / F32(-8)
-    q = _code_em(X, d, _inv(d), 8.5, 15)
-    out = np.empty((X.shape[1], 18), dtype=np.uint8)
+    Y = _quads(x)
+    d = _signed_absmax_quads(Y, x) / F32(-8)
+    q = _code_em(Y, np.repeat(d, 4), np.repeat(_inv(d), 4), 8.5, 15)  # (8, 4M): quants 4r..4r+3 in row r
+    # qs byte j = quant j | quant j+16 << 4, on uint32 words of 4 quants (< 16: no carry between bytes);
+    # word row r then holds bytes 4r..4r+3 of each block
+    w = q.view("<u4")
+    w[4:] <<= np.uint32(4)
+    w[:4] |= w[4:]
+    M = Y.shape[1] // 4
+    out = np.empty((M, 18), dtype=np.uint8)
     _put_f16(out, 0, d)
-    q[16:] <<= 4
-    q[:16] |= q[16:]
-    _put_em(out, 2, q[:16])
+    qs = np.ndarray((M, 4), dtype="<u4", buffer=out, offset=2, strides=(18, 4))  # unaligned uint32 columns
+    for r in range(4):
+        qs[:, r] = w[r]
     return out
 
 
@@ -212,16 +243,28 @@ def _q5_0(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
         d, L = make_qx_quants(_em(b), 16, _em(_legacy_weights(x, qw)))
         q = L.T.astype(np.uint8)
         return np.concatenate([_f16(d), _qh_bits(q), _nibbles(q[:, :16], q[:, 16:])], axis=1)
-    X = _em(x.reshape(-1, 32))
-    d = _signed_absmax(X) / F32(-16)
-    q = _code_em(X, d, _inv(d), 16.5, 31)
-    out = np.empty((X.shape[1], 22), dtype=np.uint8)
+    Y = _quads(x)
+    d = _signed_absmax_quads(Y, x) / F32(-16)
+    q = _code_em(Y, np.repeat(d, 4), np.repeat(_inv(d), 4), 16.5, 31)  # (8, 4M): quants 4r..4r+3 in row r
+    w = q.view("<u4")  # word r of a block: its quants 4r..4r+3, one a byte
+    M = w.shape[1]
+    out = np.empty((M, 22), dtype=np.uint8)
     _put_f16(out, 0, d)
-    _put_qh(out, 2, q)
-    q &= 0xF
-    q[16:] <<= 4
-    q[:16] |= q[16:]
-    _put_em(out, 6, q[:16])
+    # qh bit j = bit 4 of quant j: the 4 bits of a word (at 8k + 4) gathered to bits k, then word r at bits 4r
+    h = (w >> np.uint32(4)) & np.uint32(0x01010101)
+    h |= h >> np.uint32(7)
+    h |= h >> np.uint32(14)
+    h &= np.uint32(0xF)
+    qh = h[0].copy()
+    for r in range(1, 8):
+        qh |= h[r] << np.uint32(4 * r)
+    np.ndarray((M,), dtype="<u4", buffer=out, offset=2, strides=(22,))[:] = qh
+    w &= np.uint32(0x0F0F0F0F)
+    w[4:] <<= np.uint32(4)
+    w[:4] |= w[4:]  # qs byte j = low nibbles of quants j and j+16
+    qs = np.ndarray((M, 4), dtype="<u4", buffer=out, offset=6, strides=(22, 4))
+    for r in range(4):
+        qs[:, r] = w[r]
     return out
 
 
@@ -334,7 +377,7 @@ def _requant(X: np.ndarray, d: np.ndarray, m: np.ndarray | None, L: np.ndarray |
     with np.errstate(over="ignore", invalid="ignore"):
         q = np.divide(np.add(X, m), dd) if m is not None else np.divide(X, dd)
     rint_exact(q, out=q)
-    np.clip(q, F32(lo), F32(hi), out=q)
+    clip_(q, lo, hi)
     if off:
         q += F32(off)
     if not nz.all():

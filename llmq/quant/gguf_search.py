@@ -10,6 +10,7 @@ Every arithmetic step is written in the same order and precision as ggml-quants.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +29,71 @@ def ssum(a: np.ndarray) -> np.ndarray:
     for row in a[1:]:
         out += row
     return out
+
+
+@functools.cache
+def _einsum_sequential() -> bool:
+    """Whether ``np.einsum('ij,ij->j', ...)`` multiplies and adds without fusing (no FMA) and sums in row order:
+    checked once on values where a fused multiply-add or another order would give a different float."""
+    a = F32(1 + 2**-12)
+    A = np.ones((3, 16), dtype=F32)
+    B = np.empty((3, 16), dtype=F32)
+    B[0], A[1], B[1] = -(a * a), a, a  # unfused: -(a*a) + a*a = 0; fused: the rounding error of a*a
+    B[2] = F32(2**-24)  # sequential: 0 + 2^-24; any product fused or reordered leaves a trace
+    C = np.full((3, 16), F32(1), dtype=F32)
+    expect = ((B[0] + A[1] * B[1]) + B[2]).astype(F32)
+    with np.errstate(all="ignore"):
+        return bool(
+            np.array_equal(np.einsum("ij,ij->j", A, B), expect)
+            and np.array_equal(np.einsum("ij,ij,ij->j", A, B, C), expect)
+        )
+
+
+def wsum(*ops: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``sum_i ops[0][i] * ops[1][i] * ...`` per column, multiplied left to right and summed sequentially in
+    float32 over axis 0, as ggml's ``s += a[i]*b[i]*c[i]``. One einsum pass where numpy's einsum provably does
+    exactly that (C-contiguous (n, M) operands with M >= 16: row-by-row accumulation, checked to be unfused),
+    else multiplies and ``ssum``. einsum never goes through BLAS here (no ``optimize``)."""
+    a = ops[0]
+    if (
+        a.ndim == 2
+        and a.shape[1] >= 16
+        and all(o.shape == a.shape and o.dtype == F32 and o.flags.c_contiguous for o in ops)
+        and _einsum_sequential()
+    ):
+        return np.einsum(_SPECS[len(ops)], *ops, out=out)
+    p = ops[0] * ops[1]
+    for o in ops[2:]:
+        p *= o
+    if out is None:
+        return ssum(p)
+    out[...] = ssum(p)
+    return out
+
+
+_SPECS = {2: "ij,ij->j", 3: "ij,ij,ij->j"}
+
+
+@functools.lru_cache(maxsize=32)
+def _const_row(n: int, v: float) -> np.ndarray:
+    row = np.full(n, v, dtype=F32)
+    row.flags.writeable = False
+    return row
+
+
+def clip_(a: np.ndarray, lo: float | None, hi: float | None) -> np.ndarray:
+    """``np.clip(a, lo, hi, out=a)`` for float32 ``a``, as np.maximum / np.minimum against a constant row:
+    numpy's min/max against a broadcast scalar (and its clip) are not vectorized and cost 3x a plain pass, the
+    row-against-row loop is. Same values (NaN stays NaN); only the sign of a zero result may differ, which no
+    caller's sum or integer conversion can see."""
+    n = a.shape[-1] if a.ndim else 1
+    if a.ndim < 1 or n < 64:
+        return np.clip(a, lo, hi, out=a)
+    if lo is not None:
+        np.maximum(a, _const_row(n, float(lo)), out=a)
+    if hi is not None:
+        np.minimum(a, _const_row(n, float(hi)), out=a)
+    return a
 
 
 NEAREST_INT_RANGE = 4194303.0  # ggml's nearest_int is exact (round half to even) inside ±this
@@ -82,7 +148,7 @@ def search_qx(
     wx = w * X
     fn = F32(nmax)
     lo, hi = -fn, fn - 1
-    lq, tmp = np.empty_like(X), np.empty_like(X)
+    lq = np.empty_like(X)
 
     # every candidate's iscale = -(nmax + 0.1*is)/max (the base, is = 0, first; then ggml's order), and the groups
     # each must clamp: rounding is monotonic, so a group's quants lie between rint(iscale*max) and
@@ -95,48 +161,57 @@ def search_qx(
         clamp |= np.rint(np.abs(iscales) * opp) > hi
     full = steps > nmax + 0.5
     some = clamp.any(axis=1)
+    sums = np.empty((2, len(steps), X.shape[1]), dtype=F32)  # sumlx, suml2 of every candidate
 
     def trial(k: int) -> tuple[np.ndarray, np.ndarray]:
         # the hot loop: in-place ufuncs, no temporaries (same float32 operations as ggml, in the same order)
         np.multiply(iscales[k], X, out=lq)
         np.rint(lq, out=lq)  # |iscale*x| <= nmax + 1: inside nearest_int's exact range
         if full[k]:
-            np.clip(lq, lo, hi, out=lq)
+            clip_(lq, lo, hi)
         elif some[k]:
             cols = np.flatnonzero(clamp[k])
             lq[:, cols] = np.clip(lq[:, cols], lo, hi)
-        np.multiply(wx, lq, out=tmp)
-        sumlx = ssum(tmp)
-        np.multiply(w, lq, out=tmp)
-        np.multiply(tmp, lq, out=tmp)
-        return sumlx, ssum(tmp)
+        return wsum(wx, lq, out=sums[0, k]), wsum(w, lq, lq, out=sums[1, k])
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        best_iscale = iscales[0].copy()
         sumlx, suml2 = trial(0)
-        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
-        best = scale * sumlx
+        best = np.where(suml2 != 0, sumlx / suml2, F32(0)) * sumlx
+        won = np.zeros(X.shape[1], dtype=np.uint8)  # per group: the candidate that won last (0: the base)
         for k in range(1, len(steps)):
             sumlx, suml2 = trial(k)
             better = sumlx * sumlx > best * suml2
             better &= suml2 > 0
             if better.any():
                 # ggml recomputes L from the winning iscale; so do we, once, after the search
-                np.copyto(best_iscale, iscales[k], where=better)
-                new_scale = sumlx / suml2
-                np.copyto(scale, new_scale, where=better)
-                np.copyto(best, new_scale * sumlx, where=better)
+                _select(better, (sumlx / suml2) * sumlx, best)
+                np.maximum(won, better.view(np.uint8) * np.uint8(k), out=won)  # k only grows
+        # the winner's scale, the same division ggml made when it won
+        at = won.astype(np.intp) * X.shape[1] + np.arange(X.shape[1])
+        sumlx, suml2 = sums[0].ravel().take(at), sums[1].ravel().take(at)
+        scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
+        best_iscale = iscales.ravel().take(at)
     scale[zero] = 0
 
     def final(cols: np.ndarray | None) -> np.ndarray:
         Xc, isc, z = (X, best_iscale, zero) if cols is None else (X[:, cols], best_iscale[cols], zero[cols])
         with np.errstate(over="ignore", invalid="ignore"):
-            L = np.clip(np.rint(isc * Xc), lo, hi)
+            L = clip_(np.rint(isc * Xc), lo, hi)
         L += fn
         L[:, z] = 0
         return L
 
     return scale, final
+
+
+def _select(mask: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """``out[mask] = a[mask]`` for float32 vectors, as branch-free integer ops on their bits (several times
+    faster than copyto(where=) or a boolean assignment with a random mask)."""
+    m = np.negative(mask.view(np.int8), dtype=np.int32, casting="unsafe")
+    o = out.view(np.int32)
+    t = np.bitwise_xor(a.view(np.int32), o)
+    t &= m
+    o ^= t
 
 
 def rint_exact(v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -159,12 +234,9 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     fn = F32(nmax)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         L = np.multiply(-fn / safe_max, X)
-        np.clip(np.rint(L, out=L), -fn, fn - 1, out=L)  # |iscale*x| <= nmax: rint is nearest_int here
+        clip_(np.rint(L, out=L), -fn, fn - 1)  # |iscale*x| <= nmax: rint is nearest_int here
         w = X * X
-        t = np.multiply(w, X)
-        sumlx = ssum(np.multiply(t, L, out=t))
-        np.multiply(w, L, out=t)
-        suml2 = ssum(np.multiply(t, L, out=t))
+        sumlx, suml2 = wsum(w, X, L), wsum(w, L, L)
         # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
         # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched.
         _q3_descent(X, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
@@ -203,7 +275,7 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
         ok = slx > 0
         q = x * sl2
         np.divide(q, slx, out=q, where=ok)
-        new_l = np.clip(rint_exact(q, out=q), -fn, fn - 1)
+        new_l = clip_(rint_exact(q, out=q), -fn, fn - 1)
         ok &= new_l != lq
         slx += wx * new_l
         w *= new_l
@@ -231,6 +303,10 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
         live, pos, npass, changed = live[keep], pos[keep], npass[keep], changed[keep]
 
 
+def _ZERO_ROW(n: int) -> np.ndarray:
+    return _const_row(n, 0.0)
+
+
 def make_qkx_quants(
     X: np.ndarray, W: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -242,83 +318,70 @@ def make_qkx_quants(
     sum_x = ssum(np.multiply(W, X, out=t1))
     flat = xmax == xmin
     fn = F32(nmax)
-    reduce = np.add.reduce  # every operand below is C-contiguous (n, M): sequential sums, see ssum
 
-    xlo = X.min(axis=0)
-
-    def quants(
-        iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray, mn: np.ndarray, top: float
-    ) -> np.ndarray:
+    def quants(iscale: np.ndarray, span: np.ndarray, Xm: np.ndarray) -> np.ndarray:
         np.multiply(iscale, Xm, out=la)
         np.rint(la, out=la)
         if not np.abs(iscale * span).max() <= NEAREST_INT_RANGE:  # rare: a NaN, inf or huge iscale
             _fix_out_of_range(la, iscale, span, lambda bad: iscale[bad] * Xm[:, bad])
-        elif top < nmax + 0.49:
-            # rounding is monotonic: a group's quants lie between those of its smallest and largest x; clamp only
-            # the groups whose bounds leave [0, nmax] (their min moved above the smallest x), if they are few
-            a, b = np.rint(iscale * (xlo - mn)), np.rint(iscale * (xmax - mn))
-            out = ~((np.minimum(a, b) >= 0) & (np.maximum(a, b) <= fn))
-            k = np.count_nonzero(out)
-            if k * 8 < out.size:
-                if k:
-                    cols = np.flatnonzero(out)
-                    la[:, cols] = np.clip(la[:, cols], F32(0), fn)
-                return la
-        return np.clip(la, F32(0), fn, out=la)
+        # two vectorized passes: cheaper than finding the few groups that need the clamp with a dozen small
+        # per-group array calls (each a GIL hand-off when several threads encode)
+        return clip_(la, 0, fn)
 
     def error(scale: np.ndarray, mn: np.ndarray) -> np.ndarray:
         np.multiply(scale, la, out=t2)  # (scale*L + min) - x, then |.| or ^2, times w
         np.add(t2, mn, out=t2)
         np.subtract(t2, X, out=t2)
         if use_mad:
-            np.abs(t2, out=t2)
-        else:
-            np.multiply(t2, t2, out=t2)
-        np.multiply(t2, W, out=t2)
-        return reduce(t2, axis=0)
+            return wsum(np.abs(t2, out=t2), W)
+        return wsum(t2, t2, W)  # w * diff^2 (the product's order does not change its rounding)
+
+    xm_buf = np.empty_like(X)
 
     def offset(mn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """x - min, the range divisor and max |x - min| (|x - min| peaks at xmax or xmin) for a new min."""
         span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
-        return np.subtract(X, mn), np.where(flat, F32(1), xmax - mn), span
+        return np.subtract(X, mn, out=xm_buf), np.where(flat, F32(1), xmax - mn), span
 
     # (rmin + rdelta*is) + nmax of every step, as ggml computes it in float
     steps = [(F32(rmin) + F32(rdelta) * F32(i)) + fn for i in range(nstep + 1)]
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        mn = xmin
+        # per group: the best error, its scale, the iscale and min that made its quants, and the current min --
+        # one (5, M) array, so that an improvement is one branch-free select over all five
+        state = np.empty((5, X.shape[1]), dtype=F32)
+        best, scale, best_iscale, best_from, mn = state
+        cand = np.empty_like(state)  # this step's values of the same
+        mn[...] = xmin
         Xm, denom, span = offset(mn)
-        iscale = fn / denom
-        scale = F32(1) / iscale
-        quants(iscale, span, Xm, mn, nmax)
-        best = error(scale, mn)
+        np.divide(fn, denom, out=best_iscale)
+        np.divide(F32(1), best_iscale, out=scale)
+        quants(best_iscale, span, Xm)
+        best[...] = error(scale, mn)
+        best_from[...] = mn
         # ggml copies the winning quants; we keep the (iscale, min) that made them and redo them once at the end
-        best_iscale, best_from = iscale, mn
         for step in steps:
             # ggml keeps using the best min found so far for the range and the offset
-            iscale = step / denom
-            quants(iscale, span, Xm, mn, float(step))
-            sum_l = reduce(np.multiply(W, la, out=t1), axis=0)
-            sum_l2 = reduce(np.multiply(t1, la, out=t2), axis=0)
-            sum_xl = reduce(np.multiply(t1, X, out=t2), axis=0)
+            iscale = np.divide(step, denom, out=cand[2])
+            quants(iscale, span, Xm)
+            sum_l, sum_l2, sum_xl = wsum(W, la), wsum(W, la, la), wsum(W, la, X)
             D = sum_w * sum_l2 - sum_l * sum_l
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            this_scale = np.divide(sum_w * sum_xl - sum_x * sum_l, D, out=cand[1])
+            this_min = np.divide(sum_l2 * sum_x - sum_l * sum_xl, D, out=cand[4])
             clamp = this_min > 0
             if clamp.any():
-                this_min[clamp] = 0
-                this_scale[clamp] = (sum_xl / sum_l2)[clamp]
+                _select(clamp, _ZERO_ROW(clamp.size), this_min)
+                _select(clamp, sum_xl / sum_l2, this_scale)
             cur = error(this_scale, this_min)
             better = cur < best
             better &= D > 0
             if better.any():
-                best = np.where(better, cur, best)
-                scale = np.where(better, this_scale, scale)
-                best_iscale = np.where(better, iscale, best_iscale)
-                best_from = np.where(better, mn, best_from)
-                mn = np.where(better, this_min, mn)
+                cand[0] = cur
+                cand[3] = mn
+                _select(np.broadcast_to(better, state.shape), cand, state)
                 Xm, denom, span = offset(mn)
         Xm, _, span = offset(best_from)
-        L = quants(best_iscale, span, Xm, best_from, np.inf)
+        L = quants(best_iscale, span, Xm)
+    scale = scale.copy()
     scale[flat] = 0
     mn = np.where(flat, xmin, mn)
     L[:, flat] = 0

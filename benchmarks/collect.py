@@ -17,7 +17,8 @@ SECTIONS = [
     ("gguf_quant", "GGUF quantization vs llama.cpp's llama_model_quantize (issue 5)", "benchmarks/gguf_quant.py"),
     ("gguf_imatrix_kl", "Importance matrix: KL divergence with and without (issue 5)", "benchmarks/gguf_quant.py"),
     ("gptq_awq", "GPTQ and AWQ vs llm-compressor, first 6 blocks (issue 6)", "benchmarks/gptq_awq.py --layers 6"),
-    ("gptq_full32", "GPTQ vs llm-compressor, full model, 32x512 calibration (issue 6)", "benchmarks/gptq_awq.py"),
+    ("gptq_full32", "GPTQ and AWQ, full model, 32x512 calibration (issue 6)", "benchmarks/gptq_awq.py --nsamples 32"),
+    ("gptq_full128", "GPTQ vs llm-compressor, full model, 128x512 calibration (issue 6)", "benchmarks/gptq_awq.py --methods gptq"),
     ("estimate", "Memory estimator: speed and accuracy (issue 7)", "benchmarks/estimate.py"),
 ]  # fmt: skip
 

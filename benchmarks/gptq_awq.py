@@ -67,6 +67,10 @@ def truncate_model(src: Path, dst: Path, layers: int) -> Path:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM): ru_maxrss would include the parent's peak, inherited through fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -180,8 +180,8 @@ def quantize_cmd(
     options = {
         "format": fmt, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
         "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp_percent,
-        "token_clip": token_clip, "mse": mse, "skip_indivisible": skip_indivisible, "ignore": tuple(ignore) if ignore else None,
-        "only": tuple(only) if only else None, "resume": resume, "device": device, "quant_type": quant_type,
+        "token_clip": token_clip, "mse": mse, "skip_indivisible": skip_indivisible,
+        "ignore": tuple(ignore) if ignore else None, "only": tuple(only) if only else None, "resume": resume, "device": device, "quant_type": quant_type,
         "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype, "type": gguf_type,
         "imatrix": imatrix, "save_imatrix": save_imatrix, "allow_requantize": allow_requantize, "pure": pure,
         "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type,

@@ -10,7 +10,6 @@ import ctypes
 import hashlib
 import inspect
 import json
-import os
 import struct
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -242,10 +241,9 @@ def _quiet_llama(llama_cpp) -> None:
 
 def default_threads() -> int:
     """The thread count llama.cpp's tools use by default: the CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+    from llmq.io.base import available_cpus
+
+    return available_cpus()
 
 
 class LlamaCppBackend(Backend):

@@ -159,6 +159,14 @@ def fsync_close(fh) -> None:
     fh.close()
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one): llama.cpp's nthread default."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 class WriteBehind:
     """Starts the kernel's writeback of an output file while it is being written: an fdatasync on a background
     thread every ``every`` bytes, so the fsync at close (which makes the file durable, exactly as before) has

@@ -13,7 +13,6 @@ lives in :mod:`llmq.quant.gguf_search`, the byte layout of each block here.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -574,11 +573,9 @@ def row_bytes(type_name: str, n_per_row: int) -> int:
 
 def default_threads() -> int:
     """Worker threads for encoding: the CPUs this process may use (llama.cpp's nthread default), at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    from llmq.io.base import available_cpus
+
+    return min(8, available_cpus())
 
 
 def encode_jobs(

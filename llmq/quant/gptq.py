@@ -52,7 +52,7 @@ def grid_params(
     Symmetric grids put the zero at the middle code (2^(bits-1)), as the GPTQ formats store it. ``min_zero=1``
     keeps zero points >= 1 (GPTQ v1 stores zero - 1): such rows get their scale stretched over maxq - 1 steps.
 
-    ``mse`` = p > 0 shrinks each row's range instead of covering it whole: of the ranges 100%, 99%, … 20% the one
+    ``mse`` = p > 0 shrinks each row's range instead of covering it whole: of the ranges 100%, 99%, … 21% the one
     with the smallest Σ|w - ŵ|^p wins (the GPTQ reference code's and GPTQModel's ``mse`` option; p = 2.4 there).
     """
     import torch
@@ -70,7 +70,7 @@ def grid_params(
         for i in range(MSE_STEPS):
             shrink = 1.0 - i / MSE_GRID
             sc, zr = _grid_from_range(xmin * shrink, xmax * shrink, maxq, sym, min_zero)
-            q = torch.clamp(torch.round(w / sc.unsqueeze(1)) + zr.unsqueeze(1), 0, maxq)
+            q = quantize_codes(w, sc, zr, bits)
             err = ((q - zr.unsqueeze(1)) * sc.unsqueeze(1) - w).abs_().pow_(mse).sum(1)
             better = err < best
             best = torch.where(better, err, best)

@@ -14,6 +14,7 @@ from llmq.quant.gptq import (  # noqa: E402
     GPTQConfig,
     HessianAccumulator,
     fake_quantize,
+    float_target_weight,
     gptq_quantize,
     grid_params,
 )
@@ -41,6 +42,42 @@ def out_err(W, X, Wq) -> float:
 def test_hessian_is_2xxt_over_n(layer):
     W, X, H = layer
     assert torch.allclose(H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-3)
+
+
+def test_float_target_weight_is_the_least_squares_map():
+    g = torch.Generator().manual_seed(1)
+    n, cin, cout = 2048, 48, 16
+    xf = torch.randn(n, cin, generator=g) * torch.exp(torch.randn(cin, generator=g))
+    # the inputs after earlier layers were quantized: here a small linear distortion plus noise
+    xq = xf @ (torch.eye(cin) + 0.05 * torch.randn(cin, cin, generator=g)) + 0.01 * torch.randn(
+        n, cin, generator=g
+    )
+    W = torch.randn(cout, cin, generator=g)
+    acc = HessianAccumulator(cin, token_clip=0)
+    acc.add(xq[:1000], xf[:1000])
+    acc.add(xq[1000:], xf[1000:])
+    D = acc.D * (2.0 / acc.n)
+    Wls = torch.linalg.lstsq(xq.double(), (xf @ W.T).double()).solution.T.float()  # argmin ||W xf - W' xq||
+    got = float_target_weight(W, acc.finish(), D, 1.0, 1e-6)
+    assert torch.allclose(got, Wls, atol=1e-3, rtol=1e-3)
+    half = float_target_weight(W, acc.finish(), D, 0.5, 1e-6)
+    assert torch.allclose(half, (W + got) / 2, atol=1e-4)
+    # the output error against the float model is what the corrected weight lowers
+    err = lambda w: float(((xf @ W.T - xq @ w.T) ** 2).mean())  # noqa: E731
+    assert err(got) < 0.05 * err(W)
+
+
+@pytest.mark.parametrize("cols", [255, 256, 301, 768])
+def test_hessian_from_upper_panels_is_symmetric_and_exact(cols):
+    g = torch.Generator().manual_seed(cols)
+    acc = HessianAccumulator(cols)
+    xs = [torch.randn(n, cols, generator=g) for n in (64, 37)]
+    for x in xs:
+        acc.add(x)
+    X = torch.cat(xs)
+    H = acc.finish()
+    assert torch.equal(H, H.T)
+    assert torch.allclose(H, 2 * X.T @ X / X.shape[0], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -191,6 +228,8 @@ def tiny(tmp_path_factory):
     {"bits": 2, "group_size": 64},
     {"token_clip": 3.0, "mse": 2.4, "act_order": True, "static_groups": True},
     {"token_clip": 0.0, "mse": 2.0, "group_size": 32},
+    {"float_target": 1.0, "damp_percent": 0.1},
+    {"float_target": 0.25, "true_sequential": False, "act_order": True},
 ])  # fmt: skip
 def test_pipeline_options(tiny, tmp_path, options):
     run_gptq(tiny, tmp_path / "q", **options)

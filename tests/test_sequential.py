@@ -124,9 +124,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_skips_finished_blocks(tmp_path):
+@pytest.mark.parametrize("float_target", [0.0, 1.0])
+def test_resume_skips_finished_blocks(tmp_path, float_target):
     src = make_tiny_llama(tmp_path / "m", layers=3)
-    config = GPTQConfig(format="fake-quant", group_size=32, nsamples=8, seqlen=32)
+    config = GPTQConfig(format="fake-quant", group_size=32, nsamples=8, seqlen=32, float_target=float_target)
     seen: list[str] = []
 
     def stop_after_first_block(stage, done, total):
@@ -138,7 +139,9 @@ def test_resume_skips_finished_blocks(tmp_path):
         quantize_blockwise(src, tmp_path / "q", config, GPTQBlockMethod(config), "gptq", samples=samples(),
                            progress=stop_after_first_block)  # fmt: skip
     assert not (tmp_path / "q").exists() and list(tmp_path.glob(".q.llmq-partial/block_*"))
-    resumed = GPTQConfig(format="fake-quant", group_size=32, nsamples=8, seqlen=32, resume=True)
+    resumed = GPTQConfig(
+        format="fake-quant", group_size=32, nsamples=8, seqlen=32, resume=True, float_target=float_target
+    )
     stages: list[str] = []
     res = quantize_blockwise(src, tmp_path / "q", resumed, GPTQBlockMethod(resumed), "gptq", samples=samples(),
                              progress=lambda s, d, t: stages.append(s))  # fmt: skip
@@ -177,3 +180,85 @@ def test_plugin_run_with_builtin_calibration_and_bad_text(tmp_path):
     with pytest.raises((CalibrationError, BadInput)):
         GPTQQuantizer().run(src, tmp_path / "q2", bad)
     assert not (tmp_path / "q2").exists()
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_staged_forward_equals_one_forward_per_group(tiny, tmp_path, monkeypatch):
+    import llmq.quant.sequential as seq
+
+    monkeypatch.setattr(seq, "BATCH_TOKENS", 64)  # 4 batches of 2 samples: several paused forwards
+    calls = []
+    real = seq.BlockContext.run_staged
+    monkeypatch.setattr(seq.BlockContext, "run_staged", lambda self, *a: calls.append(1) or real(self, *a))
+    run_gptq(tiny, tmp_path / "staged", act_order=True)
+    assert len(calls) == 2  # both blocks went through the single staged forward
+    monkeypatch.setattr(seq, "staged_forward_fits", lambda ctx: False)  # as when the activations do not fit
+    run_gptq(tiny, tmp_path / "grouped", act_order=True)
+    assert len(calls) == 2
+    a, b = _tensors(tmp_path / "staged"), _tensors(tmp_path / "grouped")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_staged_forward_memory_guard(tiny, monkeypatch):
+    import llmq.quant.sequential as seq
+
+    reader = open_source(tiny)
+    hf, model = seq._skeleton(tiny)
+    hidden, kwargs = seq.capture_first_inputs(model, reader, samples())
+    layer = model.model.layers[0]
+    seq.materialize(layer, reader, "model.layers.0.")
+    ctx = seq.BlockContext(0, "model.layers.0.", layer, ARCHES["llama"], [], hidden, kwargs, [])
+    # 8 x 32 tokens x (2 x 64 + 64 + 32 + 32 + 64 + 128 + 128 + 64) floats x 4 bytes = 655360 bytes
+    monkeypatch.setattr(seq, "free_memory", lambda device: 2 * 655360)
+    assert seq.staged_forward_fits(ctx)
+    monkeypatch.setattr(seq, "free_memory", lambda device: 2 * 655360 - 1)
+    assert not seq.staged_forward_fits(ctx)
+    reader.close()
+
+
+def test_run_staged_order_and_errors(tiny):
+    import threading
+
+    import llmq.quant.sequential as seq
+
+    reader = open_source(tiny)
+    hf, model = seq._skeleton(tiny)
+    torch.set_grad_enabled(False)
+    hidden, kwargs = seq.capture_first_inputs(model, reader, samples())
+    hidden = [h for x in hidden for h in x.split(2)]  # 4 batches
+    kwargs = [
+        kwargs[0] | {k: v[:2] for k, v in kwargs[0].items() if k == "attention_mask" and v is not None}
+    ] * 4
+    layer = model.model.layers[0]
+    seq.materialize(layer, reader, "model.layers.0.")
+    ctx = seq.BlockContext(0, "model.layers.0.", layer, ARCHES["llama"], [], hidden, kwargs, [])
+    before = threading.active_count()
+    ref = seq.forward_all(ctx)
+    seen: list[tuple[int, tuple]] = []
+    points = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    out = ctx.run_staged(points, lambda k, b, x: seen.append((k, b)), lambda k: None)
+    assert seen == [(k, b) for k in range(4) for b in range(4)]  # all batches reach a point together
+    assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+    with pytest.raises(RuntimeError, match="expected to reach 'mlp.down_proj' next, reached 'mlp.gate_proj'"):
+        ctx.run_staged(
+            ["self_attn.q_proj", "mlp.down_proj", "mlp.gate_proj"], lambda k, b, x: None, lambda k: None
+        )
+
+    def boom(k):
+        if k == 1:
+            raise ValueError("quantization failed")
+
+    with pytest.raises(ValueError, match="quantization failed"):
+        ctx.run_staged(points, lambda k, b, x: None, boom)
+    assert threading.active_count() == before  # paused forwards were unwound, no thread left behind
+    reader.close()

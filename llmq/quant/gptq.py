@@ -193,23 +193,52 @@ class HessianAccumulator:
         self.n = 0
         self.token_clip = token_clip
         self.clipped = 0
+        self.D: torch.Tensor | None = None  # Σ (x_float - x) xᵀ, with float targets
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
         import torch
 
         x = x.reshape(-1, x.shape[-1]).float()
+        if x_float is not None:
+            dx = x_float.reshape(-1, x.shape[-1]).float() - x
         if self.token_clip > 0 and x.shape[0] > 1:
             norms = x.norm(dim=1)
             bound = self.token_clip * norms.median()
             over = norms > bound
             if bool(over.any()):
                 self.clipped += int(over.sum())
-                x = x * torch.where(over, bound / norms, torch.ones_like(norms)).unsqueeze(1)
-        self.H.addmm_(x.t(), x)
+                f = torch.where(over, bound / norms, torch.ones_like(norms)).unsqueeze(1)
+                x = x * f
+                if x_float is not None:
+                    dx = dx * f
+        add_gram_upper(self.H, x)
+        if x_float is not None:
+            if self.D is None:
+                self.D = torch.zeros_like(self.H)
+            self.D.addmm_(dx.t(), x)
         self.n += x.shape[0]
 
     def finish(self) -> torch.Tensor:
-        return self.H * (2.0 / max(1, self.n))
+        import torch
+
+        upper = torch.triu(self.H)
+        return (upper + torch.triu(self.H, 1).t()) * (2.0 / max(1, self.n))
+
+
+GRAM_PANELS = 3
+
+
+def add_gram_upper(H: torch.Tensor, x: torch.Tensor) -> None:
+    """H += xᵀx on and above the diagonal only, in row panels (a third fewer flops than the full product for
+    three panels; what lies below the diagonal is left as garbage, ``finish`` mirrors the upper triangle)."""
+    n = x.shape[1]
+    if n < 256:
+        H.addmm_(x.t(), x)
+        return
+    step = -(-n // GRAM_PANELS)
+    xt = x.t()
+    for i in range(0, n, step):
+        H[i : i + step, i:].addmm_(xt[i : i + step], x[:, i:])
 
 
 def _inverse_cholesky(H: torch.Tensor, damp_percent: float, notify: Notify, label: str) -> torch.Tensor:
@@ -270,8 +299,8 @@ def gptq_quantize(
     zeros = torch.zeros(rows, n_groups, device=dev)
     if static_groups or group_size <= 0:
         # group parameters from the unquantized weight, in original column order
-        for gi in range(n_groups):
-            scales[:, gi], zeros[:, gi] = grid_params(W[:, gi * g : (gi + 1) * g], bits, sym, min_zero, mse)
+        sc, zr = grid_params(W.reshape(rows * n_groups, g), bits, sym, min_zero, mse)
+        scales, zeros = sc.reshape(rows, n_groups), zr.reshape(rows, n_groups)
 
     perm = torch.arange(cols, device=dev)
     if act_order:
@@ -290,6 +319,25 @@ def gptq_quantize(
     return qw, float(loss.sum())
 
 
+def float_target_weight(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float,
+                        damp_percent: float) -> torch.Tensor:  # fmt: skip
+    """The weight that best maps the inputs this layer really gets (those of the already quantized layers
+    before it, X) onto the outputs the unquantized model gives (W·X_float), in least squares:
+    W' = W + alpha·W·D·H⁻¹ with H = XᵀX, D = (X_float - X)ᵀX (both as accumulated, damped like GPTQ's H).
+    Since W·X_float - W'·X is orthogonal to X, ||W·X_float - Q·X||² = ||(W' - Q)·X||² + const: GPTQ on W'
+    minimises the error against the unquantized model's outputs (asymmetric calibration, as GPTAQ / GPTQModel's
+    v2); ``alpha`` < 1 shrinks the correction towards plain GPTQ."""
+    import torch
+
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    Hd = H + eye * (max(damp_percent, 1e-6) * torch.diag(H).mean())
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info):
+        return W
+    corr = torch.cholesky_solve((W @ D).t(), L).t()
+    return W + alpha * corr
+
+
 @contextmanager
 def single_thread() -> Iterator[None]:
     """The column loop is thousands of small vector ops: one thread avoids OpenMP spin/sync overhead, which
@@ -305,40 +353,57 @@ def single_thread() -> Iterator[None]:
 
 
 def _column_loop(W, U, scales, zeros, perm, g: int, bits: int, sym: bool, min_zero: int, mse: float, blocksize: int,
-                 dynamic: bool):  # fmt: skip
+                 dynamic: bool, inner: int = 16):  # fmt: skip
+    """The GPTQ column loop with lazy batch updates, in place on W (permuted order).
+
+    Two levels of lazy updates: the errors of a batch of ``blocksize`` columns reach the columns after it in one
+    matmul (the paper's batching), and inside a batch, those of ``inner`` columns reach the rest of the batch in
+    one matmul too, so each column's own update touches at most ``inner`` columns. Same arithmetic, up to float
+    rounding; on CPU this loop is op-count bound, so every per-column step is one in-place op where possible.
+    """
     import torch
 
     rows, cols = W.shape
+    maxq = 2**bits - 1
     # group of each permuted position: dynamic groups follow the processing order, static ones the original
     group_of_pos = (torch.arange(cols, device=W.device) // g if dynamic else perm // g).tolist()
+    if dynamic and g % inner:
+        inner = blocksize  # a new group's parameters need every earlier error applied: align to groups
     Q = torch.zeros(rows, cols, device=W.device)
     loss = torch.zeros(rows, device=W.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
+        n = i2 - i1
         W1 = W[:, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            gi = group_of_pos[col]
-            if dynamic and col % g == 0:
-                # parameters from the current, already error-compensated columns of this group
-                cur = (
-                    torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1)
-                    if col + g > i2
-                    else W1[:, i : i + g]
-                )
-                scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym, min_zero, mse)
-            w = W1[:, i]
-            d = U1[i, i]
-            q = quantize_codes(w, scales[:, gi], zeros[:, gi], bits)
-            Q[:, col] = q
-            dq = (q - zeros[:, gi]) * scales[:, gi]
-            err = (w - dq) / d
-            loss += (w - dq) ** 2 / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        for j1 in range(0, n, inner):
+            j2 = min(j1 + inner, n)
+            for i in range(j1, j2):
+                col = i1 + i
+                gi = group_of_pos[col]
+                if dynamic and col % g == 0:
+                    # parameters from the current, already error-compensated columns of this group
+                    cur = (
+                        torch.cat([W1[:, i : i + g], W[:, i2 : col + g]], dim=1)
+                        if col + g > i2
+                        else W1[:, i : i + g]
+                    )
+                    scales[:, gi], zeros[:, gi] = grid_params(cur, bits, sym, min_zero, mse)
+                s, z = scales[:, gi], zeros[:, gi]
+                w = W1[:, i]
+                q = torch.div(w, s).round_().add_(z).clamp_(0, maxq)
+                Q[:, col] = q
+                err = Err1[:, i]
+                torch.sub(w, q.sub_(z).mul_(s), out=err)  # w - dequantized
+                err.div_(U1[i, i])
+                if i + 1 < j2:
+                    W1[:, i + 1 : j2].addr_(err, U1[i, i + 1 : j2], alpha=-1)
+            if j2 < n:
+                W1[:, j2:].addmm_(Err1[:, j1:j2], U1[j1:j2, j2:], alpha=-1)
+        loss += Err1.pow(2).sum(1) / 2
+        if i2 < cols:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
     return Q, scales, zeros, loss
 
 
@@ -364,35 +429,79 @@ class GPTQBlockMethod:
         return [[g] for g in groups] if self.config.true_sequential else [groups]
 
     def quantize_block(self, ctx) -> dict[str, QuantizedWeight]:
-        import torch
+        from llmq.quant.sequential import staged_forward_fits
 
         cfg = self.config
         records: dict[str, QuantizedWeight] = {}
-        for stage in self.stages(ctx):
-            accs = {grp[0]: HessianAccumulator(ctx.module(grp[0]).in_features, ctx.module(grp[0]).weight.device,
-                                               cfg.token_clip) for grp in stage}  # fmt: skip
-            ctx.run_until({name: acc.add for name, acc in accs.items()}, stop_after=set(accs))
+        stages = self.stages(ctx)
+        if cfg.true_sequential and staged_forward_fits(ctx):
+            # one forward for the whole block: paused at each group's input while that group is quantized
+            groups = [stage[0] for stage in stages]
+            points = [grp[0] for grp in groups]
+            accs = [self._accumulator(ctx, grp) for grp in groups]
+            floats = self._float_inputs(ctx, points) if cfg.float_target > 0 else None
+            ctx.outputs = ctx.run_staged(
+                points,
+                lambda k, b, x: accs[k].add(x, None if floats is None else floats[k][b]),
+                lambda k: self._quantize_group(ctx, groups[k], accs[k], records),
+            )
+            return records
+        points = [grp[0] for stage in stages for grp in stage]
+        floats = self._float_inputs(ctx, points) if cfg.float_target > 0 else None
+        for stage in stages:
+            accs = {grp[0]: self._accumulator(ctx, grp) for grp in stage}
+
+            def add(name, accs=accs):
+                k = points.index(name)
+                return lambda b, x: accs[name].add(x, None if floats is None else floats[k][b])
+
+            ctx.run_until({name: add(name) for name in accs}, stop_after=set(accs))
             for grp in stage:
-                mods = [ctx.module(n) for n in grp]
-                W = torch.cat([m.weight for m in mods], dim=0)
-                label = ctx.prefix + "{" + ",".join(grp) + "}"
-                qw, _loss = gptq_quantize(W, accs[grp[0]].finish(), bits=cfg.bits, group_size=cfg.group_size,
-                                          sym=cfg.sym, act_order=cfg.act_order, static_groups=cfg.static_groups,
-                                          damp_percent=cfg.damp_percent, blocksize=cfg.blocksize,
-                                          min_zero=cfg.min_zero, mse=cfg.mse, notify=ctx.notes.append,
-                                          label=label)  # fmt: skip
-                acc = accs[grp[0]]
-                if acc.clipped:
-                    ctx.notes.append(f"{label}: {acc.clipped} of {acc.n} calibration tokens had more than "
-                                     f"{cfg.token_clip:g}x the median input norm; their weight in H was bounded "
-                                     "(--token-clip)")  # fmt: skip
-                for name, mod, part in zip(
-                    grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True
-                ):
-                    mod.weight.data.copy_(part.dequantize())
-                    records[name] = part
-                del accs[grp[0]]
+                self._quantize_group(ctx, grp, accs.pop(grp[0]), records)
         return records
+
+    def _float_inputs(self, ctx, points: list[str]) -> list[list[torch.Tensor]]:
+        """The unquantized block on the unquantized model's hidden states: each point's input per batch; the
+        outputs become the next block's float inputs."""
+        seen: list[list] = [[] for _ in points]
+        handles = [ctx.module(p).register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].detach()))
+                   for k, p in enumerate(points)]  # fmt: skip
+        try:
+            ctx.float_outputs = []
+            for b in range(len(ctx.inputs)):
+                out = ctx.layer(ctx.float_inputs[b], **ctx.kwargs[b])
+                ctx.float_outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    def _accumulator(self, ctx, grp: list[str]) -> HessianAccumulator:
+        mod = ctx.module(grp[0])
+        return HessianAccumulator(mod.in_features, mod.weight.device, self.config.token_clip)
+
+    def _quantize_group(self, ctx, grp: list[str], acc: HessianAccumulator, records: dict) -> None:
+        import torch
+
+        cfg = self.config
+        mods = [ctx.module(n) for n in grp]
+        W = torch.cat([m.weight for m in mods], dim=0)
+        label = ctx.prefix + "{" + ",".join(grp) + "}"
+        H = acc.finish()
+        acc.H = None  # free it before the quantization's own copies
+        if acc.D is not None and cfg.float_target > 0:
+            W = float_target_weight(W, H, acc.D * (2.0 / max(1, acc.n)), cfg.float_target, cfg.damp_percent)
+        qw, _loss = gptq_quantize(W, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
+                                  act_order=cfg.act_order, static_groups=cfg.static_groups,
+                                  damp_percent=cfg.damp_percent, blocksize=cfg.blocksize, min_zero=cfg.min_zero,
+                                  mse=cfg.mse, notify=ctx.notes.append, label=label)  # fmt: skip
+        if acc.clipped:
+            ctx.notes.append(f"{label}: {acc.clipped} of {acc.n} calibration tokens had more than "
+                             f"{cfg.token_clip:g}x the median input norm; their weight in H was bounded "
+                             "(--token-clip)")  # fmt: skip
+        for name, mod, part in zip(grp, mods, qw.split_rows([m.out_features for m in mods]), strict=True):
+            mod.weight.data.copy_(part.dequantize())
+            records[name] = part
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -453,9 +562,12 @@ class GPTQConfig(BlockwiseConfig):
     blocksize: int = 128
     token_clip: float = 10.0
     mse: float = 0.0
+    float_target: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.float_target <= 1:
+            raise BadInput("--float-target must be in [0, 1] (0: off)")
         if not 0 <= self.damp_percent < 1:
             raise BadInput("--damp-percent must be in [0, 1)")
         if self.mse < 0:

@@ -20,6 +20,7 @@ import fnmatch
 import hashlib
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class BlockContext:
     inputs: list[torch.Tensor]  # hidden states entering the block, one tensor per batch
     kwargs: list[dict[str, Any]]  # the keyword arguments the model passes to the block, per batch
     notes: list[str]
+    outputs: list[torch.Tensor] | None = None  # set by a method whose last forward already gave the outputs
+    float_inputs: list[torch.Tensor] | None = None  # hidden states of the unquantized model (float targets)
+    float_outputs: list[torch.Tensor] | None = None
 
     def module(self, name: str):
         return self.layer.get_submodule(name)
@@ -62,15 +66,17 @@ class BlockContext:
         return out[0] if isinstance(out, tuple) else out
 
     def run_until(self, hooks: dict[str, Any], stop_after: set[str] | None = None) -> None:
-        """Forward every batch with forward-pre hooks ``{module name: fn(inputs)}``.
+        """Forward every batch with forward-pre hooks ``{module name: fn(batch index, input)}``.
 
         With ``stop_after``, the forward of a batch stops once those modules have seen their input.
         """
         handles, seen = [], set()
 
+        batch = 0
+
         def make(name, fn):
             def hook(_mod, args):
-                fn(args[0])
+                fn(batch, args[0])
                 seen.add(name)
                 if stop_after is not None and stop_after <= seen:
                     raise StopForward
@@ -80,15 +86,172 @@ class BlockContext:
         for name, fn in hooks.items():
             handles.append(self.module(name).register_forward_pre_hook(make(name, fn)))
         try:
-            for b in range(len(self.inputs)):
+            for batch in range(len(self.inputs)):
                 seen.clear()
                 try:
-                    self.forward(b)
+                    self.forward(batch)
                 except StopForward:
                     pass
         finally:
             for h in handles:
                 h.remove()
+
+    def run_staged(self, points: list[str], on_input, on_point) -> list[torch.Tensor]:
+        """One forward of every batch, all batches paused together at each of ``points`` (module names, in the
+        order the forward reaches them): ``on_input(k, b, x)`` gets batch b's input of module ``points[k]``,
+        then, once every batch is there, ``on_point(k)`` runs (it may change the weights from module k on,
+        e.g. quantize them) and the batches go on. Returns the block outputs.
+
+        This is true-sequential GPTQ in a single forward per block (instead of one partial forward per group
+        plus a last one for the outputs). The batches are paused mid-forward on threads of their own, only one
+        of which ever runs at a time; the price is that every batch's live activations are held at once.
+        """
+        import torch
+
+        index = {name: k for k, name in enumerate(points)}
+        released = [False] * len(points)
+        local = threading.local()
+
+        def make(name):
+            k = index[name]
+
+            def hook(_mod, args):
+                if released[k]:
+                    return
+                on_input(k, local.fiber.index, args[0])
+                local.fiber.pause(k)
+
+            return hook
+
+        def run(b: int):
+            def body():
+                with torch.no_grad():
+                    return self.forward(b).detach()
+
+            return body
+
+        fibers = [_Fiber(run(b), local, b) for b in range(len(self.inputs))]
+        handles = [self.module(name).register_forward_pre_hook(make(name)) for name in points]
+        try:
+            for k, name in enumerate(points):
+                for f in fibers:
+                    f.resume()
+                    if f.done or f.paused_at != k:
+                        where = "the end of the block" if f.done else repr(points[f.paused_at])
+                        raise RuntimeError(
+                            f"staged forward: expected to reach {name!r} next, reached {where}"
+                        )
+                on_point(k)
+                released[k] = True
+            for f in fibers:
+                f.resume()
+                if not f.done:
+                    raise RuntimeError(f"staged forward: {points[f.paused_at]!r} was reached twice")
+            return [f.result for f in fibers]
+        finally:
+            for h in handles:
+                h.remove()
+            for f in fibers:
+                f.cancel()
+
+
+def staged_forward_fits(ctx: BlockContext, share: float = 0.5) -> bool:
+    """Whether every batch's live activations of a paused block forward (bounded by the widths of all the
+    block's Linear outputs plus two hidden states per token, float32) fit in ``share`` of the free memory of
+    the block's device."""
+    import torch
+
+    tokens = sum(x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0] for x in ctx.inputs)
+    hidden = ctx.inputs[0].shape[-1]
+    width = 2 * hidden + sum(m.out_features for m in ctx.layer.modules() if isinstance(m, torch.nn.Linear))
+    return tokens * width * 4 <= share * free_memory(ctx.inputs[0].device)
+
+
+def free_memory(device) -> float:
+    """Bytes free on ``device`` (CUDA: the driver's count; CPU: MemAvailable, else the free physical pages)."""
+    import torch
+
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import os
+
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+class _Cancelled(BaseException):
+    pass
+
+
+class _Fiber:
+    """Runs ``fn`` on a thread of its own, but only while the caller waits in ``resume()``: control passes back
+    and forth like a coroutine (``pause()`` on the fiber's thread, ``resume()`` on the caller's), so exactly one
+    of them runs at any time and nothing runs concurrently."""
+
+    def __init__(self, fn, local: threading.local, index: int = 0):
+        self._fn = fn
+        self.index = index
+        self._local = local
+        self._go = threading.Semaphore(0)
+        self._back = threading.Semaphore(0)
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._started = False
+        self._cancelled = False
+        self.done = False
+        self.paused_at: int | None = None
+        self.result = None
+        self.error: BaseException | None = None
+
+    def _main(self) -> None:
+        self._local.fiber = self
+        self._go.acquire()
+        try:
+            if not self._cancelled:
+                self.result = self._fn()
+        except _Cancelled:
+            pass
+        except BaseException as e:  # handed to the caller by resume()
+            self.error = e
+        finally:
+            self.done = True
+            self._back.release()
+
+    def resume(self) -> None:
+        if self.done:
+            return
+        if not self._started:
+            self._started = True
+            self._thread.start()
+        self._go.release()
+        self._back.acquire()
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def pause(self, where: int) -> None:
+        self.paused_at = where
+        self._back.release()
+        self._go.acquire()
+        if self._cancelled:
+            raise _Cancelled
+
+    def cancel(self) -> None:
+        """Unwind a paused fiber (its activations are freed) and wait for its thread."""
+        if not self._started or self.done:
+            return
+        self._cancelled = True
+        self._go.release()
+        self._back.acquire()
+        self._thread.join()
 
 
 class BlockMethod(Protocol):
@@ -354,23 +517,27 @@ class ResumeDir:
     def block_file(self, i: int) -> Path:
         return self.path / f"block_{i:05d}.safetensors"
 
-    def save_block(self, i: int, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor]) -> None:
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor],
+                   floats: list[torch.Tensor] | None = None) -> None:  # fmt: skip
         import torch
         from safetensors.torch import save_file
 
+        def joined(hs):
+            hs = [h.cpu() for h in hs]
+            return torch.stack(hs) if len({h.shape for h in hs}) == 1 else torch.cat(hs)
+
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i)) + ".tmp")
         Path(str(self.block_file(i)) + ".tmp").replace(self.block_file(i))
-        hidden = [h.cpu() for h in hidden]
-        save_file({"hidden": torch.stack(hidden) if len({h.shape for h in hidden}) == 1 else torch.cat(hidden)},
-                  str(self.path / "hidden.safetensors.tmp"))  # fmt: skip
+        states = {"hidden": joined(hidden)} | ({"float_hidden": joined(floats)} if floats is not None else {})
+        save_file(states, str(self.path / "hidden.safetensors.tmp"))
         (self.path / "hidden.safetensors.tmp").replace(self.path / "hidden.safetensors")
         self.done = i + 1
         self._write_state()
 
-    def load_hidden(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    def load_hidden(self, like: list[torch.Tensor], key: str = "hidden") -> list[torch.Tensor]:
         from safetensors.torch import load_file
 
-        saved = load_file(str(self.path / "hidden.safetensors"))["hidden"]
+        saved = load_file(str(self.path / "hidden.safetensors"))[key]
         if saved.dim() == 4:
             return list(saved.unbind(0))
         return list(saved.split([h.shape[0] for h in like]))
@@ -448,10 +615,12 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
     resume = ResumeDir(out, _fingerprint(src, config, method_name), config.resume)
     device = resolve_device(config.device)
     hidden, kwargs = capture_first_inputs(model, reader, samples)
+    floats = [h.clone() for h in hidden] if getattr(config, "float_target", 0) > 0 else None
     if resume.done:
         notes.append(f"resumed after block {resume.done - 1}")
+        floats = resume.load_hidden(hidden, "float_hidden") if floats is not None else None
         hidden = resume.load_hidden(hidden)
-    hidden, kwargs = to_device(hidden, device), to_device(kwargs, device)
+    hidden, kwargs, floats = to_device(hidden, device), to_device(kwargs, device), to_device(floats, device)
 
     layers = model.model.layers
     for i in range(plan.n_layers):
@@ -461,10 +630,19 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
         layer = layers[i]
         materialize(layer, reader, prefix)
         layer.to(device)
-        ctx = BlockContext(i, prefix, layer, plan.arch, plan.targets[i], hidden, kwargs, notes)
+        ctx = BlockContext(
+            i, prefix, layer, plan.arch, plan.targets[i], hidden, kwargs, notes, float_inputs=floats
+        )
         records = method.quantize_block(ctx) if ctx.targets else {}
-        hidden = forward_all(ctx)
-        resume.save_block(i, _block_tensors(layer, records), hidden)
+        hidden = ctx.outputs if ctx.outputs is not None else forward_all(ctx)
+        if floats is not None:
+            # a block without targets leaves its weights alone: its float outputs are those of the same forward
+            floats = (
+                ctx.float_outputs
+                if ctx.float_outputs is not None
+                else forward_all(BlockContext(i, prefix, layer, plan.arch, [], floats, kwargs, notes))
+            )
+        resume.save_block(i, _block_tensors(layer, records), hidden, floats)
         layers[i] = layer.to("meta")
         progress(f"block {i + 1}/{plan.n_layers}", i + 1, plan.n_layers)
     del hidden, kwargs

@@ -206,10 +206,14 @@ def test_config_validation_and_registration():
         GPTQConfig(token_clip=0.5)
     with pytest.raises(BadInput, match="mse"):
         GPTQConfig(mse=-1.0)
+    with pytest.raises(BadInput, match="float-target"):
+        GPTQConfig(float_target=1.5)
     from llmq.quant.awq import AWQConfig
 
     with pytest.raises(BadInput, match="--token-clip cannot be used with --method awq"):
         AWQConfig.from_options("awq", {"token_clip": 3.0})
+    with pytest.raises(BadInput, match="--float-target cannot be used with --method awq"):
+        AWQConfig.from_options("awq", {"float_target": 0.5})
     with pytest.raises(BadInput, match="--quant-type"):
         GPTQConfig.from_options("gptq", {"quant_type": "nf4"})
     cfg = GPTQConfig.from_options("gptq", {"bits": 3, "act_order": True, "ignore": ("lm_head",)})

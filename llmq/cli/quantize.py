@@ -67,6 +67,14 @@ def quantize_cmd(
             rich_help_panel=_G,
         ),
     ] = None,
+    float_target: Annotated[
+        float | None,
+        typer.Option(
+            "--float-target",
+            help="GPTQ: fit each layer to the unquantized model's outputs (GPTAQ-style), weight A in [0, 1] (0 = off).",
+            rich_help_panel=_G,
+        ),
+    ] = None,
     skip_indivisible: Annotated[
         bool | None,
         typer.Option(
@@ -180,7 +188,7 @@ def quantize_cmd(
     options = {
         "format": fmt, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
         "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp_percent,
-        "token_clip": token_clip, "mse": mse, "skip_indivisible": skip_indivisible,
+        "token_clip": token_clip, "mse": mse, "float_target": float_target, "skip_indivisible": skip_indivisible,
         "ignore": tuple(ignore) if ignore else None, "only": tuple(only) if only else None, "resume": resume, "device": device, "quant_type": quant_type,
         "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype, "type": gguf_type,
         "imatrix": imatrix, "save_imatrix": save_imatrix, "allow_requantize": allow_requantize, "pure": pure,

@@ -306,9 +306,9 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+    U = _inverse_cholesky(H, damp_percent, notify, label)  # O(n³) LAPACK: all threads
+    del H
     with single_thread():
-        U = _inverse_cholesky(H, damp_percent, notify, label)
-        del H
         Q, scales, zeros, loss = _column_loop(W, U, scales, zeros, perm, g, bits, sym, min_zero, mse, blocksize,
                                               dynamic=group_size > 0 and not static_groups)  # fmt: skip
     group_of_pos = perm // g if (static_groups or group_size <= 0) else torch.arange(cols, device=dev) // g

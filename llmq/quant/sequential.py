@@ -519,28 +519,45 @@ class ResumeDir:
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor],
                    floats: list[torch.Tensor] | None = None) -> None:  # fmt: skip
-        import torch
-        from safetensors.torch import save_file
+        """Write block i's tensors and the hidden states after it on a background thread (the next block runs
+        meanwhile; at 128×512 tokens the states are ~150 MB a block); ``wait()`` joins it. ``done`` moves on
+        only once everything of the block is on disk."""
+        self.wait()
 
-        def joined(hs):
-            hs = [h.cpu() for h in hs]
-            return torch.stack(hs) if len({h.shape for h in hs}) == 1 else torch.cat(hs)
+        def write() -> None:
+            from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i)) + ".tmp")
-        Path(str(self.block_file(i)) + ".tmp").replace(self.block_file(i))
-        states = {"hidden": joined(hidden)} | ({"float_hidden": joined(floats)} if floats is not None else {})
-        save_file(states, str(self.path / "hidden.safetensors.tmp"))
-        (self.path / "hidden.safetensors.tmp").replace(self.path / "hidden.safetensors")
-        self.done = i + 1
-        self._write_state()
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i)) + ".tmp")
+            Path(str(self.block_file(i)) + ".tmp").replace(self.block_file(i))
+            states = {f"hidden.{b}": h.cpu().contiguous() for b, h in enumerate(hidden)}
+            states |= {f"float_hidden.{b}": h.cpu().contiguous() for b, h in enumerate(floats or [])}
+            save_file(states, str(self.path / "hidden.safetensors.tmp"))
+            (self.path / "hidden.safetensors.tmp").replace(self.path / "hidden.safetensors")
+            self.done = i + 1
+            self._write_state()
 
-    def load_hidden(self, like: list[torch.Tensor], key: str = "hidden") -> list[torch.Tensor]:
+        def run() -> None:
+            try:
+                write()
+            except BaseException as e:  # re-raised by wait() on the pipeline's thread
+                self._error = e
+
+        self._writer = threading.Thread(target=run, name="llmq-resume-writer")
+        self._writer.start()
+
+    def wait(self) -> None:
+        writer, self._writer = getattr(self, "_writer", None), None
+        if writer is not None:
+            writer.join()
+        err, self._error = getattr(self, "_error", None), None
+        if err is not None:
+            raise err
+
+    def load_hidden(self, key: str = "hidden") -> list[torch.Tensor]:
         from safetensors.torch import load_file
 
-        saved = load_file(str(self.path / "hidden.safetensors"))[key]
-        if saved.dim() == 4:
-            return list(saved.unbind(0))
-        return list(saved.split([h.shape[0] for h in like]))
+        saved = load_file(str(self.path / "hidden.safetensors"))
+        return [saved[f"{key}.{b}"] for b in range(sum(1 for k in saved if k.startswith(key + ".")))]
 
     def load_block(self, i: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
@@ -618,11 +635,30 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
     floats = [h.clone() for h in hidden] if getattr(config, "float_target", 0) > 0 else None
     if resume.done:
         notes.append(f"resumed after block {resume.done - 1}")
-        floats = resume.load_hidden(hidden, "float_hidden") if floats is not None else None
-        hidden = resume.load_hidden(hidden)
+        floats = resume.load_hidden("float_hidden") if floats is not None else None
+        hidden = resume.load_hidden()
     hidden, kwargs, floats = to_device(hidden, device), to_device(kwargs, device), to_device(floats, device)
 
     layers = model.model.layers
+    try:
+        _quantize_blocks(
+            plan, layers, reader, device, method, resume, hidden, kwargs, floats, notes, progress
+        )
+    finally:
+        resume.wait()  # an interrupted run leaves the last finished block complete on disk
+    progress("writing", 0, 1)
+
+    result = write_output(src, out, reader, plan, resume, config, method_name, force=force)
+    resume.remove()
+    reader.close()
+    progress("writing", 1, 1)
+    result.notes = notes + result.notes
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _quantize_blocks(plan: Plan, layers, reader, device, method: BlockMethod, resume: ResumeDir, hidden: list,
+                     kwargs: list, floats: list | None, notes: list[str], progress: Progress) -> None:  # fmt: skip
     for i in range(plan.n_layers):
         if i < resume.done:
             continue
@@ -645,16 +681,6 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
         resume.save_block(i, _block_tensors(layer, records), hidden, floats)
         layers[i] = layer.to("meta")
         progress(f"block {i + 1}/{plan.n_layers}", i + 1, plan.n_layers)
-    del hidden, kwargs
-    progress("writing", 0, 1)
-
-    result = write_output(src, out, reader, plan, resume, config, method_name, force=force)
-    resume.remove()
-    reader.close()
-    progress("writing", 1, 1)
-    result.notes = notes + result.notes
-    result.seconds = time.perf_counter() - t0
-    return result
 
 
 def iter_block_records(plan: Plan, resume: ResumeDir) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

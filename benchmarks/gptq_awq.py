@@ -88,15 +88,10 @@ def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, 
     common = dict(
         format="fake-quant", bits=bits, group_size=group_size, nsamples=ids.shape[0], seqlen=ids.shape[1]
     )
-    if method == "gptq":  # llm-compressor's defaults: static act-order, symmetric, damp 0.01
-        # one Hessian pass per block, as llm-compressor's sequential pipeline does
-        cfg = GPTQConfig(
-            **(
-                common
-                | dict(sym=True, act_order=True, static_groups=True, damp_percent=0.01, true_sequential=False)
-                | json.loads(opts)
-            )
-        )
+    if method == "gptq":
+        # llmq's defaults (true-sequential, token clip, damp), with llm-compressor's static act-order and symmetric
+        # grid: `--llmq-opts '{"damp_percent": 0.01, "true_sequential": false, "token_clip": 0}'` is its algorithm
+        cfg = GPTQConfig(**(common | dict(sym=True, act_order=True, static_groups=True) | json.loads(opts)))
         meth = GPTQBlockMethod(cfg)
     else:
         cfg = AWQConfig(**(common | dict(sym=False) | json.loads(opts)))
@@ -238,9 +233,14 @@ def run_worker(python: str, kind: str, method: str, args, calib: Path, out: Path
     cmd = [python, str(Path(__file__).resolve()), "--worker", kind, "--method-one", method, "--model",
            str(args.model), "--calib", str(calib), "--out-dir", str(out), "--group-size", str(args.group_size),
            "--bits", str(args.bits), "--llmq-opts", args.llmq_opts if kind == "llmq" else "{}"]  # fmt: skip
-    t = time.perf_counter()
+    t, load0 = time.perf_counter(), os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds (user + system, all threads) depend much less on other jobs than wall time does
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    load = [round(load0, 2), round(os.getloadavg()[0], 2)]
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         return {
@@ -248,7 +248,7 @@ def run_worker(python: str, kind: str, method: str, args, calib: Path, out: Path
             "wall_s": wall,
         }
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["process_wall_s"] = wall
+    res |= {"process_wall_s": wall, "process_cpu_s": cpu, "load_avg_start_end": load}
     return res
 
 
@@ -259,15 +259,17 @@ def markdown(report: dict) -> str:
              f"{s['nsamples']}×{s['seqlen']} tokens (identical ids for both tools), eval wikitext-2 test "
              f"{report['eval']['base']['tokens']} scored tokens (512-token chunks, second half). "
              f"Machine: {s['machine']}.", "",
-             "| run | quantize wall s | peak RSS MiB | PPL | ΔPPL | mean KLD | same top-1 |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+             "| run | quantize wall s | process CPU s | load avg (start, end) | peak RSS MiB | PPL | ΔPPL | mean KLD "
+             "| same top-1 |", "|---|---:|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     base = report["eval"]["base"]["ppl"]
     for k, e in report["eval"].items():
         run = report["runs"].get(k, {})
         wall = f"{run['seconds']:.1f}" if "seconds" in run else ""
         rss = f"{run['peak_rss_mib']:.0f}" if "peak_rss_mib" in run else ""
-        lines.append(f"| {k} | {wall} | {rss} | {e['ppl']:.4f} | {e['ppl'] - base:+.4f} | {e['kld']:.5f} | "
-                     f"{100 * e['same_top1']:.2f}% |")  # fmt: skip
+        cpu = f"{run['process_cpu_s']:.0f}" if "process_cpu_s" in run else ""
+        load = ", ".join(f"{x:g}" for x in run.get("load_avg_start_end", []))
+        lines.append(f"| {k} | {wall} | {cpu} | {load} | {rss} | {e['ppl']:.4f} | {e['ppl'] - base:+.4f} | "
+                     f"{e['kld']:.5f} | {100 * e['same_top1']:.2f}% |")  # fmt: skip
     lines += ["", "## Bars", ""] + [f"- {line}" for line in report["bars"]]
     return "\n".join(lines) + "\n"
 
@@ -284,6 +286,8 @@ def bars(report: dict) -> list[str]:
                    f"(bar: ≥ 30%) {'PASS' if d_mine <= 0.7 * d_rtn else 'FAIL'}")  # fmt: skip
         if peer in ev and "seconds" in runs.get(peer, {}):
             ratio = runs[mine]["seconds"] / runs[peer]["seconds"]
+            if "process_cpu_s" in runs[mine] and "process_cpu_s" in runs[peer]:
+                out.append(f"{method}: CPU time ratio {runs[mine]['process_cpu_s'] / runs[peer]['process_cpu_s']:.2f}×")
             better = ev[mine]["ppl"] <= ev[peer]["ppl"] and ev[mine]["kld"] <= ev[peer]["kld"]
             out.append(f"{method}: PPL {ev[mine]['ppl']:.4f} vs peer {ev[peer]['ppl']:.4f}, KLD {ev[mine]['kld']:.5f}"
                        f" vs {ev[peer]['kld']:.5f} ({'equal or better' if better else 'WORSE'}); wall time ratio "

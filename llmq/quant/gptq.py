@@ -271,7 +271,7 @@ def gptq_quantize(
     sym: bool = True,
     act_order: bool = False,
     static_groups: bool = False,
-    damp_percent: float = 0.01,
+    damp_percent: float = 0.1,
     blocksize: int = 128,
     min_zero: int = 0,
     mse: float = 0.0,
@@ -558,7 +558,7 @@ class GPTQConfig(BlockwiseConfig):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
-    damp_percent: float = 0.01
+    damp_percent: float = 0.1
     blocksize: int = 128
     token_clip: float = 10.0
     mse: float = 0.0

@@ -284,6 +284,13 @@ def bars(report: dict) -> list[str]:
         d_mine, d_rtn = ev[mine]["ppl"] - base, ev[rtn]["ppl"] - base
         out.append(f"{method}: ΔPPL {d_mine:.4f} vs {rtn} {d_rtn:.4f} → {100 * (1 - d_mine / d_rtn):.1f}% smaller "
                    f"(bar: ≥ 30%) {'PASS' if d_mine <= 0.7 * d_rtn else 'FAIL'}")  # fmt: skip
+        other = "rtn-asym" if rtn == "rtn-sym" else "rtn-sym"
+        if other in ev:
+            d_other = ev[other]["ppl"] - base
+            out.append(f"{method} (for reference, against the other RTN grid): ΔPPL {d_mine:.4f} vs {other} "
+                       f"{d_other:.4f} → {100 * (1 - d_mine / d_other):.1f}% smaller")  # fmt: skip
+        if "error" in runs.get(peer, {}):
+            out.append(f"{method}: peer run did not complete: {runs[peer]['error']}")
         if peer in ev and "seconds" in runs.get(peer, {}):
             ratio = runs[mine]["seconds"] / runs[peer]["seconds"]
             if "process_cpu_s" in runs[mine] and "process_cpu_s" in runs[peer]:

@@ -244,3 +244,22 @@ def test_dead_worker_and_interrupt_leave_nothing(tmp_path, tiny_src, monkeypatch
             src, out_dir / "o.gguf", GGUFQuantConfig(type="Q4_K_M", threads=2), progress=interrupt
         )
     assert list(out_dir.iterdir()) == [] and _no_children()
+
+
+def test_arena_ring_never_overlaps_live_results() -> None:
+    from llmq.quant.gguf_workers import _Ring
+
+    rng = np.random.default_rng(0)
+    ring = _Ring(100)
+    for _ in range(5000):
+        if ring.live and (rng.random() < 0.45 or ring.alloc(40) is None):
+            ring.pop()
+            continue
+        n = int(rng.integers(1, 41))
+        off = ring.alloc(n)
+        if off is None:
+            continue
+        assert 0 <= off and off + n <= 100
+        assert all(off + n <= o or o + m <= off for o, m in ring.live)
+        ring.push(off, n)
+    assert _Ring(10).alloc(11) is None

@@ -261,7 +261,8 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
         out_infos.append(TensorInfo(t.name, dst, t.shape, nbytes))
     total = max(1, sum(t.numel for t in ordered))
     # before the writer starts its thread: the encoder processes are forked here
-    runner = gguf_workers.make_runner(weights, cfg.threads or default_threads())
+    nthreads = cfg.threads or default_threads()
+    runner = gguf_workers.make_runner(weights, nthreads, gguf_workers.largest_job_bytes(ordered, types))
     try:
         with AtomicOutput(out, is_dir=False, force=force) as tmp:
             w = GGUFFileWriter(tmp, None, alignment=s.alignment)

@@ -16,6 +16,7 @@ tensor's bytes back in order, as a stream of parts the writer appends as they co
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import select
@@ -41,6 +42,8 @@ PLAIN_OUT = ("F32", "F16", "BF16")
 JOB_VALUES = 1 << 20
 # float32 bytes of the jobs handed out but not yet written: bounds the encoded bytes held, whatever the runner
 READ_AHEAD_BYTES = 64 << 20
+# the shared memory the worker processes write their bytes into (at least 4 of the largest job)
+ARENA_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class EncodeJob:
     @property
     def in_bytes(self) -> int:
         return 4 * (self.stop - self.start) * (self.src.shape[-1] if self.src.shape else 1)
+
+    @property
+    def out_bytes(self) -> int:
+        from llmq.quant.gguf_blocks import row_bytes
+
+        n = self.src.shape[-1] if self.src.shape else 1
+        per_row = n * (4 if self.dst == "F32" else 2) if self.dst in PLAIN_OUT else row_bytes(self.dst, n)
+        return (self.stop - self.start) * per_row
 
 
 def jobs_for(t: TensorInfo, dst: str, has_imatrix: bool, job_values: int | None = None) -> list[EncodeJob]:
@@ -114,6 +125,7 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 class Runner(Protocol):
     def submit(self, job: EncodeJob) -> Any: ...
     def result(self, key: Any) -> np.ndarray: ...
+    def release(self, key: Any) -> None: ...
     def close(self, abort: bool = False) -> None: ...
 
 
@@ -128,6 +140,9 @@ class InlineRunner:
 
     def result(self, key: EncodeJob) -> np.ndarray:
         return self.fn(key)
+
+    def release(self, key: EncodeJob) -> None:
+        pass
 
     def close(self, abort: bool = False) -> None:
         pass
@@ -144,6 +159,9 @@ class ThreadRunner:
     def result(self, key: Any) -> np.ndarray:
         return key.result()
 
+    def release(self, key: Any) -> None:
+        pass
+
     def close(self, abort: bool = False) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -157,62 +175,55 @@ class _RemoteTraceback(Exception):
         return str(self.args[0])
 
 
-_HEAD = struct.Struct("<QQ")  # pickled message length, raw payload length
-_SOCK_BUF = 4 << 20
+_HEAD = struct.Struct("<Q")  # length of the pickled message that follows
 
 
-def _send(sock: socket.socket, msg: Any, payload: np.ndarray | None = None) -> None:
-    head = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
-    sock.sendall(_HEAD.pack(len(head), 0 if payload is None else payload.nbytes) + head)
-    if payload is not None and payload.nbytes:
-        sock.sendall(memoryview(payload))
+def _send(sock: socket.socket, msg: Any) -> None:
+    body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_HEAD.pack(len(body)) + body)
 
 
-def _recv_into(sock: socket.socket, buf: memoryview) -> None:
-    while len(buf):
-        got = sock.recv_into(buf)
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    while len(view):
+        got = sock.recv_into(view)
         if not got:
             raise EOFError
-        buf = buf[got:]
+        view = view[got:]
+    return buf
 
 
-def _recv(sock: socket.socket) -> tuple[Any, np.ndarray | None]:
-    head = bytearray(_HEAD.size)
-    _recv_into(sock, memoryview(head))
-    n_msg, n_payload = _HEAD.unpack(head)
-    msg = bytearray(n_msg)
-    _recv_into(sock, memoryview(msg))
-    payload = None
-    if n_payload:
-        payload = np.empty(n_payload, dtype=np.uint8)
-        _recv_into(sock, memoryview(payload))
-    return pickle.loads(msg), payload
+def _recv(sock: socket.socket) -> Any:
+    (n,) = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
+    return pickle.loads(_recv_exact(sock, n))
 
 
-def _serve(sock: socket.socket, fn: Callable[[EncodeJob], np.ndarray]) -> int:
-    """A worker's loop: jobs in, bytes out, until the parent closes its end (or dies: same EOF)."""
+def _serve(sock: socket.socket, fn: Callable[[EncodeJob], np.ndarray], arena: mmap.mmap) -> int:
+    """A worker's loop: (job, offset) in, the job's bytes written at ``offset`` of the shared arena, a short
+    reply out; until the parent closes its end (or dies: same EOF)."""
     # Ctrl-C reaches the whole process group: it is the parent's to handle (it then closes our socket)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     while True:
         try:
-            job, _ = _recv(sock)
+            job, offset = _recv(sock)
         except (EOFError, OSError):
             return 0
         try:
             out = np.ascontiguousarray(fn(job)).reshape(-1).view(np.uint8)
+            if out.nbytes != job.out_bytes:
+                raise RuntimeError(f"{job.src.name}: {out.nbytes} bytes encoded, {job.out_bytes} expected")
+            np.frombuffer(arena, np.uint8, out.nbytes, offset)[:] = out
+            reply: tuple = ("ok", None, None)
         except Exception as e:
             try:
                 pickle.loads(pickle.dumps(e))
             except Exception:
                 e = RuntimeError(f"{type(e).__name__}: {e}")
-            try:
-                _send(sock, ("error", e, traceback.format_exc()))
-            except OSError:
-                return 1
-            continue
+            reply = ("error", e, traceback.format_exc())
         try:
-            _send(sock, ("ok", None, None), out)
+            _send(sock, reply)
         except OSError:
             return 0
 
@@ -223,33 +234,62 @@ def fork_available() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork")
 
 
+class _Ring:
+    """First-in first-out allocations in a buffer of ``size`` bytes: jobs are given space in the order they are
+    handed out and give it back in the order they are written."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.live: deque[tuple[int, int]] = deque()  # (offset, length), oldest first
+
+    def alloc(self, n: int) -> int | None:
+        """Where ``n`` bytes fit after the newest allocation (or wrapped to the start), None while they do not."""
+        if not self.live:
+            return 0 if n <= self.size else None
+        tail = self.live[0][0]
+        last, length = self.live[-1]
+        head = last + length
+        if last >= tail:  # one piece [tail, head): free are [head, size) and [0, tail)
+            if head + n <= self.size:
+                return head
+            return 0 if n <= tail else None
+        return head if head + n <= tail else None  # wrapped: free is [head, tail)
+
+    def push(self, off: int, n: int) -> None:
+        self.live.append((off, n))
+
+    def pop(self) -> None:
+        self.live.popleft()
+
+
 class ForkRunner:
     """``n`` forked processes running ``fn``. Jobs go to whichever worker has the fewest outstanding (two at
-    most, so none waits for the parent between jobs); results are read as soon as they come, straight into
-    the array handed to the writer. Fork before the caller starts any thread of its own (the writer's)."""
+    most, so none waits for the parent between jobs), each with the place in a shared memory arena where it
+    writes its bytes: nothing but (job, offset) and a status crosses the sockets, and the writer writes straight
+    from the arena. Fork before the caller starts any thread of its own (the writer's)."""
 
     DEPTH = 2
 
-    def __init__(self, fn: Callable[[EncodeJob], np.ndarray], n: int):
+    def __init__(self, fn: Callable[[EncodeJob], np.ndarray], n: int, arena_bytes: int):
         self._socks: list[socket.socket] = []
         self._pids: list[int] = []
         self._sent: dict[socket.socket, deque[int]] = {}
-        self._queue: deque[tuple[int, EncodeJob]] = deque()
-        self._done: dict[int, np.ndarray] = {}
+        self._queue: deque[tuple[int, EncodeJob]] = deque()  # submitted, not yet handed to a worker
+        self._where: dict[int, tuple[int, int]] = {}  # job -> its (offset, length) in the arena
+        self._done: set[int] = set()
         self._next = 0
+        self._arena = mmap.mmap(-1, arena_bytes)  # anonymous and shared: the workers inherit it
+        self._ring = _Ring(arena_bytes)
         try:
             for _ in range(n):
                 parent, child = socket.socketpair()
-                for s in (parent, child):
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCK_BUF)
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCK_BUF)
                 pid = os.fork()
                 if pid == 0:  # the worker: never returns into the caller's stack
                     code = 1
                     try:
                         for s in (*self._socks, parent):  # only the parent may hold the parent's ends
                             s.close()
-                        code = _serve(child, fn)
+                        code = _serve(child, fn, self._arena)
                     finally:
                         os._exit(code)
                 child.close()
@@ -272,27 +312,42 @@ class ForkRunner:
             sock = min(self._socks, key=lambda s: len(self._sent[s]))
             if len(self._sent[sock]) >= self.DEPTH:
                 return
-            key, job = self._queue.popleft()
-            _send(sock, job)
+            key, job = self._queue[0]
+            off = self._ring.alloc(job.out_bytes)
+            if off is None:  # the arena is full of results not written yet
+                return
+            self._queue.popleft()
+            self._ring.push(off, job.out_bytes)
+            self._where[key] = (off, job.out_bytes)
+            _send(sock, (job, off))
             self._sent[sock].append(key)
 
     def result(self, key: int) -> np.ndarray:
+        """The bytes of job ``key``, a view of the arena valid until ``release(key)``."""
         while key not in self._done:
             busy = [s for s in self._socks if self._sent[s]]
             if not busy:
-                raise RuntimeError(f"job {key} was never submitted")
+                raise RuntimeError(f"job {key} cannot be handed out (results not released?)")
             ready, _, _ = select.select(busy, [], [])
             for sock in ready:
                 try:
-                    (status, err, tb), payload = _recv(sock)
+                    status, err, tb = _recv(sock)
                 except (EOFError, OSError, pickle.UnpicklingError):
                     raise WorkerError(f"an encoder process died ({self._exit_status(sock)})") from None
                 done = self._sent[sock].popleft()
                 if status == "error":
                     raise err from _RemoteTraceback(tb)
-                self._done[done] = payload if payload is not None else np.empty(0, np.uint8)
+                self._done.add(done)
             self._dispatch()
-        return self._done.pop(key)
+        off, n = self._where[key]
+        return np.frombuffer(self._arena, np.uint8, n, off)
+
+    def release(self, key: int) -> None:
+        """Give job ``key``'s space back (jobs are released in the order they were submitted)."""
+        self._done.discard(key)
+        del self._where[key]
+        self._ring.pop()
+        self._dispatch()
 
     def _exit_status(self, sock: socket.socket) -> str:
         pid = self._pids[self._socks.index(sock)]
@@ -322,10 +377,9 @@ class ForkRunner:
         self._socks, self._pids = [], []
 
 
-def make_runner(
-    weights: Mapping[str, np.ndarray], nthreads: int, use_processes: bool | None = None
-) -> Runner:
-    """The runner for ``nthreads``: forked processes where possible, else threads; inline for one."""
+def make_runner(weights: Mapping[str, np.ndarray], nthreads: int, largest_job_bytes: int = 0) -> Runner:
+    """The runner for ``nthreads``: forked processes where possible, else threads; inline for one.
+    ``largest_job_bytes``: the most bytes one job writes (see :func:`largest_job_bytes`), for the arena."""
     import functools
 
     from llmq.quant import gguf_search
@@ -333,12 +387,21 @@ def make_runner(
     fn = functools.partial(encode, weights)
     if nthreads <= 1:
         return InlineRunner(fn)
-    if use_processes is None:
-        use_processes = fork_available()
-    if not use_processes:
+    if not fork_available():
         return ThreadRunner(fn, nthreads)
     gguf_search.warm_up()  # what the encoders compute once per process, computed once before the fork
-    return ForkRunner(fn, nthreads)
+    return ForkRunner(fn, nthreads, max(ARENA_BYTES, 4 * largest_job_bytes))
+
+
+def largest_job_bytes(ordered: Sequence[TensorInfo], types: Mapping[str, str]) -> int:
+    """The most output bytes of one job of :func:`encoded_tensors` (from the header alone)."""
+    most = 0
+    for t in ordered:
+        if types[t.name] != t.dtype and t.numel:
+            n = t.shape[-1] if t.shape else 1
+            rows = min(t.numel // n, max(1, JOB_VALUES // n))
+            most = max(most, EncodeJob(t, types[t.name], 0, rows).out_bytes)
+    return most
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,8 +442,9 @@ def encoded_tensors(ordered: Sequence[TensorInfo], types: Mapping[str, str], has
                 return
             _, key, size = sent.popleft()
             out = runner.result(key)
+            yield out  # written by the caller before it asks for the next part
+            runner.release(key)
             in_flight -= size
-            yield out
 
     for i, t in enumerate(ordered):
         if types[t.name] == t.dtype:

@@ -1,7 +1,8 @@
 """llmq's GGUF quantizer vs llama.cpp's llama_model_quantize (llama-cpp-python), side by side.
 
 Each run is a fresh subprocess (so Python start-up and imports count); peak RSS is its VmHWM (ru_maxrss would
-include the parent's peak inherited through fork). Both tools
+include the parent's peak inherited through fork), for llmq plus its encoder processes' (each at the largest
+one's peak: an upper bound). Both tools
 quantize the same f32 GGUF to the same file type; we report wall times, their ratio, peak RSS and whether the
 two output files are byte-identical.
 
@@ -46,10 +47,15 @@ FTYPES = {
 }
 
 LLMQ_RUN = """
-import sys
+import resource, sys
+from llmq.quant.gguf_blocks import default_threads
 from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
 GGUFQuantizer().run(sys.argv[1], sys.argv[2], GGUFQuantConfig(type=sys.argv[3]), force=True)
-print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+# the forked encoder processes: each counted at the largest one's peak (an upper bound: the pages they share
+# with each other and the parent, numpy's and the result arena's, are counted in every one)
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(hwm + (default_threads() * kids if kids else 0))
 """
 
 LLAMA_RUN = """

@@ -1,12 +1,12 @@
 """Where the GGUF block encoders run, and the pipeline that feeds them the rows of a whole file.
 
 A job is a tensor's location plus a row range (never its data): whoever runs it reads those rows from the
-memory-mapped source itself and returns only the encoded bytes (at most 8.5 bits a weight). Three runners:
+memory-mapped source itself and hands back only the encoded bytes (at most 8.5 bits a weight). Three runners:
 
 * forked worker processes (Linux, more than one thread): the encoders are numpy code making many small array
   calls, and two threads hand the GIL over on nearly every one of them, so that two threads together cost more
-  CPU than one. Forked workers share nothing but the page cache and start in a millisecond (they inherit the
-  imported modules, no interpreter start-up);
+  CPU than one. Forked workers share nothing but the page cache and a shared-memory arena their bytes go to,
+  and start in a millisecond (they inherit the imported modules: no interpreter start-up);
 * a thread pool where fork is not available (or not safe: macOS);
 * inline, in the caller, for one thread.
 

@@ -263,3 +263,22 @@ def test_arena_ring_never_overlaps_live_results() -> None:
         assert all(off + n <= o or o + m <= off for o, m in ring.live)
         ring.push(off, n)
     assert _Ring(10).alloc(11) is None
+
+
+def test_unpicklable_worker_error_still_surfaces(tmp_path, tiny_src, monkeypatch) -> None:
+    from llmq.quant import gguf_workers
+
+    if not gguf_workers.fork_available():
+        pytest.skip("encoder processes are forked on Linux only")
+
+    class LocalError(Exception):  # a local class: pickle cannot find it by name
+        pass
+
+    def fails(weights, job):
+        raise LocalError("cannot encode")
+
+    monkeypatch.setattr(gguf_workers, "encode", fails)
+    src, _ = tiny_src
+    with pytest.raises(RuntimeError, match="LocalError: cannot encode"):
+        GGUFQuantizer().run(src, tmp_path / "o.gguf", GGUFQuantConfig(type="Q8_0", threads=2))
+    assert list(tmp_path.iterdir()) == [] and _no_children()

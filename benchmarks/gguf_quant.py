@@ -1,12 +1,13 @@
 """llmq's GGUF quantizer vs llama.cpp's llama_model_quantize (llama-cpp-python), side by side.
 
 Each run is a fresh subprocess (so Python start-up and imports count); peak RSS is its VmHWM (ru_maxrss would
-include the parent's peak inherited through fork). Both tools
+include the parent's peak inherited through fork), for llmq plus its encoder processes' (each at the largest
+one's peak: an upper bound). Both tools
 quantize the same f32 GGUF to the same file type; we report wall times, their ratio, peak RSS and whether the
 two output files are byte-identical.
 
     python benchmarks/gguf_quant.py [--types Q8_0,Q4_0,Q4_K_M,Q6_K,Q2_K] [--models smollm2,llama1b]
-                                    [--llama-layers 22] [--workdir /tmp/llmq-bench]
+                                    [--llama-layers 22] [--workdir /tmp/llmq-bench] [--repeat N]
 
 Writes benchmarks/results/gguf_quant.json and .md.
 
@@ -46,10 +47,15 @@ FTYPES = {
 }
 
 LLMQ_RUN = """
-import sys
+import resource, sys
+from llmq.quant.gguf_blocks import default_threads
 from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
 GGUFQuantizer().run(sys.argv[1], sys.argv[2], GGUFQuantConfig(type=sys.argv[3]), force=True)
-print([int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+# the forked encoder processes: each counted at the largest one's peak (an upper bound: the pages they share
+# with each other and the parent, numpy's and the result arena's, are counted in every one)
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(hwm + (default_threads() * kids if kids else 0))
 """
 
 LLAMA_RUN = """
@@ -140,14 +146,20 @@ def llama_f32(dst: Path, n_layers: int) -> Path:
     return dst
 
 
-def run(code: str, args: list[str]) -> tuple[float, int]:
+def run(code: str, args: list[str]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (user + system, the run's own processes included) and peak RSS MiB."""
+    import resource
+
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
-    return dt, int(out.stdout.strip().splitlines()[-1]) // 1024  # MiB
+    return dt, cpu, int(out.stdout.strip().splitlines()[-1]) // 1024
 
 
 def sha(p: Path) -> str:
@@ -231,6 +243,9 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,llama1b")
     ap.add_argument("--llama-layers", type=int, default=22)
     ap.add_argument("--workdir", default="/tmp/llmq-bench")
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="runs of each tool per case, alternating; best kept"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gguf_quant"))
     ap.add_argument("--imatrix-kl", action="store_true")
     ap.add_argument("--kl-types", default="Q4_K_M,Q3_K_M,Q2_K")
@@ -250,25 +265,34 @@ def main() -> None:
             llama_f32(work / f"llama1b-{a.llama_layers}L-f32.gguf", a.llama_layers)  # fmt: skip
         for t in a.types.split(","):
             ours, ref = work / f"{model}-{t}-llmq.gguf", work / f"{model}-{t}-llama.gguf"
-            t_ref, rss_ref = run(LLAMA_RUN, [str(src), str(ref), str(FTYPES[t])])
-            t_ours, rss_ours = run(LLMQ_RUN, [str(src), str(ours), t])
+            refs, ourss = [], []
+            for _ in range(a.repeat):  # alternating; the fastest run of each is kept
+                refs.append(run(LLAMA_RUN, [str(src), str(ref), str(FTYPES[t])]))
+                ourss.append(run(LLMQ_RUN, [str(src), str(ours), t]))
+            t_ref, cpu_ref, rss_ref = min(refs)
+            t_ours, cpu_ours, rss_ours = min(ourss)
             same = ours.stat().st_size == ref.stat().st_size and sha(ours) == sha(ref)
             row = {"model": model, "type": t, "src_mib": round(src.stat().st_size / 2**20),
                    "llmq_s": round(t_ours, 2), "llama_cpp_s": round(t_ref, 2), "ratio": round(t_ours / t_ref, 2),
-                   "llmq_rss_mib": rss_ours, "llama_cpp_rss_mib": rss_ref, "identical_bytes": same}  # fmt: skip
+                   "llmq_cpu_s": round(cpu_ours, 2), "llama_cpp_cpu_s": round(cpu_ref, 2),
+                   "llmq_rss_mib": rss_ours, "llama_cpp_rss_mib": rss_ref, "identical_bytes": same,
+                   "load_avg_1m": round(os.getloadavg()[0], 2)}  # fmt: skip
             print(json.dumps(row), flush=True)
             rows.append(row)
             ours.unlink()
             ref.unlink()
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__, "llama_layers": a.llama_layers,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "repeat": a.repeat, "load_avg_1m": "per row, after its runs (other jobs share the machine)"}  # fmt: skip
     Path(a.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| model | type | f32 MiB | llmq s | llama.cpp s | ratio | llmq RSS MiB | llama.cpp RSS MiB | identical |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | type | f32 MiB | llmq s | llama.cpp s | ratio | llmq CPU s | llama.cpp CPU s | llmq RSS MiB "
+             "| llama.cpp RSS MiB | identical | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(f"| {r['model']} | {r['type']} | {r['src_mib']} | {r['llmq_s']} | {r['llama_cpp_s']} | "
-                     f"{r['ratio']}x | {r['llmq_rss_mib']} | {r['llama_cpp_rss_mib']} | {r['identical_bytes']} |")  # fmt: skip
+                     f"{r['ratio']}x | {r['llmq_cpu_s']} | {r['llama_cpp_cpu_s']} | {r['llmq_rss_mib']} | "
+                     f"{r['llama_cpp_rss_mib']} | {r['identical_bytes']} | {r['load_avg_1m']} |")  # fmt: skip
     Path(a.out + ".md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,14 +1,15 @@
 """Explicit plugin registries.
 
 Built-in plugins register themselves with a decorator when their module is imported by the registry's
-``loader`` (an explicit list of modules, never a package scan). Third parties register through the entry-point
+``loader`` (an explicit list of modules, never a package scan); where the list maps each name to its module,
+``get(name)`` imports only that one (``--method gguf`` never imports torch for the torch-based methods). Third parties register through the entry-point
 group named by the registry (e.g. ``llmq.quantizers``).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from llmq.errors import BadInput
@@ -18,7 +19,10 @@ T = TypeVar("T")
 
 class Registry(Generic[T]):
     def __init__(
-        self, kind: str, entry_point_group: str | None = None, builtin_modules: tuple[str, ...] = ()
+        self,
+        kind: str,
+        entry_point_group: str | None = None,
+        builtin_modules: tuple[str, ...] | Mapping[str, str] = (),
     ):
         self.kind = kind
         self.entry_point_group = entry_point_group
@@ -44,7 +48,12 @@ class Registry(Generic[T]):
         if self._loaded:
             return
         self._loaded = True
-        for mod in self.builtin_modules:
+        mods = (
+            self.builtin_modules.values()
+            if isinstance(self.builtin_modules, Mapping)
+            else self.builtin_modules
+        )
+        for mod in mods:
             importlib.import_module(mod)
         if self.entry_point_group:
             from importlib.metadata import entry_points
@@ -55,6 +64,11 @@ class Registry(Generic[T]):
                     self._items[ep.name.lower()] = obj
 
     def get(self, name: str) -> T:
+        key = name.lower()
+        if not self._loaded and isinstance(self.builtin_modules, Mapping) and key in self.builtin_modules:
+            importlib.import_module(self.builtin_modules[key])
+            if key in self._items:
+                return self._items[key]
         self._load()
         try:
             return self._items[name.lower()]

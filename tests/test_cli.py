@@ -32,6 +32,25 @@ def test_help_imports_no_torch_or_transformers():
     assert "HEAVY []" in out, out
 
 
+def test_gguf_quantize_imports_no_torch(tmp_path):
+    # the registry imports only the gguf method's module: torch's import would cost more than a small model's
+    # whole quantization
+    from gguf_helpers import tiny_llama_tensors, write_llama_gguf
+
+    t = tiny_llama_tensors(hidden=256, n_layers=1, ff=512, vocab=256, n_head=4, n_kv=1, seed=0)
+    src = write_llama_gguf(tmp_path / "f32.gguf", t, n_head=4, n_kv=1)
+    code = (
+        "import sys\n"
+        "from llmq.cli.app import main\n"
+        f"try:\n    main(['quantize', {str(src)!r}, '-o', {str(tmp_path / 'q.gguf')!r}, '--method', 'gguf',"
+        " '--type', 'Q4_K_M'])\nexcept SystemExit:\n    pass\n"
+        "print('HEAVY', [m for m in ('torch', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert (tmp_path / "q.gguf").exists()
+
+
 @pytest.mark.parametrize("group", ["convert", "quantize", "inspect", "eval", "estimate"])
 def test_every_command_has_help(group):
     proc = run_cli(group, "--help")

@@ -151,14 +151,134 @@ def test_plan_from_hf_directory(tmp_path) -> None:
 
 
 def test_threads_and_read_ahead_do_not_change_bytes(tmp_path, tiny_src, monkeypatch) -> None:
-    from llmq.quant import gguf_blocks, gguf_quantizer
+    from llmq.quant import gguf_blocks, gguf_workers
 
     src, _ = tiny_src
     outs = []
     for threads, read_ahead, chunk in ((1, 64 << 20, 1 << 18), (3, 64 << 20, 1 << 18), (2, 1, 1024)):
-        monkeypatch.setattr(gguf_quantizer, "_READ_AHEAD_BYTES", read_ahead)
+        monkeypatch.setattr(gguf_workers, "READ_AHEAD_BYTES", read_ahead)
         monkeypatch.setattr(gguf_blocks, "_CHUNK_VALUES", chunk)  # many small work items per tensor
         out = tmp_path / f"o{threads}.gguf"
         GGUFQuantizer().run(src, out, GGUFQuantConfig(type="Q4_K_M", threads=threads))
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] == outs[2]
+
+
+def _no_children() -> bool:
+    import os
+
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_process_and_thread_runners_write_the_same_bytes(tmp_path, tiny_src, monkeypatch, processes) -> None:
+    from llmq.quant import gguf_workers
+
+    if processes and not gguf_workers.fork_available():
+        pytest.skip("encoder processes are forked on Linux only")
+    monkeypatch.setattr(gguf_workers, "fork_available", lambda: processes)
+    monkeypatch.setattr(gguf_workers, "JOB_VALUES", 4096)  # many jobs per tensor, several tensors in flight
+    src, _ = tiny_src
+    GGUFQuantizer().run(src, tmp_path / "one.gguf", GGUFQuantConfig(type="Q2_K", threads=1))
+    GGUFQuantizer().run(src, tmp_path / "two.gguf", GGUFQuantConfig(type="Q2_K", threads=2))
+    assert (tmp_path / "one.gguf").read_bytes() == (tmp_path / "two.gguf").read_bytes()
+    assert _no_children()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_error_in_an_encoder_is_one_clean_error(tmp_path, tiny_src, monkeypatch, threads) -> None:
+    from llmq.errors import CorruptFile
+    from llmq.quant import gguf_workers
+
+    real = gguf_workers.encode
+
+    def fails(weights, job):
+        if job.src.name == "blk.2.ffn_up.weight":
+            raise CorruptFile(f"{job.src.name}: bad rows")
+        return real(weights, job)
+
+    monkeypatch.setattr(gguf_workers, "encode", fails)  # inherited by the forked workers
+    src, _ = tiny_src
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with pytest.raises(CorruptFile, match="blk.2.ffn_up.weight: bad rows"):
+        GGUFQuantizer().run(src, out_dir / "o.gguf", GGUFQuantConfig(type="Q4_K_M", threads=threads))
+    assert list(out_dir.iterdir()) == []  # no output, no temp file
+    assert _no_children()
+
+
+def test_dead_worker_and_interrupt_leave_nothing(tmp_path, tiny_src, monkeypatch) -> None:
+    import os
+
+    from llmq.quant import gguf_workers
+
+    if not gguf_workers.fork_available():
+        pytest.skip("encoder processes are forked on Linux only")
+    src, _ = tiny_src
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    real = gguf_workers.encode
+
+    def dies(weights, job):
+        if job.src.name == "blk.1.attn_v.weight":
+            os._exit(3)
+        return real(weights, job)
+
+    monkeypatch.setattr(gguf_workers, "encode", dies)
+    with pytest.raises(gguf_workers.WorkerError, match="encoder process died"):
+        GGUFQuantizer().run(src, out_dir / "o.gguf", GGUFQuantConfig(type="Q4_K_M", threads=2))
+    assert list(out_dir.iterdir()) == [] and _no_children()
+
+    monkeypatch.setattr(gguf_workers, "encode", real)
+
+    def interrupt(stage, done, total):
+        if done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GGUFQuantizer().run(
+            src, out_dir / "o.gguf", GGUFQuantConfig(type="Q4_K_M", threads=2), progress=interrupt
+        )
+    assert list(out_dir.iterdir()) == [] and _no_children()
+
+
+def test_arena_ring_never_overlaps_live_results() -> None:
+    from llmq.quant.gguf_workers import _Ring
+
+    rng = np.random.default_rng(0)
+    ring = _Ring(100)
+    for _ in range(5000):
+        if ring.live and (rng.random() < 0.45 or ring.alloc(40) is None):
+            ring.pop()
+            continue
+        n = int(rng.integers(1, 41))
+        off = ring.alloc(n)
+        if off is None:
+            continue
+        assert 0 <= off and off + n <= 100
+        assert all(off + n <= o or o + m <= off for o, m in ring.live)
+        ring.push(off, n)
+    assert _Ring(10).alloc(11) is None
+
+
+def test_unpicklable_worker_error_still_surfaces(tmp_path, tiny_src, monkeypatch) -> None:
+    from llmq.quant import gguf_workers
+
+    if not gguf_workers.fork_available():
+        pytest.skip("encoder processes are forked on Linux only")
+
+    class LocalError(Exception):  # a local class: pickle cannot find it by name
+        pass
+
+    def fails(weights, job):
+        raise LocalError("cannot encode")
+
+    monkeypatch.setattr(gguf_workers, "encode", fails)
+    src, _ = tiny_src
+    with pytest.raises(RuntimeError, match="LocalError: cannot encode"):
+        GGUFQuantizer().run(src, tmp_path / "o.gguf", GGUFQuantConfig(type="Q8_0", threads=2))
+    assert list(tmp_path.iterdir()) == [] and _no_children()

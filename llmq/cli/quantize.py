@@ -157,7 +157,8 @@ def quantize_cmd(
         int | None,
         typer.Option(
             "--threads",
-            help="Encoding threads (default: the CPUs available, as llama-quantize).",
+            help="Encoding workers: processes on Linux, threads elsewhere (default: the CPUs available, "
+            "as llama-quantize).",
             rich_help_panel=_F,
         ),
     ] = None,

@@ -8,6 +8,7 @@ embedding matrix plus its float32 copies.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,18 @@ def read_rows(info: TensorInfo, start: int = 0, stop: int | None = None) -> np.n
     if start == 0 and stop == rows:
         return arr.reshape(info.shape)
     return arr.reshape(stop - start, *info.shape[-1:])
+
+
+def row_range(info: TensorInfo, start: int, stop: int) -> TensorInfo:
+    """The location of rows [start, stop) of ``info`` (rows of its last dimension) as a 2-D tensor of its own."""
+    if info.offset is None:
+        raise ValueError(f"tensor {info.name} has no location")
+    rows = n_rows(info)
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows [{start}, {stop}) are outside tensor {info.name} ({rows} rows)")
+    row_bytes = info.nbytes // rows if rows else 0
+    return replace(info, shape=(stop - start, *info.shape[-1:]), nbytes=(stop - start) * row_bytes,
+                   offset=info.offset + start * row_bytes)  # fmt: skip
 
 
 def map_rows(info: TensorInfo) -> np.ndarray:

@@ -109,11 +109,12 @@ class Quantizer(Protocol):
 quantizers: Registry[type[Quantizer]] = Registry(
     "quantization method",
     entry_point_group="llmq.quantizers",
-    builtin_modules=(
-        "llmq.quant.rtn",
-        "llmq.quant.nf4",
-        "llmq.quant.gguf_quantizer",
-        "llmq.quant.gptq",
-        "llmq.quant.awq",
-    ),
+    builtin_modules={
+        "rtn": "llmq.quant.rtn",
+        "nf4": "llmq.quant.nf4",
+        "bnb": "llmq.quant.nf4",
+        "gguf": "llmq.quant.gguf_quantizer",
+        "gptq": "llmq.quant.gptq",
+        "awq": "llmq.quant.awq",
+    },
 )

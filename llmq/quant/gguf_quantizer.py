@@ -3,8 +3,9 @@
 SRC is an f32/f16/bf16 GGUF or an HF directory (converted to an f32 GGUF with llmq's converter first, as
 convert_hf_to_gguf.py + llama-quantize would). The output keeps the source's metadata in order, sets
 ``general.file_type`` and ``general.quantization_version`` like llama.cpp, adds the ``quantize.imatrix.*`` keys
-when an importance matrix is used, and lists the tensors in llama.cpp's order. Tensors are streamed one at a
-time through llmq.io's GGUF reader and GGUFFileWriter: read (pread) -> encode -> write -> drop.
+when an importance matrix is used, and lists the tensors in llama.cpp's order. Tensors are streamed in order
+through llmq.io's GGUF reader and GGUFFileWriter: their rows are encoded by :mod:`llmq.quant.gguf_workers`
+(forked processes where possible) while the finished ones are written.
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -136,14 +135,6 @@ class _GGUFSource:
     def infos(self) -> list[TensorInfo]:
         return list(self.reader.infos())
 
-    def read_f32(self, name: str) -> np.ndarray:
-        """The tensor as float32 rows (n_rows, n_per_row), converted like llama.cpp (ggml's to_float)."""
-        info = self.reader.info(name)
-        n = info.shape[-1] if info.shape else 1
-        # mapped: an f32 source is encoded straight from the page cache, without a copy (as llama.cpp does)
-        x = self.reader.read_float(name, mapped=True)
-        return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, n)
-
     def raw(self, name: str) -> np.ndarray:
         return self.reader.read_raw(name)
 
@@ -155,93 +146,6 @@ class _GGUFSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _encode_jobs(x: np.ndarray, dst_type: str, qw: np.ndarray | None,
-                 nrows_per_expert: int) -> tuple[Callable[[], np.ndarray], list[Callable[[], None]]]:  # fmt: skip
-    """Work items that encode ``x`` as ``dst_type`` and a function that returns the bytes once they have run."""
-    from llmq.quant import gguf_blocks
-
-    if dst_type in _PLAIN_OUT:
-        return lambda: _encode_plain(x, dst_type), []
-    if dst_type not in gguf_blocks.SUPPORTED_TYPES:
-        raise UnsupportedType(f"llmq has no encoder for {dst_type} yet")
-    if qw is None:
-        out, jobs = gguf_blocks.encode_jobs(x, dst_type)
-        return lambda: out.reshape(-1), jobs
-    n = x.shape[1]
-    parts, jobs = [], []
-    for e, r0 in enumerate(range(0, x.shape[0], nrows_per_expert)):  # each expert has its own imatrix slice
-        out, j = gguf_blocks.encode_jobs(x[r0 : r0 + nrows_per_expert], dst_type, qw[e * n : (e + 1) * n])
-        parts.append(out)
-        jobs += j
-    return lambda: np.concatenate(parts, axis=0).reshape(-1), jobs
-
-
-def _encode_plain(x: np.ndarray, dst_type: str) -> np.ndarray:
-    if dst_type == "F32":
-        return x.astype(np.float32).view(np.uint8).reshape(-1)
-    if dst_type == "F16":
-        return x.astype(np.float16).view(np.uint8).reshape(-1)
-    return _to_bf16(x).view(np.uint8).reshape(-1)
-
-
-# float32 bytes read ahead of the writer while earlier tensors are still being encoded; a bigger tensor is read
-# alone, once everything before it is written, so peak memory stays about one tensor (plus this) as before
-_READ_AHEAD_BYTES = 64 << 20
-
-
-def _encoded_tensors(s: _GGUFSource, ordered: Sequence[TensorInfo], types: Mapping[str, str],
-                     weights: Mapping[str, np.ndarray], threads: int | None) -> Iterator[np.ndarray]:  # fmt: skip
-    """The output bytes of each tensor of ``ordered``, in order. The chunks of rows of several tensors are encoded
-    on one thread pool while the caller writes the finished ones, as llama.cpp splits rows over nthread threads
-    (but it handles one tensor at a time, and small tensors leave its threads idle)."""
-    from llmq.quant.gguf_blocks import default_threads
-
-    nthreads = threads or default_threads()
-    pool = ThreadPoolExecutor(nthreads) if nthreads > 1 else None
-    pending: deque[tuple[Callable[[], np.ndarray], list[Future], int]] = deque()
-    in_flight = 0
-    try:
-        for t in ordered:
-            dst = types[t.name]
-            size = t.nbytes if dst == t.dtype else 4 * t.numel
-            while pending and in_flight + size > _READ_AHEAD_BYTES:
-                finish, futures, n = pending.popleft()
-                for f in futures:
-                    f.result()
-                in_flight -= n
-                yield finish()
-            if dst == t.dtype:
-                raw = s.raw(t.name)
-                finish, jobs = (lambda raw=raw: raw), []
-            else:
-                rows_per_expert = t.shape[-2] if len(t.shape) >= 2 else 1
-                finish, jobs = _encode_jobs(s.read_f32(t.name), dst, weights.get(t.name), rows_per_expert)
-            if pool is None:
-                for job in jobs:
-                    job()
-                futures = []
-            else:
-                futures = [pool.submit(job) for job in jobs]
-            pending.append((finish, futures, size))
-            in_flight += size
-        while pending:
-            finish, futures, _ = pending.popleft()
-            for f in futures:
-                f.result()
-            yield finish()
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _to_bf16(x: np.ndarray) -> np.ndarray:
-    """ggml_fp32_to_bf16: round to nearest even, NaNs kept quiet."""
-    u = x.astype(np.float32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    return np.where(nan, ((u >> 16) | 64).astype(np.uint16), r)
 
 
 @quantizers.register("gguf")
@@ -339,7 +243,9 @@ def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = F
 
 def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool, progress: Progress,
                      hf_dir: Path | None) -> QuantizeResult:  # fmt: skip
+    from llmq.quant import gguf_workers
     from llmq.quant import imatrix as imx
+    from llmq.quant.gguf_blocks import default_threads
 
     infos = s.infos()
     im, im_name = _get_imatrix(cfg, s, hf_dir)
@@ -354,26 +260,30 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
         nbytes = t.nbytes if dst == t.dtype else ggml_type_nbytes(dst, t.shape)
         out_infos.append(TensorInfo(t.name, dst, t.shape, nbytes))
     total = max(1, sum(t.numel for t in ordered))
-
-    def tensor_data():
-        done = 0
-        for t, data in zip(ordered, _encoded_tensors(s, ordered, types, weights, cfg.threads), strict=True):
-            yield data
-            done += t.numel
-            progress("quantize", done, total)
-
-    with AtomicOutput(out, is_dir=False, force=force) as tmp:
-        w = GGUFFileWriter(tmp, None, alignment=s.alignment)
-        try:
-            for key, (val, vtype, sub) in kv.items():
-                w.add(key, val, vtype, sub)
-            w.plan(out_infos)
-            for t, data in zip(out_infos, tensor_data(), strict=True):
-                w.write(t.name, data)
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
+    # before the writer starts its thread: the encoder processes are forked here
+    nthreads = cfg.threads or default_threads()
+    runner = gguf_workers.make_runner(weights, nthreads, gguf_workers.largest_job_bytes(ordered, types))
+    try:
+        with AtomicOutput(out, is_dir=False, force=force) as tmp:
+            w = GGUFFileWriter(tmp, None, alignment=s.alignment)
+            try:
+                for key, (val, vtype, sub) in kv.items():
+                    w.add(key, val, vtype, sub)
+                w.plan(out_infos)
+                done = 0
+                data = gguf_workers.encoded_tensors(ordered, types, weights.__contains__, runner, s.raw)
+                for t, parts in zip(ordered, data, strict=True):
+                    w.write(t.name, parts)
+                    done += t.numel
+                    progress("quantize", done, total)
+                w.close()
+            except BaseException:
+                w.abort()
+                raise
+    except BaseException:
+        runner.close(abort=True)
+        raise
+    runner.close()
     if cfg.save_imatrix and im is not None:
         imx.save_imatrix(im, cfg.save_imatrix)
     return QuantizeResult(

@@ -49,6 +49,11 @@ def _einsum_sequential() -> bool:
         )
 
 
+def warm_up() -> None:
+    """Compute what is cached per process (the einsum check) now: forked encoder processes then inherit it."""
+    _einsum_sequential()
+
+
 def wsum(*ops: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``sum_i ops[0][i] * ops[1][i] * ...`` per column, multiplied left to right and summed sequentially in
     float32 over axis 0, as ggml's ``s += a[i]*b[i]*c[i]``. One einsum pass where numpy's einsum provably does

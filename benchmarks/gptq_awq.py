@@ -291,6 +291,12 @@ def bars(report: dict) -> list[str]:
                        f"{d_other:.4f} → {100 * (1 - d_mine / d_other):.1f}% smaller")  # fmt: skip
         if "error" in runs.get(peer, {}):
             out.append(f"{method}: peer run did not complete: {runs[peer]['error']}")
+            stopped, mine_run = runs[peer], runs.get(mine, {})
+            if "stopped_wall_s" in stopped and "seconds" in mine_run:
+                cpu = (f", CPU {mine_run['process_cpu_s'] / stopped['stopped_cpu_s']:.2f}×"
+                       if "process_cpu_s" in mine_run and "stopped_cpu_s" in stopped else "")  # fmt: skip
+                out.append(f"{method}: time ratio at most wall {mine_run['seconds'] / stopped['stopped_wall_s']:.2f}×"
+                           f"{cpu} (the peer had not finished when stopped; quality not compared)")  # fmt: skip
         if peer in ev and "seconds" in runs.get(peer, {}):
             ratio = runs[mine]["seconds"] / runs[peer]["seconds"]
             if "process_cpu_s" in runs[mine] and "process_cpu_s" in runs[peer]:

@@ -300,7 +300,9 @@ def bars(report: dict) -> list[str]:
         if peer in ev and "seconds" in runs.get(peer, {}):
             ratio = runs[mine]["seconds"] / runs[peer]["seconds"]
             if "process_cpu_s" in runs[mine] and "process_cpu_s" in runs[peer]:
-                out.append(f"{method}: CPU time ratio {runs[mine]['process_cpu_s'] / runs[peer]['process_cpu_s']:.2f}×")
+                out.append(
+                    f"{method}: CPU time ratio {runs[mine]['process_cpu_s'] / runs[peer]['process_cpu_s']:.2f}×"
+                )
             better = ev[mine]["ppl"] <= ev[peer]["ppl"] and ev[mine]["kld"] <= ev[peer]["kld"]
             out.append(f"{method}: PPL {ev[mine]['ppl']:.4f} vs peer {ev[peer]['ppl']:.4f}, KLD {ev[mine]['kld']:.5f}"
                        f" vs {ev[peer]['kld']:.5f} ({'equal or better' if better else 'WORSE'}); wall time ratio "

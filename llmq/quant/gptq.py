@@ -463,14 +463,15 @@ class GPTQBlockMethod:
     def _float_inputs(self, ctx, points: list[str]) -> list[list[torch.Tensor]]:
         """The unquantized block on the unquantized model's hidden states: each point's input per batch; the
         outputs become the next block's float inputs."""
+        from dataclasses import replace
+
+        from llmq.quant.sequential import forward_all
+
         seen: list[list] = [[] for _ in points]
         handles = [ctx.module(p).register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].detach()))
                    for k, p in enumerate(points)]  # fmt: skip
         try:
-            ctx.float_outputs = []
-            for b in range(len(ctx.inputs)):
-                out = ctx.layer(ctx.float_inputs[b], **ctx.kwargs[b])
-                ctx.float_outputs.append((out[0] if isinstance(out, tuple) else out).detach())
+            ctx.float_outputs = forward_all(replace(ctx, inputs=ctx.float_inputs))
         finally:
             for h in handles:
                 h.remove()

@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -161,7 +161,7 @@ def staged_forward_fits(ctx: BlockContext, share: float = 0.5) -> bool:
     the block's device."""
     import torch
 
-    tokens = sum(x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0] for x in ctx.inputs)
+    tokens = sum(x.numel() // x.shape[-1] for x in ctx.inputs)
     hidden = ctx.inputs[0].shape[-1]
     width = 2 * hidden + sum(m.out_features for m in ctx.layer.modules() if isinstance(m, torch.nn.Linear))
     return tokens * width * 4 <= share * free_memory(ctx.inputs[0].device)
@@ -499,6 +499,8 @@ class ResumeDir:
     def __init__(self, out: Path, fingerprint: str, resume: bool):
         self.path = out.resolve().parent / f".{out.name}.llmq-partial"
         self.fingerprint = fingerprint
+        self._writer: threading.Thread | None = None  # the background save of the last block (save_block)
+        self._error: BaseException | None = None
         state = self.path / "state.json"
         if resume and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fingerprint:
             self.done = int(json.loads(state.read_text()).get("done", 0))
@@ -546,10 +548,10 @@ class ResumeDir:
         self._writer.start()
 
     def wait(self) -> None:
-        writer, self._writer = getattr(self, "_writer", None), None
+        writer, self._writer = self._writer, None
         if writer is not None:
             writer.join()
-        err, self._error = getattr(self, "_error", None), None
+        err, self._error = self._error, None
         if err is not None:
             raise err
 
@@ -632,7 +634,8 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
     resume = ResumeDir(out, _fingerprint(src, config, method_name), config.resume)
     device = resolve_device(config.device)
     hidden, kwargs = capture_first_inputs(model, reader, samples)
-    floats = [h.clone() for h in hidden] if getattr(config, "float_target", 0) > 0 else None
+    # the float stream starts from the same embeddings (nothing modifies a hidden state in place)
+    floats = list(hidden) if getattr(config, "float_target", 0) > 0 else None
     if resume.done:
         notes.append(f"resumed after block {resume.done - 1}")
         floats = resume.load_hidden("float_hidden") if floats is not None else None
@@ -676,7 +679,7 @@ def _quantize_blocks(plan: Plan, layers, reader, device, method: BlockMethod, re
             floats = (
                 ctx.float_outputs
                 if ctx.float_outputs is not None
-                else forward_all(BlockContext(i, prefix, layer, plan.arch, [], floats, kwargs, notes))
+                else forward_all(replace(ctx, inputs=floats))
             )
         resume.save_block(i, _block_tensors(layer, records), hidden, floats)
         layers[i] = layer.to("meta")

@@ -244,7 +244,7 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         sumlx, suml2 = wsum(w, X, L), wsum(w, L, L)
         # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
         # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched.
-        _q3_descent(X, w, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
+        _q3_descent(X, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L += fn
     scale[zero] = 0
@@ -275,10 +275,9 @@ def _first_hits(ok: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return _FIRST_BIT.take(v)
 
 
-def _q3_descent(X: np.ndarray, W: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
+def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
                 fn: np.float32, live: np.ndarray) -> None:  # fmt: skip
-    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2
-    (``W`` = X*X).
+    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2.
 
     ggml visits quant i = 0..n-1 of a group, recomputes it from the sums without it and keeps it if the error
     drops; a pass without a change ends the group's search (at most 5 passes). Changes are rare, so each round
@@ -290,6 +289,7 @@ def _q3_descent(X: np.ndarray, W: np.ndarray, L: np.ndarray, sumlx: np.ndarray, 
     The work arrays hold every quant's x, w, w*x, l, w*x*l and w*l*l (the last three updated where a quant
     changes); they are compacted to the groups still searching only when many have finished -- a finished
     group's column stays, its tries masked off (position n), which is cheaper than gathering every round.
+    A compaction gathers x and l only (a gather costs several arithmetic passes) and recomputes the rest.
     """
     n = X.shape[0]
     if not live.size:
@@ -300,21 +300,23 @@ def _q3_descent(X: np.ndarray, W: np.ndarray, L: np.ndarray, sumlx: np.ndarray, 
     # columns: the live groups, padded with copies of one to whole uint64 words of flags per row
     m = -(-live.size // 8) * 8
     sup = np.concatenate([live, np.repeat(live[:1], m - live.size)])  # the group of each column
-    S = np.empty((6, n, m), dtype=F32)
-    np.take(X, sup, axis=1, out=S[0])
-    np.take(W, sup, axis=1, out=S[1])
-    np.take(L, sup, axis=1, out=S[3])
-    np.multiply(S[1], S[0], out=S[2])
-    np.multiply(S[2], S[3], out=S[4])
-    np.multiply(S[1], S[3], out=S[5])
-    S[5] *= S[3]
+    xl = np.empty((2, n, m), dtype=F32)  # x and l of every quant
+    np.take(X, sup, axis=1, out=xl[0])
+    np.take(L, sup, axis=1, out=xl[1])
     pos = np.zeros(m, dtype=np.uint8)  # per column: next quant to try in its current pass; n: finished
     pos[live.size :] = n
     npass = np.zeros(m, dtype=np.uint8)
     changed = np.zeros(m, dtype=bool)  # per column: something changed in its current pass
     nlive = live.size
     while True:
-        x, w, wx, lq, A, B = S
+        # w, w*x, w*x*l, w*l*l: recomputed from x and l after each compaction (cheaper than gathering them)
+        x, lq = xl
+        w, wx, A, B = np.empty((4, n, m), dtype=F32)
+        np.multiply(x, x, out=w)
+        np.multiply(w, x, out=wx)
+        np.multiply(wx, lq, out=A)
+        np.multiply(w, lq, out=B)
+        B *= lq
         q, slx, sl2, t, u, lhs, rhs = np.empty((7, n, m), dtype=F32)
         ok, tmp = np.empty((2, n, m), dtype=bool)
         while nlive >= _COMPACT_BELOW * m or -(-nlive // 8) * 8 == m:  # (compacting would not shrink them)
@@ -374,7 +376,7 @@ def _q3_descent(X: np.ndarray, W: np.ndarray, L: np.ndarray, sumlx: np.ndarray, 
         keep = np.flatnonzero(pos < n)
         m = -(-keep.size // 8) * 8
         keep = np.concatenate([keep, np.repeat(keep[:1], m - keep.size)])
-        S = np.take(S, keep, axis=2)
+        xl = np.take(xl, keep, axis=2)
         sup, pos, npass, changed = sup[keep], pos[keep], npass[keep], changed[keep]
         pos[nlive:] = n  # the pads: finished, with nothing changed (else they would start a new pass)
         changed[nlive:] = False

@@ -238,13 +238,14 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     safe_max = np.where(zero, F32(1), vmax)
     fn = F32(nmax)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        L = np.multiply(-fn / safe_max, X)
+        iscale = -fn / safe_max
+        L = np.multiply(iscale, X)
         clip_(np.rint(L, out=L), -fn, fn - 1)  # |iscale*x| <= nmax: rint is nearest_int here
         w = X * X
         sumlx, suml2 = wsum(w, X, L), wsum(w, L, L)
         # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
         # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched.
-        _q3_descent(X, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
+        _q3_descent(X, L, iscale, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L += fn
     scale[zero] = 0
@@ -275,9 +276,10 @@ def _first_hits(ok: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return _FIRST_BIT.take(v)
 
 
-def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
+def _q3_descent(X: np.ndarray, L: np.ndarray, iscale: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
                 fn: np.float32, live: np.ndarray) -> None:  # fmt: skip
-    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2.
+    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2
+    (L made from X with ``iscale``).
 
     ggml visits quant i = 0..n-1 of a group, recomputes it from the sums without it and keeps it if the error
     drops; a pass without a change ends the group's search (at most 5 passes). Changes are rare, so each round
@@ -302,7 +304,8 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
     sup = np.concatenate([live, np.repeat(live[:1], m - live.size)])  # the group of each column
     xl = np.empty((2, n, m), dtype=F32)  # x and l of every quant
     np.take(X, sup, axis=1, out=xl[0])
-    np.take(L, sup, axis=1, out=xl[1])
+    np.multiply(iscale[sup], xl[0], out=xl[1])  # l as make_q3_quants made it (cheaper than gathering it)
+    clip_(np.rint(xl[1], out=xl[1]), -fn, fn - 1)
     pos = np.zeros(m, dtype=np.uint8)  # per column: next quant to try in its current pass; n: finished
     pos[live.size :] = n
     npass = np.zeros(m, dtype=np.uint8)
@@ -355,7 +358,7 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
                 at = first[k].astype(np.intp) * m + k
                 g = sup[k]
                 nl = new_l.ravel().take(at)
-                L[first[k], g] = nl
+                L.reshape(-1)[first[k].astype(np.intp) * L.shape[1] + g] = nl
                 lq.ravel()[at] = nl
                 A.ravel()[at] = t.ravel().take(at)
                 B.ravel()[at] = u.ravel().take(at)

@@ -303,7 +303,7 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, iscale: np.ndarray, sumlx: np.ndar
     m = -(-live.size // 8) * 8
     sup = np.concatenate([live, np.repeat(live[:1], m - live.size)])  # the group of each column
     xl = np.empty((2, n, m), dtype=F32)  # x and l of every quant
-    np.take(X, sup, axis=1, out=xl[0])
+    np.take(X, sup, axis=1, out=xl[0], mode="clip")  # (valid indices; "raise" would buffer the output)
     np.multiply(iscale[sup], xl[0], out=xl[1])  # l as make_q3_quants made it (cheaper than gathering it)
     clip_(np.rint(xl[1], out=xl[1]), -fn, fn - 1)
     pos = np.zeros(m, dtype=np.uint8)  # per column: next quant to try in its current pass; n: finished

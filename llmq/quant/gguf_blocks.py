@@ -573,9 +573,8 @@ _ENCODERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
 _CHUNK_VALUES = 1 << 18
 # Q3_K's coordinate descent keeps ~13 (16, live) float32 work arrays: at half the values per chunk they stay
 # closer to the 1 MB L2, which measured ~20% less CPU per value than 256K on real weights (2 cores shared with a
-# niced background job; 512K and 1M were slower again). Q6_K's 19-candidate search likewise (~15-20% less;
-# 64K was slower again). Q2_K measured no difference.
-_CHUNK_SCALE = {"Q3_K": 0.5, "Q6_K": 0.5}
+# niced background job; 512K and 1M were slower again)
+_CHUNK_SCALE = {"Q3_K": 0.5}
 
 
 def row_bytes(type_name: str, n_per_row: int) -> int:

@@ -238,13 +238,14 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     safe_max = np.where(zero, F32(1), vmax)
     fn = F32(nmax)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        L = np.multiply(-fn / safe_max, X)
+        iscale = -fn / safe_max
+        L = np.multiply(iscale, X)
         clip_(np.rint(L, out=L), -fn, fn - 1)  # |iscale*x| <= nmax: rint is nearest_int here
         w = X * X
         sumlx, suml2 = wsum(w, X, L), wsum(w, L, L)
         # l has the sign of -x/max, so every w*x*l has the sign of -max: where max > 0, sumlx and every
         # sumlx - w*x*l are <= 0 and ggml never changes a quant. Only groups with max < 0 are searched.
-        _q3_descent(X, L, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
+        _q3_descent(X, L, iscale, sumlx, suml2, fn, np.flatnonzero((vmax < 0) & ~zero))
         scale = np.where(suml2 > 0, sumlx / suml2, F32(0))
     L += fn
     scale[zero] = 0
@@ -252,9 +253,33 @@ def make_q3_quants(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, L
 
 
-def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray, fn: np.float32,
-                live: np.ndarray) -> None:  # fmt: skip
-    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2.
+# per 16-bit mask of the quants a round accepts: the first one (16: none)
+_FIRST_BIT = np.array([16] + [(v & -v).bit_length() - 1 for v in range(1, 1 << 16)], dtype=np.uint8)
+# per position p: the quants from p on (16: none -- a group that no longer searches)
+_FROM_BIT = np.array([(0xFFFF << p) & 0xFFFF for p in range(17)], dtype=np.uint16)
+_SHIFTS = np.arange(8, dtype=np.uint64)[:, None]
+# compact the arrays to the groups still searching when fewer than this share of their columns is left
+_COMPACT_BELOW = 0.5
+
+
+def _first_hits(ok: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """Per column of the bool (16, m) ``ok`` (m a multiple of 8): the first row >= pos that is True (16: none).
+    Packs each column's 16 flags into an integer with eight shift-or passes over uint64 words (8 columns each:
+    a flag is one byte 0/1, so shifting it by < 8 stays in its byte) -- argmax along axis 0 is 30x slower."""
+    u = ok.view(np.uint64)
+    lo = np.bitwise_or.reduce(u[:8] << _SHIFTS, axis=0).view(np.uint8)
+    hi = np.bitwise_or.reduce(u[8:] << _SHIFTS, axis=0).view(np.uint8)
+    v = hi.astype(np.uint16)
+    v <<= 8
+    v |= lo
+    v &= _FROM_BIT.take(pos)
+    return _FIRST_BIT.take(v)
+
+
+def _q3_descent(X: np.ndarray, L: np.ndarray, iscale: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
+                fn: np.float32, live: np.ndarray) -> None:  # fmt: skip
+    """make_q3_quants' coordinate passes, in place on the groups ``live`` (columns) of X, L, sumlx, suml2
+    (L made from X with ``iscale``).
 
     ggml visits quant i = 0..n-1 of a group, recomputes it from the sums without it and keeps it if the error
     drops; a pass without a change ends the group's search (at most 5 passes). Changes are rare, so each round
@@ -262,50 +287,102 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarr
     current sums: the tries before the first accepted one are exactly what ggml computes (nothing changed in
     between), that one is applied and the group goes on from the next quant (or the next pass) in the next
     round. Same floats as ggml's loop, with a few rounds of whole-array numpy calls instead of 80 small ones.
+
+    The work arrays hold every quant's x, w, w*x, l, w*x*l and w*l*l (the last three updated where a quant
+    changes); they are compacted to the groups still searching only when many have finished -- a finished
+    group's column stays, its tries masked off (position n), which is cheaper than gathering every round.
+    A compaction gathers x and l only (a gather costs several arithmetic passes) and recomputes the rest.
     """
     n = X.shape[0]
-    rows = np.arange(n)[:, None]
-    pos = np.zeros(live.size, dtype=np.intp)  # per group: next quant to try in its current pass
-    npass = np.zeros(live.size, dtype=np.intp)
-    changed = np.zeros(live.size, dtype=bool)  # per group: something changed in its current pass
-    while live.size:
-        x, lq = np.take(X, live, axis=1), np.take(L, live, axis=1)
-        slx_t, sl2_t = sumlx[live], suml2[live]
-        w = x * x
-        wx = w * x
-        slx = slx_t - wx * lq
-        sl2 = w * lq
-        sl2 *= lq
-        np.subtract(sl2_t, sl2, out=sl2)
-        ok = slx > 0
-        q = x * sl2
-        np.divide(q, slx, out=q, where=ok)
-        new_l = clip_(rint_exact(q, out=q), -fn, fn - 1)
-        ok &= new_l != lq
-        slx += wx * new_l
-        w *= new_l
-        w *= new_l
-        sl2 += w
-        ok &= sl2 > 0
-        ok &= (slx * slx) * sl2_t > (slx_t * slx_t) * sl2
-        ok &= rows >= pos
-        hit = ok.any(axis=0)
-        k = np.flatnonzero(hit)
-        first = np.argmax(ok[:, k], axis=0)
-        g = live[k]
-        L[first, g] = new_l[first, k]
-        sumlx[g] = slx[first, k]
-        suml2[g] = sl2[first, k]
-        pos[k] = first + 1
-        changed[k] = True
-        # the end of a pass: a group goes on to its next pass if it changed something in this one
-        end = ~hit | (pos == n)
-        again = end & changed & (npass < 4)
-        npass[again] += 1
-        pos[again] = 0
-        changed[again] = False
-        keep = ~end | again
-        live, pos, npass, changed = live[keep], pos[keep], npass[keep], changed[keep]
+    if not live.size:
+        return
+    if n != 16:
+        raise ValueError("the Q3 search packs a group's 16 flags into one integer")
+    lo, hi = -fn, fn - 1
+    # columns: the live groups, padded with copies of one to whole uint64 words of flags per row
+    m = -(-live.size // 8) * 8
+    sup = np.concatenate([live, np.repeat(live[:1], m - live.size)])  # the group of each column
+    xl = np.empty((2, n, m), dtype=F32)  # x and l of every quant
+    np.take(X, sup, axis=1, out=xl[0], mode="clip")  # (valid indices; "raise" would buffer the output)
+    np.multiply(iscale[sup], xl[0], out=xl[1])  # l as make_q3_quants made it (cheaper than gathering it)
+    clip_(np.rint(xl[1], out=xl[1]), -fn, fn - 1)
+    pos = np.zeros(m, dtype=np.uint8)  # per column: next quant to try in its current pass; n: finished
+    pos[live.size :] = n
+    npass = np.zeros(m, dtype=np.uint8)
+    changed = np.zeros(m, dtype=bool)  # per column: something changed in its current pass
+    nlive = live.size
+    while True:
+        # w, w*x, w*x*l, w*l*l: recomputed from x and l after each compaction (cheaper than gathering them)
+        x, lq = xl
+        w, wx, A, B = np.empty((4, n, m), dtype=F32)
+        np.multiply(x, x, out=w)
+        np.multiply(w, x, out=wx)
+        np.multiply(wx, lq, out=A)
+        np.multiply(w, lq, out=B)
+        B *= lq
+        q, slx, sl2, t, u, lhs, rhs = np.empty((7, n, m), dtype=F32)
+        ok, tmp = np.empty((2, n, m), dtype=bool)
+        while nlive >= _COMPACT_BELOW * m or -(-nlive // 8) * 8 == m:  # (compacting would not shrink them)
+            slx_t, sl2_t = sumlx[sup], suml2[sup]
+            np.subtract(slx_t, A, out=slx)
+            np.subtract(sl2_t, B, out=sl2)
+            np.multiply(x, sl2, out=q)
+            np.divide(q, slx, out=q)  # used only where slx > 0
+            # slx >= 0 here (each w*x*l of a searched group is >= 0); where it is 0, q is NaN (or inf), unused
+            if (
+                np.fmax.reduce(q, axis=None) <= NEAREST_INT_RANGE
+                and np.fmin.reduce(q, axis=None) >= -NEAREST_INT_RANGE
+            ):
+                np.rint(q, out=q)
+            else:  # a value outside nearest_int's exact range (or infinite, where slx = 0): ggml's bits
+                q[...] = nearest_int(q)
+            new_l = clip_(q, lo, hi)
+            np.not_equal(new_l, lq, out=ok)
+            np.greater(slx, 0, out=tmp)
+            ok &= tmp
+            np.multiply(wx, new_l, out=t)
+            slx += t
+            np.multiply(w, new_l, out=u)
+            u *= new_l
+            sl2 += u
+            np.greater(sl2, 0, out=tmp)
+            ok &= tmp
+            np.multiply(slx, slx, out=lhs)
+            lhs *= sl2_t
+            np.greater(lhs, np.multiply(sl2, slx_t * slx_t, out=rhs), out=tmp)
+            ok &= tmp
+            first = _first_hits(ok, pos)
+            hit = first < n
+            k = np.flatnonzero(hit)
+            if k.size:
+                at = first[k].astype(np.intp) * m + k
+                g = sup[k]
+                nl = new_l.ravel().take(at)
+                L.reshape(-1)[first[k].astype(np.intp) * L.shape[1] + g] = nl
+                lq.ravel()[at] = nl
+                A.ravel()[at] = t.ravel().take(at)
+                B.ravel()[at] = u.ravel().take(at)
+                sumlx[g] = slx.ravel().take(at)
+                suml2[g] = sl2.ravel().take(at)
+            # the end of a pass: a group goes on to its next pass if it changed something in this one
+            changed |= hit
+            pos = np.where(hit, first + np.uint8(1), pos)
+            end = ~hit | (pos >= n)
+            again = end & changed & (npass < 4)
+            npass += again
+            pos[end] = n
+            pos[again] = 0
+            changed &= ~end
+            nlive = np.count_nonzero(pos < n)
+            if not nlive:
+                return
+        keep = np.flatnonzero(pos < n)
+        m = -(-keep.size // 8) * 8
+        keep = np.concatenate([keep, np.repeat(keep[:1], m - keep.size)])
+        xl = np.take(xl, keep, axis=2)
+        sup, pos, npass, changed = sup[keep], pos[keep], npass[keep], changed[keep]
+        pos[nlive:] = n  # the pads: finished, with nothing changed (else they would start a new pass)
+        changed[nlive:] = False
 
 
 def _ZERO_ROW(n: int) -> np.ndarray:

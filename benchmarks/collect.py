@@ -16,7 +16,7 @@ SECTIONS = [
     ("rtn_nf4", "RTN and NF4 on SmolLM2 (issue 4)", "benchmarks/rtn_nf4.py"),
     ("gguf_quant", "GGUF quantization vs llama.cpp's llama_model_quantize (issue 5)", "benchmarks/gguf_quant.py"),
     ("gguf_imatrix_kl", "Importance matrix: KL divergence with and without (issue 5)", "benchmarks/gguf_quant.py"),
-    ("gptq_awq", "GPTQ and AWQ vs llm-compressor, full model, 128x512 calibration (issue 6)", "benchmarks/gptq_awq.py --eval-chunks 16"),
+    ("gptq_awq", "GPTQ and AWQ vs llm-compressor, full model, 128x512 calibration, current defaults (issue 6)", "benchmarks/gptq_awq.py --eval-chunks 16"),
     ("gptq_full32", "GPTQ and AWQ, full model, 32x512 calibration, earlier defaults (issue 6)", "benchmarks/gptq_awq.py --nsamples 32"),
     ("estimate", "Memory estimator: speed and accuracy (issue 7)", "benchmarks/estimate.py"),
 ]  # fmt: skip

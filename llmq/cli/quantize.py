@@ -49,7 +49,11 @@ def quantize_cmd(
     ] = None,
     damp_percent: Annotated[
         float | None,
-        typer.Option("--damp-percent", help="GPTQ dampening (fraction of mean diag H).", rich_help_panel=_G),
+        typer.Option(
+            "--damp-percent",
+            help="GPTQ dampening (fraction of mean diag H; default 0.2).",
+            rich_help_panel=_G,
+        ),
     ] = None,
     token_clip: Annotated[
         float | None,
@@ -71,7 +75,8 @@ def quantize_cmd(
         float | None,
         typer.Option(
             "--float-target",
-            help="GPTQ: fit each layer to the unquantized model's outputs (GPTAQ-style), weight A in [0, 1] (0 = off).",
+            help="GPTQ: fit each layer to the unquantized model's outputs (GPTAQ-style), weight A in [0, 1] "
+            "(default 1; 0 = plain GPTQ, about half the time).",
             rich_help_panel=_G,
         ),
     ] = None,

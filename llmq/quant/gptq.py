@@ -271,7 +271,7 @@ def gptq_quantize(
     sym: bool = True,
     act_order: bool = False,
     static_groups: bool = False,
-    damp_percent: float = 0.1,
+    damp_percent: float = 0.2,
     blocksize: int = 128,
     min_zero: int = 0,
     mse: float = 0.0,
@@ -559,11 +559,11 @@ class GPTQConfig(BlockwiseConfig):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
-    damp_percent: float = 0.1
+    damp_percent: float = 0.2
     blocksize: int = 128
     token_clip: float = 10.0
     mse: float = 0.0
-    float_target: float = 0.0
+    float_target: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()

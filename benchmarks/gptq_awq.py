@@ -89,8 +89,9 @@ def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, 
         format="fake-quant", bits=bits, group_size=group_size, nsamples=ids.shape[0], seqlen=ids.shape[1]
     )
     if method == "gptq":
-        # llmq's defaults (true-sequential, token clip, damp), with llm-compressor's static act-order and symmetric
-        # grid: `--llmq-opts '{"damp_percent": 0.01, "true_sequential": false, "token_clip": 0}'` is its algorithm
+        # llmq's defaults (true-sequential, token clip, damp 0.2, float target), with llm-compressor's static
+        # act-order and symmetric grid; its algorithm is
+        # `--llmq-opts '{"damp_percent": 0.01, "true_sequential": false, "token_clip": 0, "float_target": 0}'`
         cfg = GPTQConfig(**(common | dict(sym=True, act_order=True, static_groups=True) | json.loads(opts)))
         meth = GPTQBlockMethod(cfg)
     else:

@@ -305,7 +305,7 @@ def _q3_descent(X: np.ndarray, L: np.ndarray, iscale: np.ndarray, sumlx: np.ndar
     xl = np.empty((2, n, m), dtype=F32)  # x and l of every quant
     np.take(X, sup, axis=1, out=xl[0], mode="clip")  # (valid indices; "raise" would buffer the output)
     np.multiply(iscale[sup], xl[0], out=xl[1])  # l as make_q3_quants made it (cheaper than gathering it)
-    clip_(np.rint(xl[1], out=xl[1]), -fn, fn - 1)
+    clip_(np.rint(xl[1], out=xl[1]), lo, hi)
     pos = np.zeros(m, dtype=np.uint8)  # per column: next quant to try in its current pass; n: finished
     pos[live.size :] = n
     npass = np.zeros(m, dtype=np.uint8)

@@ -222,7 +222,14 @@ class HessianAccumulator:
         import torch
 
         upper = torch.triu(self.H)
-        return (upper + torch.triu(self.H, 1).t()) * (2.0 / max(1, self.n))
+        return (upper + torch.triu(self.H, 1).t()) * self._scale()
+
+    def finish_cross(self) -> torch.Tensor | None:
+        """D on the same scale as ``finish()``'s H (None without float targets)."""
+        return None if self.D is None else self.D * self._scale()
+
+    def _scale(self) -> float:
+        return 2.0 / max(1, self.n)
 
 
 GRAM_PANELS = 3
@@ -488,10 +495,10 @@ class GPTQBlockMethod:
         mods = [ctx.module(n) for n in grp]
         W = torch.cat([m.weight for m in mods], dim=0)
         label = ctx.prefix + "{" + ",".join(grp) + "}"
-        H = acc.finish()
-        acc.H = None  # free it before the quantization's own copies
-        if acc.D is not None and cfg.float_target > 0:
-            W = float_target_weight(W, H, acc.D * (2.0 / max(1, acc.n)), cfg.float_target, cfg.damp_percent)
+        H, D = acc.finish(), acc.finish_cross()
+        acc.H = acc.D = None  # free them before the quantization's own copies
+        if D is not None and cfg.float_target > 0:
+            W = float_target_weight(W, H, D, cfg.float_target, cfg.damp_percent)
         qw, _loss = gptq_quantize(W, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
                                   act_order=cfg.act_order, static_groups=cfg.static_groups,
                                   damp_percent=cfg.damp_percent, blocksize=cfg.blocksize, min_zero=cfg.min_zero,

@@ -56,15 +56,43 @@ def test_float_target_weight_is_the_least_squares_map():
     acc = HessianAccumulator(cin, token_clip=0)
     acc.add(xq[:1000], xf[:1000])
     acc.add(xq[1000:], xf[1000:])
-    D = acc.D * (2.0 / acc.n)
+    H = acc.finish()
+    WD = acc.finish_cross(W, H)
     Wls = torch.linalg.lstsq(xq.double(), (xf @ W.T).double()).solution.T.float()  # argmin ||W xf - W' xq||
-    got = float_target_weight(W, acc.finish(), D, 1.0, 1e-6)
+    got = float_target_weight(W, H, WD, 1.0, 1e-6)
     assert torch.allclose(got, Wls, atol=1e-3, rtol=1e-3)
-    half = float_target_weight(W, acc.finish(), D, 0.5, 1e-6)
+    half = float_target_weight(W, H, WD, 0.5, 1e-6)
     assert torch.allclose(half, (W + got) / 2, atol=1e-4)
     # the output error against the float model is what the corrected weight lowers
     err = lambda w: float(((xf @ W.T - xq @ w.T) ** 2).mean())  # noqa: E731
     assert err(got) < 0.05 * err(W)
+
+
+@pytest.mark.parametrize("token_clip", [0.0, 3.0])
+def test_cross_term_from_outputs_equals_the_one_from_inputs(token_clip):
+    """Where a layer's outputs are narrower than its input, the float targets come as its outputs W·x_float:
+    W·D = Σ W(x_float - x)xᵀ is then P - W·H, with the same token weights (clipping) as H."""
+    g = torch.Generator().manual_seed(2)
+    n, cin, cout = 900, 96, 24
+    xf = torch.randn(n, cin, generator=g) * torch.exp(torch.randn(cin, generator=g))
+    xf[::50] *= 20  # a few massive tokens for the clip to bound
+    xq = xf + 0.1 * torch.randn(n, cin, generator=g)
+    W = torch.randn(cout, cin, generator=g)
+    by_x, by_y = (
+        HessianAccumulator(cin, token_clip=token_clip),
+        HessianAccumulator(cin, token_clip=token_clip),
+    )
+    for sl in (slice(0, 500), slice(500, n)):
+        by_x.add(xq[sl], x_float=xf[sl])
+        by_y.add(xq[sl], y_float=xf[sl] @ W.T)
+    assert (by_x.clipped > 0) == (token_clip > 0) and by_x.clipped == by_y.clipped
+    assert by_x.P is None and by_y.D is None and by_y.P.shape == (cout, cin)
+    H = by_x.finish()
+    assert torch.equal(H, by_y.finish())
+    want = by_x.finish_cross(W, H)
+    assert want.abs().max() > 0
+    assert torch.allclose(by_y.finish_cross(W, H), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+    assert HessianAccumulator(cin).finish_cross(W, H) is None
 
 
 @pytest.mark.parametrize("cols", [255, 256, 301, 768])

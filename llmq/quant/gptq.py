@@ -193,14 +193,23 @@ class HessianAccumulator:
         self.n = 0
         self.token_clip = token_clip
         self.clipped = 0
-        self.D: torch.Tensor | None = None  # Σ (x_float - x) xᵀ, with float targets
+        # with float targets, one of: D = Σ (x_float - x) xᵀ [in, in], or P = Σ y_float xᵀ [out, in] where
+        # y_float = W x_float is the layer's own output in the unquantized model (fewer flops when out < in)
+        self.D: torch.Tensor | None = None
+        self.P: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+    def add(
+        self, x: torch.Tensor, x_float: torch.Tensor | None = None, y_float: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch of inputs x; with float targets also the unquantized model's inputs ``x_float`` of the same
+        tokens, or instead its outputs ``y_float`` of this layer (W x_float)."""
         import torch
 
         x = x.reshape(-1, x.shape[-1]).float()
         if x_float is not None:
             dx = x_float.reshape(-1, x.shape[-1]).float() - x
+        if y_float is not None:
+            y = y_float.reshape(x.shape[0], -1).float()
         if self.token_clip > 0 and x.shape[0] > 1:
             norms = x.norm(dim=1)
             bound = self.token_clip * norms.median()
@@ -211,11 +220,17 @@ class HessianAccumulator:
                 x = x * f
                 if x_float is not None:
                     dx = dx * f
+                if y_float is not None:
+                    y = y * f
         add_gram_upper(self.H, x)
         if x_float is not None:
             if self.D is None:
                 self.D = torch.zeros_like(self.H)
             self.D.addmm_(dx.t(), x)
+        if y_float is not None:
+            if self.P is None:
+                self.P = torch.zeros(y.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+            self.P.addmm_(y.t(), x)
         self.n += x.shape[0]
 
     def finish(self) -> torch.Tensor:
@@ -224,9 +239,14 @@ class HessianAccumulator:
         upper = torch.triu(self.H)
         return (upper + torch.triu(self.H, 1).t()) * self._scale()
 
-    def finish_cross(self) -> torch.Tensor | None:
-        """D on the same scale as ``finish()``'s H (None without float targets)."""
-        return None if self.D is None else self.D * self._scale()
+    def finish_cross(self, W: torch.Tensor, H: torch.Tensor) -> torch.Tensor | None:
+        """W·D on the same scale as ``finish()``'s H (which is passed in), None without float targets; from P,
+        W·D = Σ (W x_float - W x) xᵀ = P - W·H."""
+        if self.D is not None:
+            return W.float() @ (self.D * self._scale())
+        if self.P is not None:
+            return (self.P * self._scale()).sub_(W.float() @ H)
+        return None
 
     def _scale(self) -> float:
         return 2.0 / max(1, self.n)
@@ -326,11 +346,12 @@ def gptq_quantize(
     return qw, float(loss.sum())
 
 
-def float_target_weight(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha: float,
+def float_target_weight(W: torch.Tensor, H: torch.Tensor, WD: torch.Tensor, alpha: float,
                         damp_percent: float) -> torch.Tensor:  # fmt: skip
     """The weight that best maps the inputs this layer really gets (those of the already quantized layers
     before it, X) onto the outputs the unquantized model gives (W·X_float), in least squares:
-    W' = W + alpha·W·D·H⁻¹ with H = XᵀX, D = (X_float - X)ᵀX (both as accumulated, damped like GPTQ's H).
+    W' = W + alpha·W·D·H⁻¹ with H = XᵀX, D = (X_float - X)ᵀX (both as accumulated, damped like GPTQ's H;
+    ``WD`` is the product W·D, from ``HessianAccumulator.finish_cross``).
     Since W·X_float - W'·X is orthogonal to X, ||W·X_float - Q·X||² = ||(W' - Q)·X||² + const: GPTQ on W'
     minimises the error against the unquantized model's outputs (asymmetric calibration, as GPTAQ / GPTQModel's
     v2); ``alpha`` < 1 shrinks the correction towards plain GPTQ."""
@@ -341,7 +362,7 @@ def float_target_weight(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, alpha
     L, info = torch.linalg.cholesky_ex(Hd)
     if int(info):
         return W
-    corr = torch.cholesky_solve((W @ D).t(), L).t()
+    corr = torch.cholesky_solve(WD.t(), L).t()
     return W + alpha * corr
 
 
@@ -446,37 +467,59 @@ class GPTQBlockMethod:
             groups = [stage[0] for stage in stages]
             points = [grp[0] for grp in groups]
             accs = [self._accumulator(ctx, grp) for grp in groups]
-            floats = self._float_inputs(ctx, points) if cfg.float_target > 0 else None
+            floats = self._float_targets(ctx, groups) if cfg.float_target > 0 else None
             ctx.outputs = ctx.run_staged(
                 points,
-                lambda k, b, x: accs[k].add(x, None if floats is None else floats[k][b]),
+                lambda k, b, x: accs[k].add(x, **({} if floats is None else floats[k][b])),
                 lambda k: self._quantize_group(ctx, groups[k], accs[k], records),
             )
             return records
-        points = [grp[0] for stage in stages for grp in stage]
-        floats = self._float_inputs(ctx, points) if cfg.float_target > 0 else None
+        groups = [grp for stage in stages for grp in stage]
+        points = [grp[0] for grp in groups]
+        floats = self._float_targets(ctx, groups) if cfg.float_target > 0 else None
         for stage in stages:
             accs = {grp[0]: self._accumulator(ctx, grp) for grp in stage}
 
             def add(name, accs=accs):
                 k = points.index(name)
-                return lambda b, x: accs[name].add(x, None if floats is None else floats[k][b])
+                return lambda b, x: accs[name].add(x, **({} if floats is None else floats[k][b]))
 
             ctx.run_until({name: add(name) for name in accs}, stop_after=set(accs))
             for grp in stage:
                 self._quantize_group(ctx, grp, accs.pop(grp[0]), records)
         return records
 
-    def _float_inputs(self, ctx, points: list[str]) -> list[list[torch.Tensor]]:
-        """The unquantized block on the unquantized model's hidden states: each point's input per batch; the
-        outputs become the next block's float inputs."""
+    def _float_targets(self, ctx, groups: list[list[str]]) -> list[list[dict[str, torch.Tensor]]]:
+        """The unquantized block on the unquantized model's hidden states: per group and batch, what
+        ``HessianAccumulator.add`` needs of it. That is the group's input (``x_float``), or, where the group's
+        outputs are narrower than its input (down_proj: 576 against 1536 on SmolLM2), its outputs (``y_float``):
+        the cross term then costs out×in instead of in×in per token, and less memory. The block's outputs become
+        the next block's float inputs."""
         from dataclasses import replace
+
+        import torch
 
         from llmq.quant.sequential import forward_all
 
-        seen: list[list] = [[] for _ in points]
-        handles = [ctx.module(p).register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].detach()))
-                   for k, p in enumerate(points)]  # fmt: skip
+        seen: list[list[dict]] = [[] for _ in groups]
+
+        def on_output(k: int, j: int, out, parts: dict, n: int) -> None:
+            # one batch's outputs of the group's n modules, concatenated like their weights once all are there
+            parts[j] = out.detach()
+            if len(parts) == n:
+                seen[k].append({"y_float": torch.cat([parts.pop(i) for i in range(n)], dim=-1)})
+
+        handles = []
+        for k, grp in enumerate(groups):
+            mods = [ctx.module(n) for n in grp]
+            if sum(m.out_features for m in mods) < mods[0].in_features:
+                parts: dict = {}
+                handles += [m.register_forward_hook(lambda _m, _a, out, k=k, j=j, parts=parts, n=len(mods):
+                                                    on_output(k, j, out, parts, n))
+                            for j, m in enumerate(mods)]  # fmt: skip
+            else:
+                handles.append(mods[0].register_forward_pre_hook(
+                    lambda _m, args, k=k: seen[k].append({"x_float": args[0].detach()})))  # fmt: skip
         try:
             ctx.float_outputs = forward_all(replace(ctx, inputs=ctx.float_inputs))
         finally:
@@ -495,10 +538,11 @@ class GPTQBlockMethod:
         mods = [ctx.module(n) for n in grp]
         W = torch.cat([m.weight for m in mods], dim=0)
         label = ctx.prefix + "{" + ",".join(grp) + "}"
-        H, D = acc.finish(), acc.finish_cross()
-        acc.H = acc.D = None  # free them before the quantization's own copies
-        if D is not None and cfg.float_target > 0:
-            W = float_target_weight(W, H, D, cfg.float_target, cfg.damp_percent)
+        H = acc.finish()
+        WD = acc.finish_cross(W, H) if cfg.float_target > 0 else None
+        acc.H = acc.D = acc.P = None  # free them before the quantization's own copies
+        if WD is not None:
+            W = float_target_weight(W, H, WD, cfg.float_target, cfg.damp_percent)
         qw, _loss = gptq_quantize(W, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym,
                                   act_order=cfg.act_order, static_groups=cfg.static_groups,
                                   damp_percent=cfg.damp_percent, blocksize=cfg.blocksize, min_zero=cfg.min_zero,

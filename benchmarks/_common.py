@@ -17,6 +17,20 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE = Path(os.environ.get("LLMQ_CACHE", Path.home() / ".cache" / "llmq"))
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak RSS (VmHWM): unlike ru_maxrss it is not inherited from the parent across fork+exec."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd`` in a fresh wrapper process; return wall seconds and the peak RSS of the command (bytes)."""
     wrapper = (

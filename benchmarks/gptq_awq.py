@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import peak_rss_bytes  # noqa: E402
+
 
 def shared_dir() -> Path:
     env = os.environ.get("LLMQ_SHARED")
@@ -67,11 +69,7 @@ def truncate_model(src: Path, dst: Path, layers: int) -> Path:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM): ru_maxrss would include the parent's peak, inherited through fork+exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 # ---------------------------------------------------------------------------------------------- workers

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks._common import peak_rss_bytes  # noqa: E402
 
 RUNS = {
     "rtn-int4-g64": ("rtn", {"format": "compressed-tensors", "bits": 4, "group_size": 64, "sym": True}),
@@ -44,20 +45,8 @@ def quantize_child(method: str, options: dict, src: str, out: str) -> None:
     t0 = time.perf_counter()
     res = q.run(Path(src), Path(out), cfg_cls.from_options(method, options), force=True)
     secs = time.perf_counter() - t0
-    rss = peak_rss()
+    rss = peak_rss_bytes()
     print(json.dumps({"seconds": secs, "peak_rss_bytes": rss, "output_bytes": res.output_bytes}))
-
-
-def peak_rss() -> int:
-    """VmHWM of this process: unlike ru_maxrss it is not inherited from the parent across fork+exec."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def dir_bytes(path: Path) -> int:

@@ -17,6 +17,7 @@ SECTIONS = [
     ("gguf_quant", "GGUF quantization vs llama.cpp's llama_model_quantize (issue 5)", "benchmarks/gguf_quant.py"),
     ("gguf_imatrix_kl", "Importance matrix: KL divergence with and without (issue 5)", "benchmarks/gguf_quant.py"),
     ("gptq_awq", "GPTQ and AWQ vs llm-compressor, full model, 128x512 calibration, current defaults (issue 6)", "benchmarks/gptq_awq.py --eval-chunks 16"),
+    ("gptq_awq_64chunks", "The same GPTQ/AWQ runs scored on 64 wikitext-2 chunks (16,320 tokens) instead of 16 (issue 6)", "benchmarks/gptq_awq.py --eval-chunks 64 (reusing --work)"),
     ("gptq_full32", "GPTQ and AWQ, full model, 32x512 calibration, earlier defaults (issue 6)", "benchmarks/gptq_awq.py --nsamples 32"),
     ("estimate", "Memory estimator: speed and accuracy (issue 7)", "benchmarks/estimate.py"),
 ]  # fmt: skip

@@ -491,34 +491,23 @@ class GPTQBlockMethod:
 
     def _float_targets(self, ctx, groups: list[list[str]]) -> list[list[dict[str, torch.Tensor]]]:
         """The unquantized block on the unquantized model's hidden states: per group and batch, what
-        ``HessianAccumulator.add`` needs of it. That is the group's input (``x_float``), or, where the group's
-        outputs are narrower than its input (down_proj: 576 against 1536 on SmolLM2), its outputs (``y_float``):
-        the cross term then costs out×in instead of in×in per token, and less memory. The block's outputs become
-        the next block's float inputs."""
+        ``HessianAccumulator.add`` needs of it. That is the group's input (``x_float``), or, for a single Linear
+        whose output is narrower than its input (down_proj: 576 against 1536 on SmolLM2; the stacked q/k/v and
+        gate/up groups are always wider), its output (``y_float``): the cross term then costs out×in instead of
+        in×in per token, and less memory. The block's outputs become the next block's float inputs."""
         from dataclasses import replace
-
-        import torch
 
         from llmq.quant.sequential import forward_all
 
         seen: list[list[dict]] = [[] for _ in groups]
-
-        def on_output(k: int, j: int, out, parts: dict, n: int) -> None:
-            # one batch's outputs of the group's n modules, concatenated like their weights once all are there
-            parts[j] = out.detach()
-            if len(parts) == n:
-                seen[k].append({"y_float": torch.cat([parts.pop(i) for i in range(n)], dim=-1)})
-
         handles = []
         for k, grp in enumerate(groups):
-            mods = [ctx.module(n) for n in grp]
-            if sum(m.out_features for m in mods) < mods[0].in_features:
-                parts: dict = {}
-                handles += [m.register_forward_hook(lambda _m, _a, out, k=k, j=j, parts=parts, n=len(mods):
-                                                    on_output(k, j, out, parts, n))
-                            for j, m in enumerate(mods)]  # fmt: skip
+            first = ctx.module(grp[0])
+            if len(grp) == 1 and first.out_features < first.in_features:
+                handles.append(first.register_forward_hook(
+                    lambda _m, _args, out, k=k: seen[k].append({"y_float": out.detach()})))  # fmt: skip
             else:
-                handles.append(mods[0].register_forward_pre_hook(
+                handles.append(first.register_forward_pre_hook(
                     lambda _m, args, k=k: seen[k].append({"x_float": args[0].detach()})))  # fmt: skip
         try:
             ctx.float_outputs = forward_all(replace(ctx, inputs=ctx.float_inputs))
@@ -539,7 +528,7 @@ class GPTQBlockMethod:
         W = torch.cat([m.weight for m in mods], dim=0)
         label = ctx.prefix + "{" + ",".join(grp) + "}"
         H = acc.finish()
-        WD = acc.finish_cross(W, H) if cfg.float_target > 0 else None
+        WD = acc.finish_cross(W, H)  # None without float targets
         acc.H = acc.D = acc.P = None  # free them before the quantization's own copies
         if WD is not None:
             W = float_target_weight(W, H, WD, cfg.float_target, cfg.damp_percent)

@@ -48,8 +48,8 @@ FTYPES = {
 
 LLMQ_RUN = """
 import resource, sys
-from llmq.quant.gguf_blocks import default_threads
-from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
+from llmq.quant.gguf.blocks import default_threads
+from llmq.quant.gguf.quantizer import GGUFQuantConfig, GGUFQuantizer
 GGUFQuantizer().run(sys.argv[1], sys.argv[2], GGUFQuantConfig(type=sys.argv[3]), force=True)
 hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 # the forked encoder processes: each counted at the largest one's peak (an upper bound: the pages they share
@@ -190,8 +190,8 @@ def imatrix_kl(a: argparse.Namespace, work: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from llama_cpp import Llama
 
-    from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
-    from llmq.quant.imatrix import _shared_wikitext, imatrix_from_calibration, save_imatrix
+    from llmq.quant.gguf.imatrix import _shared_wikitext, imatrix_from_calibration, save_imatrix
+    from llmq.quant.gguf.quantizer import GGUFQuantConfig, GGUFQuantizer
 
     src = smollm2_f32(work / "smollm2-f32.gguf")
     imfile = work / "smollm2-imatrix.gguf"

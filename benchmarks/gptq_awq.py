@@ -78,9 +78,9 @@ def peak_rss_mib() -> float:
 def worker_llmq(method: str, model: str, calib: str, out: str, group_size: int, bits: int, opts: str) -> dict:
     import torch
 
-    from llmq.quant.awq import AWQBlockMethod, AWQConfig
-    from llmq.quant.gptq import GPTQBlockMethod, GPTQConfig
-    from llmq.quant.sequential import quantize_blockwise
+    from llmq.quant.blockwise.awq import AWQBlockMethod, AWQConfig
+    from llmq.quant.blockwise.gptq import GPTQBlockMethod, GPTQConfig
+    from llmq.quant.blockwise.pipeline import quantize_blockwise
 
     ids = torch.load(calib)
     common = dict(
@@ -182,7 +182,7 @@ def rtn_baseline(model: Path, out: Path, bits: int, group_size: int, sym: bool) 
     import torch
     import transformers
 
-    from llmq.quant.gptq import fake_quantize
+    from llmq.quant.blockwise.gptq import fake_quantize
 
     m = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     with torch.no_grad():

@@ -38,8 +38,8 @@ RUNS = {
 
 def quantize_child(method: str, options: dict, src: str, out: str) -> None:
     """Runs in a fresh process: quantize, then report seconds and this process's peak RSS as JSON."""
-    from llmq.quant.nf4 import NF4Config, NF4Quantizer
-    from llmq.quant.rtn import RTNConfig, RTNQuantizer
+    from llmq.quant.layerwise.nf4 import NF4Config, NF4Quantizer
+    from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer
 
     q, cfg_cls = (RTNQuantizer(), RTNConfig) if method == "rtn" else (NF4Quantizer(), NF4Config)
     t0 = time.perf_counter()

@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_dir() -> Path:
-    """../shared beside the repository (CI), or LLMQ_SHARED, or the workplace copy."""
-    for cand in (os.environ.get("LLMQ_SHARED"), REPO.parent / "shared", "/work/shared"):
+    """LLMQ_SHARED, or ../shared beside the repository (as CI lays it out)."""
+    for cand in (os.environ.get("LLMQ_SHARED"), REPO.parent / "shared"):
         if cand and (Path(cand) / "data").is_dir():
             return Path(cand)
     raise FileNotFoundError("../shared/data is missing (set LLMQ_SHARED)")

@@ -11,9 +11,9 @@ transformers = pytest.importorskip("transformers")
 
 from llmq.errors import BadInput  # noqa: E402
 from llmq.models.arch import ARCHES  # noqa: E402
-from llmq.quant.awq import AWQBlockMethod, AWQConfig, _w_mean  # noqa: E402
-from llmq.quant.gptq import fake_quantize  # noqa: E402
-from llmq.quant.sequential import (  # noqa: E402  # noqa: E402
+from llmq.quant.blockwise.awq import AWQBlockMethod, AWQConfig, _w_mean  # noqa: E402
+from llmq.quant.blockwise.gptq import fake_quantize  # noqa: E402
+from llmq.quant.blockwise.pipeline import (  # noqa: E402  # noqa: E402
     BlockContext,
     _skeleton,
     capture_first_inputs,

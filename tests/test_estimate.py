@@ -226,9 +226,9 @@ def test_gpu_catalog() -> None:
 
 def test_gguf_targets_use_the_shared_mix(tiny_llama: Path) -> None:
     try:
-        from llmq.quant import gguf_mix
+        from llmq.quant.gguf import mix as gguf_mix
     except ImportError:
-        pytest.skip("llmq.quant.gguf_mix (the GGUF quantizer's type rules) has not landed on main yet")
+        pytest.skip("llmq.quant.gguf.mix (the GGUF quantizer's type rules) has not landed on main yet")
     est = estimate_memory(EstimateConfig(str(tiny_llama), quants=("Q8_0", "Q4_K_M"), engine="llama.cpp"))
     src_n = sum(1 for _ in est.results[0].terms)
     assert src_n and est.results[0].weights_bytes > est.results[1].weights_bytes
@@ -237,7 +237,7 @@ def test_gguf_targets_use_the_shared_mix(tiny_llama: Path) -> None:
 
 def test_gguf_target_without_mix_is_a_clear_error(tiny_llama: Path) -> None:
     try:
-        import llmq.quant.gguf_mix  # noqa: F401
+        import llmq.quant.gguf.mix  # noqa: F401
 
         pytest.skip("gguf_mix is present")
     except ImportError:

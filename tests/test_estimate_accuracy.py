@@ -215,9 +215,9 @@ def _llama_quantize(src: Path, dst: Path, ftype: str) -> None:
 
 def _needs_gguf_mix() -> None:
     try:
-        import llmq.quant.gguf_mix  # noqa: F401
+        import llmq.quant.gguf.mix  # noqa: F401
     except ImportError:
-        pytest.skip("llmq.quant.gguf_mix (the GGUF quantizer's type rules) has not landed on main yet")
+        pytest.skip("llmq.quant.gguf.mix (the GGUF quantizer's type rules) has not landed on main yet")
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q8_0", "Q3_K_S"])

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from llmq.errors import ShapeError, UnsupportedType
-from llmq.quant import gguf_blocks as gb
+from llmq.quant.gguf import blocks as gb
 
 pytest.importorskip("llama_cpp")
 
@@ -140,7 +140,7 @@ def test_opposite_sign_near_max_bit_exact(type_name: str) -> None:
 @pytest.mark.parametrize("n, m", [(16, 1), (16, 7), (32, 16), (16, 1000), (8, 4097)])
 def test_wsum_is_ggml_sequential_sum(n: int, m: int) -> None:
     """wsum (einsum where it is exact) gives the float32 sum of ggml's loop: products left to right, in order."""
-    from llmq.quant.gguf_search import wsum
+    from llmq.quant.gguf.search import wsum
 
     rng = np.random.default_rng(n * m)
     a, b, c = (rng.standard_normal((n, m)).astype(np.float32) * s for s in (1.0, 1e3, 1e-2))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llmq.errors import BadInput, CalibrationError, CorruptFile
-from llmq.quant.imatrix import Imatrix, compute_imatrix, gguf_name, load_imatrix, save_imatrix
+from llmq.quant.gguf.imatrix import Imatrix, compute_imatrix, gguf_name, load_imatrix, save_imatrix
 
 
 def _sample() -> Imatrix:

@@ -10,7 +10,7 @@ import pytest
 from gguf_helpers import LLAMA_FTYPES, gguf_tensors, llama_quantize, smollm2_reader
 
 from llmq.errors import BadInput
-from llmq.quant.gguf_mix import FILE_TYPES, choose_types, ggml_type_nbytes
+from llmq.quant.gguf.mix import FILE_TYPES, choose_types, ggml_type_nbytes
 
 MIXES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
          "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "BF16"]  # fmt: skip
@@ -19,7 +19,7 @@ MIXES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3
 def test_mix_module_imports_no_torch() -> None:
     import subprocess
 
-    code = "import sys, llmq.quant.gguf_mix as m; m.choose_types([('a.weight', (256, 256))], 'Q4_K_M', 1); " \
+    code = "import sys, llmq.quant.gguf.mix as m; m.choose_types([('a.weight', (256, 256))], 'Q4_K_M', 1); " \
            "print('torch' in sys.modules)"  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -10,8 +10,8 @@ from gguf_helpers import gguf_tensors, llama_quantize, tiny_llama_tensors, write
 
 from llmq.errors import BadInput, OutputExists, UnsupportedType
 from llmq.quant.base import quantizers
-from llmq.quant.gguf_quantizer import GGUFQuantConfig, GGUFQuantizer
-from llmq.quant.imatrix import Imatrix, save_imatrix
+from llmq.quant.gguf.imatrix import Imatrix, save_imatrix
+from llmq.quant.gguf.quantizer import GGUFQuantConfig, GGUFQuantizer
 
 pytest.importorskip("llama_cpp")
 
@@ -121,7 +121,7 @@ def test_hf_directory_source_and_calibration(tmp_path) -> None:
     from helpers import make_tiny_model
 
     from llmq.conversion import convert
-    from llmq.quant.imatrix import load_imatrix
+    from llmq.quant.gguf.imatrix import load_imatrix
 
     hf = make_tiny_model(tmp_path / "hf", hidden=256, layers=2, vocab=512, ffn=512)
     ours, ref, f32 = tmp_path / "ours.gguf", tmp_path / "ref.gguf", tmp_path / "f32.gguf"
@@ -151,7 +151,8 @@ def test_plan_from_hf_directory(tmp_path) -> None:
 
 
 def test_threads_and_read_ahead_do_not_change_bytes(tmp_path, tiny_src, monkeypatch) -> None:
-    from llmq.quant import gguf_blocks, gguf_workers
+    from llmq.quant.gguf import blocks as gguf_blocks
+    from llmq.quant.gguf import workers as gguf_workers
 
     src, _ = tiny_src
     outs = []
@@ -176,7 +177,7 @@ def _no_children() -> bool:
 
 @pytest.mark.parametrize("processes", [True, False])
 def test_process_and_thread_runners_write_the_same_bytes(tmp_path, tiny_src, monkeypatch, processes) -> None:
-    from llmq.quant import gguf_workers
+    from llmq.quant.gguf import workers as gguf_workers
 
     if processes and not gguf_workers.fork_available():
         pytest.skip("encoder processes are forked on Linux only")
@@ -192,7 +193,7 @@ def test_process_and_thread_runners_write_the_same_bytes(tmp_path, tiny_src, mon
 @pytest.mark.parametrize("threads", [1, 2])
 def test_error_in_an_encoder_is_one_clean_error(tmp_path, tiny_src, monkeypatch, threads) -> None:
     from llmq.errors import CorruptFile
-    from llmq.quant import gguf_workers
+    from llmq.quant.gguf import workers as gguf_workers
 
     real = gguf_workers.encode
 
@@ -214,7 +215,7 @@ def test_error_in_an_encoder_is_one_clean_error(tmp_path, tiny_src, monkeypatch,
 def test_dead_worker_and_interrupt_leave_nothing(tmp_path, tiny_src, monkeypatch) -> None:
     import os
 
-    from llmq.quant import gguf_workers
+    from llmq.quant.gguf import workers as gguf_workers
 
     if not gguf_workers.fork_available():
         pytest.skip("encoder processes are forked on Linux only")
@@ -247,7 +248,7 @@ def test_dead_worker_and_interrupt_leave_nothing(tmp_path, tiny_src, monkeypatch
 
 
 def test_arena_ring_never_overlaps_live_results() -> None:
-    from llmq.quant.gguf_workers import _Ring
+    from llmq.quant.gguf.workers import _Ring
 
     rng = np.random.default_rng(0)
     ring = _Ring(100)
@@ -266,7 +267,7 @@ def test_arena_ring_never_overlaps_live_results() -> None:
 
 
 def test_unpicklable_worker_error_still_surfaces(tmp_path, tiny_src, monkeypatch) -> None:
-    from llmq.quant import gguf_workers
+    from llmq.quant.gguf import workers as gguf_workers
 
     if not gguf_workers.fork_available():
         pytest.skip("encoder processes are forked on Linux only")

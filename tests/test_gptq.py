@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 
 from llmq.errors import BadInput  # noqa: E402
 from llmq.quant.base import quantizers  # noqa: E402
-from llmq.quant.gptq import (  # noqa: E402
+from llmq.quant.blockwise.gptq import (  # noqa: E402
     GPTQConfig,
     HessianAccumulator,
     fake_quantize,
@@ -220,7 +220,7 @@ def test_mse_range_search_never_worse_and_shrinks_outlier_groups():
 
 
 def test_config_validation_and_registration():
-    from llmq.quant.gptq import GPTQQuantizer
+    from llmq.quant.blockwise.gptq import GPTQQuantizer
 
     # registered by the decorator (the registry's get() also imports the other built-in methods' modules)
     assert quantizers._items["gptq"] is GPTQQuantizer and GPTQQuantizer.config_cls is GPTQConfig
@@ -236,7 +236,7 @@ def test_config_validation_and_registration():
         GPTQConfig(mse=-1.0)
     with pytest.raises(BadInput, match="float-target"):
         GPTQConfig(float_target=1.5)
-    from llmq.quant.awq import AWQConfig
+    from llmq.quant.blockwise.awq import AWQConfig
 
     with pytest.raises(BadInput, match="--token-clip cannot be used with --method awq"):
         AWQConfig.from_options("awq", {"token_clip": 3.0})

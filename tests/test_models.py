@@ -10,8 +10,8 @@ import torch
 
 from llmq.errors import BadInput, CorruptFile
 from llmq.models.load import QuantLinear, load_causal_lm
-from llmq.quant.nf4 import NF4Config, NF4Quantizer
-from llmq.quant.rtn import RTNConfig, RTNQuantizer
+from llmq.quant.layerwise.nf4 import NF4Config, NF4Quantizer
+from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer
 
 IDS = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(0))
 

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from llmq.errors import BadInput
-from llmq.quant.nf4 import NF4_CODE, NF4Config, NF4Quantizer, dequantize_4bit, dynamic_map, quantize_4bit
-from llmq.quant.packing import pack_nibbles_high_first, unpack_nibbles_high_first
+from llmq.formats.packing import pack_nibbles_high_first, unpack_nibbles_high_first
+from llmq.quant.layerwise.nf4 import (
+    NF4_CODE,
+    NF4Config,
+    NF4Quantizer,
+    dequantize_4bit,
+    dynamic_map,
+    quantize_4bit,
+)
 
 
 def test_nibble_order_first_value_high():

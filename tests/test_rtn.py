@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmq.errors import BadInput, OutputExists, ShapeError
+from llmq.formats.packing import pack_int32, unpack_int32
 from llmq.formats.writer import DEFAULT_IGNORE, select_layers
 from llmq.io.base import TensorInfo
 from llmq.quant.base import quantizers
-from llmq.quant.packing import pack_int32, unpack_int32
-from llmq.quant.rtn import RTNConfig, RTNQuantizer, quantize_rtn
+from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer, quantize_rtn
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])

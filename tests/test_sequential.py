@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 from llmq.errors import BadInput, CalibrationError, OutputExists, ShapeError, UnsupportedArchitecture  # noqa: E402
 from llmq.models.arch import ARCHES, arch_for_config  # noqa: E402
-from llmq.quant.gptq import GPTQBlockMethod, GPTQConfig  # noqa: E402
-from llmq.quant.sequential import make_plan, open_source, quantize_blockwise  # noqa: E402
+from llmq.quant.blockwise.gptq import GPTQBlockMethod, GPTQConfig  # noqa: E402
+from llmq.quant.blockwise.pipeline import make_plan, open_source, quantize_blockwise  # noqa: E402
 
 
 def make_tiny_llama(path: Path, *, layers: int = 2, hidden: int = 64, inter: int = 128, vocab: int = 256,
@@ -165,7 +165,7 @@ def _save_tokenizer(path: Path, vocab: int = 256) -> None:
 
 
 def test_plugin_run_with_builtin_calibration_and_bad_text(tmp_path):
-    from llmq.quant.gptq import GPTQQuantizer
+    from llmq.quant.blockwise.gptq import GPTQQuantizer
 
     src = make_tiny_llama(tmp_path / "m", layers=1)
     _save_tokenizer(src)
@@ -192,7 +192,7 @@ def _tensors(path: Path) -> dict:
 
 
 def test_staged_forward_equals_one_forward_per_group(tiny, tmp_path, monkeypatch):
-    import llmq.quant.sequential as seq
+    import llmq.quant.blockwise.pipeline as seq
 
     monkeypatch.setattr(seq, "BATCH_TOKENS", 64)  # 4 batches of 2 samples: several paused forwards
     calls = []
@@ -210,7 +210,7 @@ def test_staged_forward_equals_one_forward_per_group(tiny, tmp_path, monkeypatch
 
 
 def test_staged_forward_memory_guard(tiny, monkeypatch):
-    import llmq.quant.sequential as seq
+    import llmq.quant.blockwise.pipeline as seq
 
     reader = open_source(tiny)
     hf, model = seq._skeleton(tiny)
@@ -229,7 +229,7 @@ def test_staged_forward_memory_guard(tiny, monkeypatch):
 def test_run_staged_order_and_errors(tiny):
     import threading
 
-    import llmq.quant.sequential as seq
+    import llmq.quant.blockwise.pipeline as seq
 
     reader = open_source(tiny)
     hf, model = seq._skeleton(tiny)

@@ -5,7 +5,7 @@ Each target names a *format* (memory depends on the layout, not the algorithm th
 - ``stored``: the bytes in the headers, as they are.
 - ``fp32`` / ``fp16`` / ``bf16``: every floating tensor cast.
 - GGUF file types (``Q4_K_M``, ``Q8_0``, ``F16``, ...): llama.cpp's per-tensor type mix, chosen by
-  ``llmq.quant.gguf_mix.choose_types`` (shared with the GGUF quantizer), sized with ``ggml_type_nbytes``.
+  ``llmq.quant.gguf.mix.choose_types`` (shared with the GGUF quantizer), sized with ``ggml_type_nbytes``.
 - ``gptq<b>[-g<G>]``: GPTQ v1 — qweight int32 [in·b/32, out], qzeros int32 [n_g, out·b/32], scales fp16
   [n_g, out], g_idx int32 [in].
 - ``awq4[-g<G>]``: AutoAWQ GEMM — qweight int32 [in, out/8], qzeros int32 [n_g, out/8], scales fp16 [n_g, out].
@@ -249,10 +249,10 @@ def hf_to_gguf_names(tensors: Sequence[TensorInfo], arch: str, n_layers: int) ->
 
 def _gguf_mix():
     try:
-        from llmq.quant import gguf_mix
+        from llmq.quant.gguf import mix as gguf_mix
     except ImportError:
         raise UnsupportedType(
-            "GGUF targets need llmq.quant.gguf_mix (llama.cpp's per-tensor type rules), which this build lacks"
+            "GGUF targets need llmq.quant.gguf.mix (llama.cpp's per-tensor type rules), which this build lacks"
         ) from None
     return gguf_mix
 

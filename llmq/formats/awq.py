@@ -15,7 +15,7 @@ import torch
 from llmq.errors import ShapeError, UnsupportedType
 from llmq.formats import formats
 from llmq.formats.base import Format, LayerSpec, QuantizedLinear, Scheme, tensor_info
-from llmq.quant.packing import pack_awq, unpack_awq
+from llmq.formats.packing import pack_awq, unpack_awq
 
 
 @formats.register("awq", "awq-gemm")

@@ -16,7 +16,7 @@ import torch
 from llmq.errors import ShapeError, UnsupportedType
 from llmq.formats import formats
 from llmq.formats.base import Format, LayerSpec, QuantizedLinear, Scheme, tensor_info
-from llmq.quant.packing import pack_int32, packed_len, unpack_int32
+from llmq.formats.packing import pack_int32, packed_len, unpack_int32
 
 
 @formats.register("gptq", "gptq-v1")

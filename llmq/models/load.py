@@ -67,7 +67,7 @@ def _shape(q: Any) -> tuple[int, int]:
 def _dequantize(q: Any, dtype: torch.dtype) -> torch.Tensor:
     if hasattr(q, "qweight"):
         return q.dequantize(dtype)
-    from llmq.quant.nf4 import dequantize_4bit
+    from llmq.quant.layerwise.nf4 import dequantize_4bit
 
     return dequantize_4bit(q, dtype)
 

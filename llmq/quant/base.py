@@ -110,11 +110,11 @@ quantizers: Registry[type[Quantizer]] = Registry(
     "quantization method",
     entry_point_group="llmq.quantizers",
     builtin_modules={
-        "rtn": "llmq.quant.rtn",
-        "nf4": "llmq.quant.nf4",
-        "bnb": "llmq.quant.nf4",
-        "gguf": "llmq.quant.gguf_quantizer",
-        "gptq": "llmq.quant.gptq",
-        "awq": "llmq.quant.awq",
+        "rtn": "llmq.quant.layerwise.rtn",
+        "nf4": "llmq.quant.layerwise.nf4",
+        "bnb": "llmq.quant.layerwise.nf4",
+        "gguf": "llmq.quant.gguf.quantizer",
+        "gptq": "llmq.quant.blockwise.gptq",
+        "awq": "llmq.quant.blockwise.awq",
     },
 )

@@ -7,7 +7,7 @@ of length n_per_row, as llama.cpp passes it). All blocks of a chunk of rows (256
 temporaries stay in the last-level cache) are processed at once by numpy, element-major (the n values of every
 block as n rows) from the transposed input to the quants; bits are packed on uint64 words. ``encode_jobs`` hands
 out the chunks as work items for a thread pool (numpy releases the GIL in its loops). The algorithm (scale search)
-lives in :mod:`llmq.quant.gguf_search`, the byte layout of each block here.
+lives in :mod:`llmq.quant.gguf.search`, the byte layout of each block here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from llmq.errors import ShapeError, UnsupportedType
-from llmq.quant.gguf_search import (
+from llmq.quant.gguf.search import (
     F32,
     GROUP_MAX_EPS,
     clip_,

@@ -457,7 +457,7 @@ class GPTQBlockMethod:
         return [[g] for g in groups] if self.config.true_sequential else [groups]
 
     def quantize_block(self, ctx) -> dict[str, QuantizedWeight]:
-        from llmq.quant.sequential import staged_forward_fits
+        from llmq.quant.blockwise.pipeline import staged_forward_fits
 
         cfg = self.config
         records: dict[str, QuantizedWeight] = {}
@@ -497,7 +497,7 @@ class GPTQBlockMethod:
         in×in per token, and less memory. The block's outputs become the next block's float inputs."""
         from dataclasses import replace
 
-        from llmq.quant.sequential import forward_all
+        from llmq.quant.blockwise.pipeline import forward_all
 
         seen: list[list[dict]] = [[] for _ in groups]
         handles = []
@@ -628,13 +628,13 @@ class GPTQQuantizer:
     formats: ClassVar[tuple[str, ...]] = WRITE_FORMATS
 
     def plan(self, src: Path, config: QuantConfig):
-        from llmq.quant.sequential import plan_output
+        from llmq.quant.blockwise.pipeline import plan_output
 
         return plan_output(Path(src), config, self.name)
 
     def run(self, src: Path, out: Path, config: QuantConfig, *, force: bool = False,
             progress: Progress = no_progress) -> QuantizeResult:  # fmt: skip
-        from llmq.quant.sequential import quantize_blockwise
+        from llmq.quant.blockwise.pipeline import quantize_blockwise
 
         if not isinstance(config, GPTQConfig):
             raise BadInput(f"gptq needs a GPTQConfig, got {type(config).__name__}")

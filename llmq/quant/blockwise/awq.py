@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from llmq.errors import BadInput
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
-from llmq.quant.gptq import BlockwiseConfig, QuantizedWeight, fake_quantize, rtn_quantize
+from llmq.quant.blockwise.gptq import BlockwiseConfig, QuantizedWeight, fake_quantize, rtn_quantize
 
 if TYPE_CHECKING:
     import torch
@@ -249,13 +249,13 @@ class AWQQuantizer:
     formats: ClassVar[tuple[str, ...]] = AWQ_FORMATS
 
     def plan(self, src: Path, config: QuantConfig):
-        from llmq.quant.sequential import plan_output
+        from llmq.quant.blockwise.pipeline import plan_output
 
         return plan_output(Path(src), config, self.name)
 
     def run(self, src: Path, out: Path, config: QuantConfig, *, force: bool = False,
             progress: Progress = no_progress) -> QuantizeResult:  # fmt: skip
-        from llmq.quant.sequential import quantize_blockwise
+        from llmq.quant.blockwise.pipeline import quantize_blockwise
 
         if not isinstance(config, AWQConfig):
             raise BadInput(f"awq needs an AWQConfig, got {type(config).__name__}")

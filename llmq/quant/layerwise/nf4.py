@@ -15,9 +15,9 @@ import torch
 
 from llmq.errors import BadInput
 from llmq.formats.base import Blockwise4bit
+from llmq.formats.packing import pack_nibbles_high_first, unpack_nibbles_high_first
 from llmq.formats.writer import LayerwiseQuantizer
 from llmq.quant.base import QuantConfig, quantizers
-from llmq.quant.packing import pack_nibbles_high_first, unpack_nibbles_high_first
 
 # QLoRA's NormalFloat4 (bitsandbytes get_4bit_type("nf4"))
 NF4_CODE = (

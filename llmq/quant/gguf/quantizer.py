@@ -4,7 +4,7 @@ SRC is an f32/f16/bf16 GGUF or an HF directory (converted to an f32 GGUF with ll
 convert_hf_to_gguf.py + llama-quantize would). The output keeps the source's metadata in order, sets
 ``general.file_type`` and ``general.quantization_version`` like llama.cpp, adds the ``quantize.imatrix.*`` keys
 when an importance matrix is used, and lists the tensors in llama.cpp's order. Tensors are streamed in order
-through llmq.io's GGUF reader and GGUFFileWriter: their rows are encoded by :mod:`llmq.quant.gguf_workers`
+through llmq.io's GGUF reader and GGUFFileWriter: their rows are encoded by :mod:`llmq.quant.gguf.workers`
 (forked processes where possible) while the finished ones are written.
 """
 
@@ -24,7 +24,7 @@ from llmq.errors import BadInput, UnsupportedType
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
 from llmq.io.gguf import GGUFFileWriter
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
-from llmq.quant.gguf_mix import (
+from llmq.quant.gguf.mix import (
     FILE_TYPES,
     PLAIN_TYPES,
     choose_types,
@@ -62,7 +62,7 @@ class GGUFQuantConfig(QuantConfig):
         object.__setattr__(self, "type", ft.name)
         if self.format != "gguf":
             raise BadInput(f"--method gguf writes --format gguf, not {self.format}")
-        from llmq.quant.gguf_blocks import SUPPORTED_TYPES
+        from llmq.quant.gguf.blocks import SUPPORTED_TYPES
 
         if ft.default_type not in SUPPORTED_TYPES and ft.default_type not in _PLAIN_OUT:
             raise UnsupportedType(
@@ -243,9 +243,9 @@ def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = F
 
 def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool, progress: Progress,
                      hf_dir: Path | None) -> QuantizeResult:  # fmt: skip
-    from llmq.quant import gguf_workers
-    from llmq.quant import imatrix as imx
-    from llmq.quant.gguf_blocks import default_threads
+    from llmq.quant.gguf import imatrix as imx
+    from llmq.quant.gguf import workers as gguf_workers
+    from llmq.quant.gguf.blocks import default_threads
 
     infos = s.infos()
     im, im_name = _get_imatrix(cfg, s, hf_dir)
@@ -321,7 +321,7 @@ def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entrie
 
 def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQuantConfig,
               weights: Mapping[str, np.ndarray]) -> list[str]:  # fmt: skip
-    from llmq.quant.gguf_blocks import SUPPORTED_TYPES
+    from llmq.quant.gguf.blocks import SUPPORTED_TYPES
 
     notes = []
     requant = sorted({t.dtype for t in infos if types[t.name] != t.dtype and t.dtype not in PLAIN_TYPES})
@@ -355,7 +355,7 @@ def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQu
 
 
 def _get_imatrix(cfg: GGUFQuantConfig, s: _GGUFSource, hf_dir: Path | None):
-    from llmq.quant import imatrix as imx
+    from llmq.quant.gguf import imatrix as imx
 
     if cfg.imatrix:
         im = imx.load_imatrix(cfg.imatrix)

@@ -63,7 +63,7 @@ class EncodeJob:
 
     @property
     def out_bytes(self) -> int:
-        from llmq.quant.gguf_blocks import row_bytes
+        from llmq.quant.gguf.blocks import row_bytes
 
         n = self.src.shape[-1] if self.src.shape else 1
         per_row = n * (4 if self.dst == "F32" else 2) if self.dst in PLAIN_OUT else row_bytes(self.dst, n)
@@ -89,7 +89,7 @@ def jobs_for(t: TensorInfo, dst: str, has_imatrix: bool, job_values: int | None 
 def encode(weights: Mapping[str, np.ndarray], job: EncodeJob) -> np.ndarray:
     """Run one job: its rows read from the mapped source (as llama.cpp reads its input), encoded, as uint8."""
     from llmq.io.rows import map_rows, row_range, to_float32
-    from llmq.quant import gguf_blocks
+    from llmq.quant.gguf import blocks as gguf_blocks
 
     n = job.src.shape[-1] if job.src.shape else 1
     sub = row_range(job.src, job.start, job.stop)
@@ -382,7 +382,7 @@ def make_runner(weights: Mapping[str, np.ndarray], nthreads: int, largest_job_by
     ``largest_job_bytes``: the most bytes one job writes (see :func:`largest_job_bytes`), for the arena."""
     import functools
 
-    from llmq.quant import gguf_search
+    from llmq.quant.gguf import search as gguf_search
 
     fn = functools.partial(encode, weights)
     if nthreads <= 1:

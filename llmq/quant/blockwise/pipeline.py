@@ -35,7 +35,7 @@ from llmq.quant.base import Progress, QuantizeResult, no_progress
 if TYPE_CHECKING:
     import torch
 
-    from llmq.quant.gptq import BlockwiseConfig, QuantizedWeight
+    from llmq.quant.blockwise.gptq import BlockwiseConfig, QuantizedWeight
 
 BATCH_TOKENS = 4096  # calibration tokens per forward batch: large enough for efficient matmuls, small in RAM
 
@@ -702,7 +702,7 @@ _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
 def record_from_tensors(
     tensors: dict[str, torch.Tensor], module: str, config: BlockwiseConfig
 ) -> QuantizedWeight:
-    from llmq.quant.gptq import QuantizedWeight
+    from llmq.quant.blockwise.gptq import QuantizedWeight
 
     return QuantizedWeight(tensors[f"{module}.__qweight"], tensors[f"{module}.__scales"],
                            tensors[f"{module}.__zeros"], tensors[f"{module}.__g_idx"], config.bits,

@@ -1,0 +1,2 @@
+"""The GGUF family: ggml-exact block encoders, scale searches, llama.cpp mixes, importance matrices, worker
+processes and the ``gguf`` quantizer."""

@@ -1,0 +1,1 @@
+"""Data-free methods over one tensor at a time (RTN, NF4/FP4) and their streaming pipeline."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,61 @@ def perplexity(model: str, config=None, **kwargs: Any):
     from llmq.eval import perplexity as ppl
 
     return ppl.evaluate(model, config if config is not None else ppl.PerplexityConfig(), **kwargs)
+
+
+@dataclass
+class PerplexityReport:
+    """What ``compare_perplexity`` returns: the config, the base's result (when the base is a model) and the
+    models' results (llmq.eval.perplexity.PerplexityResult)."""
+
+    config: Any
+    base: Any | None
+    results: list[Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "base": self.base.to_dict() if self.base is not None else None,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+def compare_perplexity(models: list[str], config=None, *, base: str | None = None,
+                       save_base: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+                       chart: str | os.PathLike | None = None, force: bool = False,
+                       progress: Progress = _noop) -> PerplexityReport:  # fmt: skip
+    """Perplexity of each of ``models`` and, with ``base`` (a model or a saved base-logits file), their KL
+    divergence from it. ``config``: an llmq.eval.perplexity.PerplexityConfig (defaults when None).
+
+    ``save_base`` writes the compact base record (of ``base``, or of the first model without one), ``output``
+    the returned report as JSON, ``chart`` a PNG of bits per weight against KLD. Every output is checked before
+    the evaluation starts, not after minutes of it.
+    """
+    import json
+
+    from llmq.errors import BadInput, require
+    from llmq.eval import perplexity as ppl
+    from llmq.io.base import AtomicOutput, check_output
+
+    outs = [Path(p) for p in (output, chart, save_base) if p is not None]
+    for out in outs:
+        check_output(out, force)
+    if len({p.resolve() for p in outs}) < len(outs):
+        raise BadInput("--output, --chart and --save-logits must be different files")
+    if chart is not None:
+        require("matplotlib", "plot")
+    config = config if config is not None else ppl.PerplexityConfig()
+    base_result, results = ppl.compare(list(models), config, base=base, save_base=save_base, force=force,
+                                       progress=progress)  # fmt: skip
+    report = PerplexityReport(config, base_result, results)
+    if output is not None:
+        with AtomicOutput(output, is_dir=False, force=force) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    if chart is not None:
+        from llmq.eval.chart import write_chart
+
+        write_chart(chart, results, force=force)
+    return report
 
 
 def estimate_memory(model: str, **options: Any):

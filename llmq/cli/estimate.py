@@ -53,13 +53,12 @@ def memory(
     """Memory for weights, KV cache and runtime overhead; what fits, max context, GPUs needed."""
     if fit and gpu is None and vram is None:
         raise BadInput("--fit needs --gpu or --vram")
-    from llmq.estimate.memory import EstimateConfig, estimate_memory
+    from llmq import api
 
-    cfg = EstimateConfig(model=model, quants=tuple(quant or ()), context=context, batch=batch,
-                         kv_cache_dtype=kv_cache_dtype, v_cache_dtype=v_cache_dtype, gpu=gpu, vram_gib=vram,
-                         num_gpus=num_gpus, tp=tp, engine=engine, fit=fit, flash_attn=flash_attn,
-                         swa_full=swa_full)  # fmt: skip
-    est = estimate_memory(cfg)
+    est = api.estimate_memory(model, quants=tuple(quant or ()), context=context, batch=batch,
+                              kv_cache_dtype=kv_cache_dtype, v_cache_dtype=v_cache_dtype, gpu=gpu, vram_gib=vram,
+                              num_gpus=num_gpus, tp=tp, engine=engine, fit=fit, flash_attn=flash_attn,
+                              swa_full=swa_full)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(est.to_dict(), indent=2, default=str))
         return

@@ -4,7 +4,7 @@ returns a result object (or a plain dict for reports)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,21 +34,27 @@ def _method(method: str):
     return quantizers.get(method)
 
 
-def _config(method: str, options: dict[str, Any]):
+def _config(method: str, options: dict[str, Any], config_file: str | os.PathLike | None = None,
+            set_options: Sequence[str] = ()):  # fmt: skip
+    from llmq.quant.base import gather_options
+
     cls = _method(method)
-    return cls, cls.config_cls.from_options(method, options)
+    extra = gather_options(set_options, config_file)
+    return cls, cls.config_cls.from_options(method, options, extra)
 
 
 def quantize(src: str | os.PathLike, output: str | os.PathLike, method: str, *, force: bool = False,
-             progress: Progress = _noop, **options: Any):  # fmt: skip
+             progress: Progress = _noop, config_file: str | os.PathLike | None = None,
+             set_options: Sequence[str] = (), **options: Any):  # fmt: skip
     """Quantize ``src`` with ``method`` (rtn, nf4, gguf, gptq, awq or a plugin) into ``output``.
 
     ``options`` are the method's config fields (bits=4, group_size=128, type="Q4_K_M", ...); options the method
-    does not take raise BadInput.
+    does not take raise BadInput. ``config_file`` (TOML/JSON) and ``set_options`` ("key=value" strings, as
+    ``-O``) give more of them as text, converted to the fields' types; ``options`` override both.
     """
     from llmq.io.base import check_output
 
-    cls, config = _config(method, options)
+    cls, config = _config(method, options, config_file, set_options)
     src_path = resolve_model(src)
     check_output(output, force, inputs=[src_path])
     result = cls().run(src_path, Path(output), config, force=force, progress=progress)
@@ -64,9 +70,10 @@ def _n_params(path: Path) -> int:
         return sum(t.numel for t in reader.infos())
 
 
-def quantize_plan(src: str | os.PathLike, method: str, **options: Any) -> dict[str, Any]:
+def quantize_plan(src: str | os.PathLike, method: str, *, config_file: str | os.PathLike | None = None,
+                  set_options: Sequence[str] = (), **options: Any) -> dict[str, Any]:  # fmt: skip
     """What ``quantize`` would write, from the headers alone (``--dry-run``)."""
-    cls, config = _config(method, options)
+    cls, config = _config(method, options, config_file, set_options)
     src_path = resolve_model(src)
     infos = list(cls().plan(src_path, config))
     total = sum(t.nbytes for t in infos)

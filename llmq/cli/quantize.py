@@ -14,6 +14,20 @@ _F = "GGUF"
 _C = "Calibration"
 _N = "NF4 / FP4"
 
+# quantize_cmd's parameters that are not config fields, and the two fields whose parameter name differs
+_NOT_OPTIONS = {
+    "src",
+    "output",
+    "method",
+    "set_options",
+    "config_file",
+    "dry_run",
+    "force",
+    "json_out",
+    "quiet",
+}
+_RENAMED = {"fmt": "format", "gguf_type": "type"}
+
 
 def quantize_cmd(
     src: Annotated[str, typer.Argument(help="HF model directory, GGUF file, hub repo id, or 'smollm2'.")],
@@ -21,6 +35,24 @@ def quantize_cmd(
     method: Annotated[
         str, typer.Option("--method", "-m", help="rtn | nf4 | gguf | gptq | awq", rich_help_panel=_M)
     ],
+    set_options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-O",
+            help="KEY=VALUE: any option of the method's config, plugins' own included (repeatable; "
+            "see docs/quantize.md).",
+            rich_help_panel=_M,
+        ),
+    ] = None,
+    config_file: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="TOML or JSON file of the method's options; -O and the flags override it.",
+            rich_help_panel=_M,
+        ),
+    ] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -189,23 +221,16 @@ def quantize_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Quantize a model with one of the built-in or plugin methods."""
+    # The flags are the method's config fields under their own names (two renamed): read them from the
+    # parameters instead of writing each one a second time. This must stay the first statement.
+    params = dict(locals())
+    options = {_RENAMED.get(k, k): tuple(v) if isinstance(v, list) else v
+               for k, v in params.items() if k not in _NOT_OPTIONS and v is not None}  # fmt: skip
     from llmq import api
 
-    options = {
-        "format": fmt, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
-        "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp_percent,
-        "token_clip": token_clip, "mse": mse, "float_target": float_target, "skip_indivisible": skip_indivisible,
-        "ignore": tuple(ignore) if ignore else None, "only": tuple(only) if only else None, "resume": resume, "device": device, "quant_type": quant_type,
-        "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype, "type": gguf_type,
-        "imatrix": imatrix, "save_imatrix": save_imatrix, "allow_requantize": allow_requantize, "pure": pure,
-        "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type,
-        "leave_output_tensor": leave_output_tensor, "tensor_type": tuple(tensor_type) if tensor_type else None,
-        "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-        "max_shard_size": max_shard_size, "threads": threads,
-    }  # fmt: skip
-    options = {k: v for k, v in options.items() if v is not None}
+    given = {"config_file": config_file, "set_options": tuple(set_options or ())}
     if dry_run:
-        plan = api.quantize_plan(src, method, **options)
+        plan = api.quantize_plan(src, method, **given, **options)
         if json_out:
             print_json(plan)
             return
@@ -221,7 +246,7 @@ def quantize_cmd(
         typer.echo(f"total {human_bytes(plan['total_bytes'])}, {plan['bits_per_weight']:.3f} bits/weight")
         return
     with progress_bar(method, enabled=not (quiet or json_out)) as progress:
-        result = api.quantize(src, output, method, force=force, progress=progress, **options)
+        result = api.quantize(src, output, method, force=force, progress=progress, **given, **options)
     if json_out:
         print_json(result.to_dict())
         return

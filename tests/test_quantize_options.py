@@ -148,4 +148,8 @@ def test_builtin_method_takes_o_and_dry_run(tiny_llama, tmp_path):
 def test_gather_options_order(tmp_path):
     f = tmp_path / "c.json"
     f.write_text('{"group-size": 32, "bits": 3}')
-    assert gather_options(["group_size=64", "x=1", "x=2"], f) == {"bits": 3, "group_size": "64", "x": ["1", "2"]}
+    assert gather_options(["group_size=64", "x=1", "x=2"], f) == {
+        "bits": 3,
+        "group_size": "64",
+        "x": ["1", "2"],
+    }

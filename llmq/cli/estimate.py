@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from llmq.cli.options import cell
 from llmq.errors import BadInput
 
 estimate_app = typer.Typer(
@@ -40,7 +41,6 @@ _LEGEND = ("other: runtime overhead (see the terms); max ctx: the longest contex
 
 
 def _memory_rows(est) -> list[list[str]]:
-    from rich.markup import escape
 
     limit = est.arch["max_context"]
     rows = []
@@ -48,7 +48,7 @@ def _memory_rows(est) -> list[list[str]]:
         kv_b = sum(t.nbytes for t in r.terms if t.name.startswith(("KV", "recurrent")))
         w_b = sum(t.nbytes for t in r.terms if t.name in ("weights", "vocab padding"))
         fits = "-" if r.fits is None else ("[green]yes[/]" if r.fits else "[red]no[/]")
-        rows.append([escape(r.quant), _gib(w_b), _gib(kv_b), _gib(r.total_bytes - w_b - kv_b), _gib(r.total_bytes),
+        rows.append([cell(r.quant), _gib(w_b), _gib(kv_b), _gib(r.total_bytes - w_b - kv_b), _gib(r.total_bytes),
                      f"{r.total_bytes / GB:.2f}", fits, _ctx(r.max_context, limit),
                      "-" if r.max_sequences is None else f"{r.max_sequences:,}",
                      "-" if r.gpus_needed is None and r.fits is None else str(r.gpus_needed or ">64")])  # fmt: skip
@@ -131,24 +131,25 @@ def memory(
 
 def _render(est) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     a = est.arch
     gpu = est.gpu["name"] if est.gpu else "no GPU given"
     budget = f", budget {_gib(est.budget_bytes)} GiB" if est.budget_bytes else ""
-    console.print(f"[bold]{escape(est.model)}[/]")
-    console.print(f"{a['arch']}, {a['n_layers']} layers, engine {est.engine}, context {est.context:,} × batch "
-                  f"{est.batch}, {gpu}{budget}")  # fmt: skip
+    console.print(f"[bold]{cell(est.model)}[/]")
+    console.print(cell(f"{a['arch']}, {a['n_layers']} layers, engine {est.engine}, context {est.context:,} × "
+                       f"batch {est.batch}, {gpu}{budget}"))  # fmt: skip
     for table in _memory_tables(est, console.width):
         console.print(table)
     first = next((r for r in est.results if r.quant == est.best_fit), est.results[0])
-    terms = Table(title=f"Terms for {first.quant}")
+    terms = Table(title=f"Terms for {cell(first.quant)}")
     for col in ("term", "MiB", "kind", "formula"):
         terms.add_column(col, justify="right" if col == "MiB" else "left", overflow="fold")
     for t in first.terms:
-        terms.add_row(t.name, f"{t.nbytes / 2**20:,.2f}", t.kind, escape(t.formula))  # formulas hold [dtype]
+        terms.add_row(
+            cell(t.name), f"{t.nbytes / 2**20:,.2f}", t.kind, cell(t.formula)
+        )  # formulas hold [dtype]
     console.print(terms)
     if first.params_active != first.params_total:
         console.print(
@@ -165,11 +166,11 @@ def _render(est) -> None:
             parts.append(f"prefill ≥ {p['prefill_time_s'] * 1e3:.1f} ms")
         console.print("Roofline: " + "; ".join(parts))
     if est.best_fit:
-        console.print(f"Best that fits: [bold]{est.best_fit}[/]")
+        console.print(f"Best that fits: [bold]{cell(est.best_fit)}[/]")
     elif est.budget_bytes:
         console.print("[red]Nothing fits[/] on one GPU; see the GPUs column.")
     for note in est.notes:
-        console.print(f"note: {escape(note)}")
+        console.print(f"note: {cell(note)}")
 
 
 @estimate_app.command("gpus")

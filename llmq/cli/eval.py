@@ -19,6 +19,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from llmq.cli.options import cell
+
 eval_app = typer.Typer(help="Evaluate models: perplexity and KL divergence.", no_args_is_help=True)
 
 
@@ -48,7 +50,7 @@ def _pm(est, digits: int = 4) -> str:
 
 
 def _name(spec: str) -> str:
-    return Path(spec).name or spec
+    return cell(Path(spec).name or spec)
 
 
 def _summary(base, results) -> list[Table]:
@@ -140,7 +142,7 @@ def perplexity(
 
         def progress(stage: str, done: float, total: float) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(Path(stage).name or stage, total=total)
+                tasks[stage] = bar.add_task(_name(stage), total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
         report = api.compare_perplexity(models, config, base=base, save_base=save_logits, output=output,

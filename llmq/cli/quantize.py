@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.options import Force, Json, Quiet, human_bytes, print_json, progress_bar
+from llmq.cli.options import Force, Json, Quiet, cell, human_bytes, print_json, printable, progress_bar
 
 _M = "Method"
 _G = "GPTQ / AWQ / RTN"
@@ -238,24 +238,39 @@ def quantize_cmd(
         from rich.table import Table
 
         table = Table(
-            "tensor", "dtype", "shape", "bytes", title=f"{method}: would write {len(plan['tensors'])} tensors"
+            "tensor",
+            "dtype",
+            "shape",
+            "bytes",
+            title=f"{cell(method)}: would write {len(plan['tensors'])} tensors",
         )
         for t in plan["tensors"]:
-            table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])), f"{t['nbytes']:,}")
+            table.add_row(
+                cell(t["name"]), cell(t["dtype"]), "×".join(map(str, t["shape"])), f"{t['nbytes']:,}"
+            )
         Console().print(table)
         typer.echo(f"total {human_bytes(plan['total_bytes'])}, {plan['bits_per_weight']:.3f} bits/weight")
         return
-    with progress_bar(method, enabled=not (quiet or json_out)) as progress:
-        result = api.quantize(src, output, method, force=force, progress=progress, **given, **options)
+    try:
+        with progress_bar(method, enabled=not (quiet or json_out)) as progress:
+            result = api.quantize(src, output, method, force=force, progress=progress, **given, **options)
+    except KeyboardInterrupt:
+        from llmq.io.temporaries import resume_dir
+
+        kept = resume_dir(output)
+        if kept.is_dir():  # the one temporary kept on purpose: say where it is and what it is for
+            typer.echo(f"note: kept {printable(kept)} (the finished blocks): the same command with --resume "
+                       "continues from it; delete it otherwise", err=True)  # fmt: skip
+        raise
     if json_out:
         print_json(result.to_dict())
         return
     for note in result.notes:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(f"note: {printable(note)}", err=True)
     d = result.to_dict()
     bpw = f", {d['bits_per_weight']:.3f} bits/weight" if d["bits_per_weight"] else ""
     typer.echo(
-        f"{result.method} → {result.output} [{result.format}, {human_bytes(result.output_bytes)}{bpw}, "
+        f"{printable(result.method)} → {printable(result.output)} [{printable(result.format)}, {human_bytes(result.output_bytes)}{bpw}, "
         f"{result.seconds:.1f} s]"
     )
 

@@ -1,0 +1,56 @@
+"""Run the llmq CLI, pausing at a chosen point so that a test can signal it mid-run (tests/test_signals.py).
+
+    python signal_wrapper.py create:N -- ARGS...   pause right after the N-th temporary is created
+    python signal_wrapper.py fsync:N -- ARGS...    pause at the N-th fsync of an output (complete, not renamed)
+
+At the pause it prints ``PAUSED <pid> <path or fd>`` on stderr and sleeps; the test then sends its signal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from llmq.io import temporaries
+
+MAIN = os.getpid()
+mode, _, nth = sys.argv[1].partition(":")
+target = int(nth)
+seen = 0
+
+
+def _pause(what: object) -> None:
+    global seen
+    if os.getpid() != MAIN or threading.current_thread() is not threading.main_thread():
+        return
+    seen += 1
+    if seen == target:
+        print(f"PAUSED {os.getpid()} {what}", file=sys.stderr, flush=True)
+        time.sleep(120)  # the signal interrupts this (and the test fails on a timeout otherwise)
+
+
+if mode == "create":
+    _create = temporaries.create
+
+    def create(dst, is_dir):
+        tmp = _create(dst, is_dir)
+        _pause(tmp)
+        return tmp
+
+    temporaries.create = create
+elif mode == "fsync":
+    _fsync = os.fsync
+
+    def fsync(fd):
+        _fsync(fd)
+        _pause(f"fd {fd}")
+
+    os.fsync = fsync
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+from llmq.cli.app import main  # noqa: E402  (after the patch, as the CLI would be imported by a user)
+
+main(sys.argv[3:])

@@ -2,6 +2,7 @@
 
     python signal_wrapper.py create:N -- ARGS...   pause right after the N-th temporary is created
     python signal_wrapper.py fsync:N -- ARGS...    pause at the N-th fsync of an output (complete, not renamed)
+    python signal_wrapper.py after:MODULE:ATTR.PATH:N -- ARGS...   pause after the N-th call of that function
 
 At the pause it prints ``PAUSED <pid> <path or fd>`` on stderr and sleeps; the test then sends its signal.
 """
@@ -16,7 +17,8 @@ import time
 from llmq.io import temporaries
 
 MAIN = os.getpid()
-mode, _, nth = sys.argv[1].partition(":")
+mode, _, spec = sys.argv[1].partition(":")
+where, _, nth = spec.rpartition(":")
 target = int(nth)
 seen = 0
 
@@ -48,6 +50,24 @@ elif mode == "fsync":
         _pause(f"fd {fd}")
 
     os.fsync = fsync
+elif mode == "after":
+    import functools
+    import importlib
+
+    module, _, path = where.partition(":")
+    *owner_path, attr = path.split(".")
+    owner = importlib.import_module(module)
+    for name in owner_path:
+        owner = getattr(owner, name)
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        result = original(*args, **kwargs)
+        _pause(path)
+        return result
+
+    setattr(owner, attr, wrapped)
 else:
     raise SystemExit(f"unknown mode {mode}")
 

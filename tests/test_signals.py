@@ -106,6 +106,10 @@ CASES = [
      signal.SIGTERM, None),
     ("quantize-gptq", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "gptq", "--group-size",
                                           "64", *CALIB], "create:1", signal.SIGTERM, ".out.llmq-resume"),
+    # mid-calibration: block 0 handed to the resume writer's thread, block 1 about to run
+    ("quantize-gptq-mid-blocks", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "gptq",
+                                                     "--group-size", "64", *CALIB],
+     "after:llmq.quant.blockwise.pipeline:ResumeDir.save_block:1", signal.SIGINT, ".out.llmq-resume"),
     ("quantize-awq", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "awq", "--group-size",
                                          "64", *CALIB], "fsync:1", signal.SIGINT, ".out.llmq-resume"),
     ("eval-output", lambda m, g, t, o: ["eval", "perplexity", str(m), "--dataset", str(t), "--ctx", "64",
@@ -181,7 +185,9 @@ def test_second_signal_exits_at_once_and_still_cleans(tiny_llama, tmp_path):
         "            print('UNWINDING', file=sys.stderr, flush=True)\n"
         "            time.sleep(120)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, cwd=REPO, env=_env()
+    )
     assert proc.stderr is not None
     assert proc.stderr.readline().startswith("UNWINDING")
     proc.send_signal(signal.SIGINT)

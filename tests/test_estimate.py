@@ -322,7 +322,9 @@ def test_cli_table_reads_well_in_80_columns(tmp_path: Path, columns: int) -> Non
 
     quants = ["bf16", "Q4_K_M", "gptq4-g128", "awq4", "nf4-dq", "Q2_K", "fp8", "int8"]
     args = ["estimate", "memory", _cfg(tmp_path), "--gpu", "l40s", "-c", "131072"]
-    res = CliRunner().invoke(app, args + [a for q in quants for a in ("-q", q)], env={"COLUMNS": str(columns)})
+    res = CliRunner().invoke(
+        app, args + [a for q in quants for a in ("-q", q)], env={"COLUMNS": str(columns)}
+    )
     assert res.exit_code == 0, res.output
     lines = res.output.splitlines()
     assert "…" not in res.output

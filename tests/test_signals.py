@@ -19,6 +19,8 @@ import pytest
 
 from llmq.io import temporaries
 
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals and /proc")
+
 REPO = Path(__file__).resolve().parents[1]
 WRAPPER = Path(__file__).with_name("signal_wrapper.py")
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     from llmq.io import temporaries
 
     logger = logging.getLogger("llmq")
-    handler = _NoteHandler(logging.INFO)
+    handler, level = _NoteHandler(logging.INFO), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                 _interrupted(signals.signum, temporaries.remove_live())
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _interrupted(signum: int, removed: list) -> None:

@@ -64,8 +64,8 @@ class QuantConfig:
         (see :func:`gather_options`): strings or JSON/TOML values, checked against the field types here.
         Explicit flags override ``extra``.
         """
-        types = cls.option_types()
-        unknown = sorted(k for k in options if k not in types)
+        fields = cls.option_types()
+        unknown = sorted(k for k in options if k not in fields)
         if unknown:
             flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
             raise BadInput(f"{flags} cannot be used with --method {method}")
@@ -75,9 +75,11 @@ class QuantConfig:
             if name == "version":
                 check_version(cls, raw)
                 continue
-            if name not in types:
-                raise BadInput(f"--method {method} has no option {key!r} (valid: {', '.join(sorted(types))})")
-            values[name] = convert_option(name, raw, types[name])
+            if name not in fields:
+                raise BadInput(
+                    f"--method {method} has no option {key!r} (valid: {', '.join(sorted(fields))})"
+                )
+            values[name] = convert_option(name, raw, fields[name])
         return cls(**(values | dict(options)))
 
 

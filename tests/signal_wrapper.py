@@ -1,6 +1,7 @@
 """Run the llmq CLI, pausing at a chosen point so that a test can signal it mid-run (tests/test_signals.py).
 
     python signal_wrapper.py create:N -- ARGS...   pause right after the N-th temporary is created
+    python signal_wrapper.py create:TEXT:N -- ...   the same, counting only temporaries whose name holds TEXT
     python signal_wrapper.py fsync:N -- ARGS...    pause at the N-th fsync of an output (complete, not renamed)
     python signal_wrapper.py after:MODULE:ATTR.PATH:N -- ARGS...   pause after the N-th call of that function
 
@@ -23,9 +24,11 @@ target = int(nth)
 seen = 0
 
 
-def _pause(what: object) -> None:
+def _pause(what: object, text: str = "") -> None:
     global seen
     if os.getpid() != MAIN or threading.current_thread() is not threading.main_thread():
+        return
+    if text and text not in str(what):
         return
     seen += 1
     if seen == target:
@@ -38,7 +41,7 @@ if mode == "create":
 
     def create(dst, is_dir):
         tmp = _create(dst, is_dir)
-        _pause(tmp)
+        _pause(tmp.name, where)
         return tmp
 
     temporaries.create = create

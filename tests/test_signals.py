@@ -95,19 +95,22 @@ CALIB = ["--calibration", "pydocs", "--nsamples", "2", "--seqlen", "32"]
 CASES = [
     ("convert-hf-gguf", lambda m, g, t, o: ["convert", str(m), str(o / "out.gguf"), "--outtype", "f16"],
      "fsync:1", signal.SIGTERM, None),
-    ("convert-gguf-hf", lambda m, g, t, o: ["convert", str(g), str(o / "out")], "create:1", signal.SIGINT, None),
+    ("convert-gguf-hf", lambda m, g, t, o: ["convert", str(g), str(o / "out")], "create:.out.llmq-tmp-:1",
+     signal.SIGINT, None),
     ("quantize-rtn", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "rtn", "--group-size",
                                          "64"], "fsync:1", signal.SIGINT, None),
-    ("quantize-nf4", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "nf4"], "create:1",
-     signal.SIGTERM, None),
-    ("quantize-gguf-mid-conversion", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out.gguf"), "-m",
-                                                         "gguf", "--type", "Q4_K_M"], "create:2", signal.SIGINT,
-     None),
+    ("quantize-nf4", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "nf4"],
+     "create:.out.llmq-tmp-:1", signal.SIGTERM, None),
+    # from an HF directory: at the first fsync (today the f32 intermediate's, in a scratch temporary), and with
+    # encoder worker processes running at the output's temporary
+    ("quantize-gguf-hf", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out.gguf"), "-m", "gguf",
+                                             "--type", "Q4_K_M"], "fsync:1", signal.SIGINT, None),
     ("quantize-gguf-workers", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out.gguf"), "-m", "gguf",
-                                                  "--type", "Q4_K_M", "--threads", "2"], "create:3",
-     signal.SIGTERM, None),
+                                                  "--type", "Q4_K_M", "--threads", "2"],
+     "create:.out.gguf.llmq-tmp-:1", signal.SIGTERM, None),
     ("quantize-gptq", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "gptq", "--group-size",
-                                          "64", *CALIB], "create:1", signal.SIGTERM, ".out.llmq-resume"),
+                                          "64", *CALIB], "create:.out.llmq-tmp-:1", signal.SIGTERM,
+     ".out.llmq-resume"),
     # mid-calibration: block 0 handed to the resume writer's thread, block 1 about to run
     ("quantize-gptq-mid-blocks", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "gptq",
                                                      "--group-size", "64", *CALIB],
@@ -115,12 +118,12 @@ CASES = [
     ("quantize-awq", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "awq", "--group-size",
                                          "64", *CALIB], "fsync:1", signal.SIGINT, ".out.llmq-resume"),
     ("eval-output", lambda m, g, t, o: ["eval", "perplexity", str(m), "--dataset", str(t), "--ctx", "64",
-                                        "--chunks", "2", "--output", str(o / "res.json")], "create:1",
+                                        "--chunks", "2", "--output", str(o / "res.json")], "create:.res.json.llmq-tmp-:1",
      signal.SIGTERM, None),
-    # the imatrix is saved after the output is complete (pauses: scratch dir, f32 GGUF, output, imatrix)
+    # the imatrix is saved after the output is complete
     ("save-imatrix", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out.gguf"), "-m", "gguf", "--type",
                                          "Q4_K_M", "--calibration", str(t), "--nsamples", "2", "--seqlen", "32",
-                                         "--save-imatrix", str(o / "im.gguf")], "create:4",
+                                         "--save-imatrix", str(o / "im.gguf")], "create:.im.gguf.llmq-tmp-:1",
      signal.SIGINT, "out.gguf"),
 ]  # fmt: skip
 

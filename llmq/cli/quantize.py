@@ -14,19 +14,19 @@ _F = "GGUF"
 _C = "Calibration"
 _N = "NF4 / FP4"
 
-# quantize_cmd's parameters that are not config fields, and the two fields whose parameter name differs
-_NOT_OPTIONS = {
-    "src",
-    "output",
-    "method",
-    "set_options",
-    "config_file",
-    "dry_run",
-    "force",
-    "json_out",
-    "quiet",
-}
+# The config fields among quantize_cmd's parameters are those that default to None ("not given"), but these
+# two; two fields have a parameter name of their own.
+_NOT_OPTIONS = {"set_options", "config_file"}
 _RENAMED = {"fmt": "format", "gguf_type": "type"}
+
+
+def _config_options(params: dict) -> dict:
+    """The config options the user gave, from quantize_cmd's parameters (lists as tuples)."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(quantize_cmd).parameters.items()}
+    return {_RENAMED.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in params.items()
+            if defaults.get(k, ...) is None and k not in _NOT_OPTIONS and v is not None}  # fmt: skip
 
 
 def quantize_cmd(
@@ -221,11 +221,9 @@ def quantize_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Quantize a model with one of the built-in or plugin methods."""
-    # The flags are the method's config fields under their own names (two renamed): read them from the
-    # parameters instead of writing each one a second time. This must stay the first statement.
-    params = dict(locals())
-    options = {_RENAMED.get(k, k): tuple(v) if isinstance(v, list) else v
-               for k, v in params.items() if k not in _NOT_OPTIONS and v is not None}  # fmt: skip
+    # The flags are the method's config fields under their own names: read them from the parameters instead
+    # of writing each one a second time. This must stay the first statement (nothing else in locals() yet).
+    options = _config_options(dict(locals()))
     from llmq import api
 
     given = {"config_file": config_file, "set_options": tuple(set_options or ())}

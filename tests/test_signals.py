@@ -118,8 +118,8 @@ CASES = [
     ("quantize-awq", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "awq", "--group-size",
                                          "64", *CALIB], "fsync:1", signal.SIGINT, ".out.llmq-resume"),
     ("eval-output", lambda m, g, t, o: ["eval", "perplexity", str(m), "--dataset", str(t), "--ctx", "64",
-                                        "--chunks", "2", "--output", str(o / "res.json")], "create:.res.json.llmq-tmp-:1",
-     signal.SIGTERM, None),
+                                        "--chunks", "2", "--output", str(o / "res.json")],
+     "create:.res.json.llmq-tmp-:1", signal.SIGTERM, None),
     # the imatrix is saved after the output is complete
     ("save-imatrix", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out.gguf"), "-m", "gguf", "--type",
                                          "Q4_K_M", "--calibration", str(t), "--nsamples", "2", "--seqlen", "32",

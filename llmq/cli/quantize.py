@@ -268,8 +268,10 @@ def quantize_cmd(
     d = result.to_dict()
     bpw = f", {d['bits_per_weight']:.3f} bits/weight" if d["bits_per_weight"] else ""
     typer.echo(
-        f"{printable(result.method)} → {printable(result.output)} [{printable(result.format)}, {human_bytes(result.output_bytes)}{bpw}, "
-        f"{result.seconds:.1f} s]"
+        printable(
+            f"{result.method} → {result.output} [{result.format}, {human_bytes(result.output_bytes)}{bpw}, "
+            f"{result.seconds:.1f} s]"
+        )
     )
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_API = ("convert", "quantize", "perplexity", "estimate_memory", "inspect")
+_API = ("convert", "quantize", "perplexity", "compare_perplexity", "estimate_memory", "inspect")
 
 __all__ = ["__version__", *_API]
 

@@ -4,7 +4,8 @@ returns a result object (or a plain dict for reports)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,27 @@ def _method(method: str):
     return quantizers.get(method)
 
 
-def _config(method: str, options: dict[str, Any]):
+def _config(method: str, options: dict[str, Any], config_file: str | os.PathLike | None = None,
+            set_options: Sequence[str] = ()):  # fmt: skip
+    from llmq.quant.base import gather_options
+
     cls = _method(method)
-    return cls, cls.config_cls.from_options(method, options)
+    extra = gather_options(set_options, config_file)
+    return cls, cls.config_cls.from_options(method, options, extra)
 
 
 def quantize(src: str | os.PathLike, output: str | os.PathLike, method: str, *, force: bool = False,
-             progress: Progress = _noop, **options: Any):  # fmt: skip
+             progress: Progress = _noop, config_file: str | os.PathLike | None = None,
+             set_options: Sequence[str] = (), **options: Any):  # fmt: skip
     """Quantize ``src`` with ``method`` (rtn, nf4, gguf, gptq, awq or a plugin) into ``output``.
 
     ``options`` are the method's config fields (bits=4, group_size=128, type="Q4_K_M", ...); options the method
-    does not take raise BadInput.
+    does not take raise BadInput. ``config_file`` (TOML/JSON) and ``set_options`` ("key=value" strings, as
+    ``-O``) give more of them as text, converted to the fields' types; ``options`` override both.
     """
     from llmq.io.base import check_output
 
-    cls, config = _config(method, options)
+    cls, config = _config(method, options, config_file, set_options)
     src_path = resolve_model(src)
     check_output(output, force, inputs=[src_path])
     result = cls().run(src_path, Path(output), config, force=force, progress=progress)
@@ -63,9 +70,10 @@ def _n_params(path: Path) -> int:
         return sum(t.numel for t in reader.infos())
 
 
-def quantize_plan(src: str | os.PathLike, method: str, **options: Any) -> dict[str, Any]:
+def quantize_plan(src: str | os.PathLike, method: str, *, config_file: str | os.PathLike | None = None,
+                  set_options: Sequence[str] = (), **options: Any) -> dict[str, Any]:  # fmt: skip
     """What ``quantize`` would write, from the headers alone (``--dry-run``)."""
-    cls, config = _config(method, options)
+    cls, config = _config(method, options, config_file, set_options)
     src_path = resolve_model(src)
     infos = list(cls().plan(src_path, config))
     total = sum(t.nbytes for t in infos)
@@ -140,6 +148,61 @@ def perplexity(model: str, config=None, **kwargs: Any):
     from llmq.eval import perplexity as ppl
 
     return ppl.evaluate(model, config if config is not None else ppl.PerplexityConfig(), **kwargs)
+
+
+@dataclass
+class PerplexityReport:
+    """What ``compare_perplexity`` returns: the config, the base's result (when the base is a model) and the
+    models' results (llmq.eval.perplexity.PerplexityResult)."""
+
+    config: Any
+    base: Any | None
+    results: list[Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "base": self.base.to_dict() if self.base is not None else None,
+            "results": [r.to_dict() for r in self.results],
+        }
+
+
+def compare_perplexity(models: list[str], config=None, *, base: str | None = None,
+                       save_base: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+                       chart: str | os.PathLike | None = None, force: bool = False,
+                       progress: Progress = _noop) -> PerplexityReport:  # fmt: skip
+    """Perplexity of each of ``models`` and, with ``base`` (a model or a saved base-logits file), their KL
+    divergence from it. ``config``: an llmq.eval.perplexity.PerplexityConfig (defaults when None).
+
+    ``save_base`` writes the compact base record (of ``base``, or of the first model without one), ``output``
+    the returned report as JSON, ``chart`` a PNG of bits per weight against KLD. Every output is checked before
+    the evaluation starts, not after minutes of it.
+    """
+    import json
+
+    from llmq.errors import BadInput, require
+    from llmq.eval import perplexity as ppl
+    from llmq.io.base import AtomicOutput, check_output
+
+    outs = [Path(p) for p in (output, chart, save_base) if p is not None]
+    for out in outs:
+        check_output(out, force)
+    if len({p.resolve() for p in outs}) < len(outs):
+        raise BadInput("--output, --chart and --save-logits must be different files")
+    if chart is not None:
+        require("matplotlib", "plot")
+    config = config if config is not None else ppl.PerplexityConfig()
+    base_result, results = ppl.compare(list(models), config, base=base, save_base=save_base, force=force,
+                                       progress=progress)  # fmt: skip
+    report = PerplexityReport(config, base_result, results)
+    if output is not None:
+        with AtomicOutput(output, is_dir=False, force=force) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    if chart is not None:
+        from llmq.eval.chart import write_chart
+
+        write_chart(chart, results, force=force)
+    return report
 
 
 def estimate_memory(model: str, **options: Any):

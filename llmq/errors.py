@@ -62,6 +62,25 @@ class BackendError(LlmqError):
     exit_code = 5
 
 
+class DiskFull(LlmqError):
+    """The disk (or the user's quota) ran out while writing an output; nothing partial is left."""
+
+    exit_code = 6
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived (see llmq.io.temporaries.interrupts_unwind): raised in the main thread
+    so that every ``with`` block unwinds and removes its temporaries. A KeyboardInterrupt, so that no
+    ``except Exception`` swallows it. Exit code 128 + the signal's number, as a shell reports it."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
 def require(module: str, extra: str):
     """Import an optional module or raise MissingDependency naming the extra that provides it."""
     import importlib

@@ -313,3 +313,23 @@ def test_vllm_max_sequences_follows_the_block_pool(tmp_path: Path) -> None:
     fixed = sum(t.nbytes for t in r.terms if not t.name.startswith("KV"))
     per_seq = 32 * 2 * 8 * 128 * 2 * 1008  # 1000 tokens → 63 blocks of 16 per sequence
     assert r.max_sequences == (est.budget_bytes - fixed) // per_seq
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_cli_table_reads_well_in_80_columns(tmp_path: Path, columns: int) -> None:
+    """No header or figure of the memory table is cut: one row per quant where it fits, else on its side."""
+    from llmq.cli.app import app
+
+    quants = ["bf16", "Q4_K_M", "gptq4-g128", "awq4", "nf4-dq", "Q2_K", "fp8", "int8"]
+    args = ["estimate", "memory", _cfg(tmp_path), "--gpu", "l40s", "-c", "131072"]
+    res = CliRunner().invoke(
+        app, args + [a for q in quants for a in ("-q", q)], env={"COLUMNS": str(columns)}
+    )
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert "…" not in res.output
+    assert max(map(len, lines)) <= columns
+    for word in ("weights", "KV", "other", "total", "max ctx", "seqs", "GPUs", "GiB", *quants):
+        assert word in res.output, word
+    header = [ln for ln in lines if "weights" in ln and "quant" in ln]
+    assert bool(header) == (columns == 200)  # the wide layout only where it fits

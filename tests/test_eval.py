@@ -365,3 +365,34 @@ def test_cli_json_output_chart(tiny, tmp_path):
         ["eval", "perplexity", str(tiny["a"]), "--dataset", str(tiny["text"]), "--ctx", "64", "--chunks", "2"]
     )
     assert r.exit_code == 0 and "PPL" in r.output
+
+
+def test_long_text_warning_silenced(tiny, tmp_path):
+    """Tokenizing the whole evaluation text at once is intended: transformers' "longer than the specified
+    maximum" warning must not reach the user, while the same tokenizer called directly still warns."""
+    import shutil
+    import subprocess
+    import sys
+
+    model = tmp_path / "short-max"
+    shutil.copytree(tiny["a"], model)
+    conf = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(conf | {"model_max_length": 64}))
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from llmq.eval.backends import TorchBackend\n"
+        f"text = Path({str(tiny['text'])!r}).read_text()\n"
+        f"be = TorchBackend(Path({str(model)!r}))\n"
+        "ids = be.tokenize(text)\n"
+        "print('MARK', len(ids), be._tok.model_max_length, file=sys.stderr, flush=True)\n"
+        "from transformers import AutoTokenizer\n"
+        f"AutoTokenizer.from_pretrained({str(model)!r})(text)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, _, after = proc.stderr.partition("MARK")
+    n, limit = map(int, after.split()[:2])
+    assert n > limit == 64  # the warning's condition holds
+    assert "Token indices sequence length" not in before
+    assert "Token indices sequence length" in after  # the control: only llmq's call is silenced

@@ -129,7 +129,7 @@ def test_hf_directory_source_and_calibration(tmp_path) -> None:
     convert(hf, f32, outtype="f32")
     llama_quantize(f32, ref, "Q4_K_M")
     assert ours.read_bytes() == ref.read_bytes()
-    assert not list(tmp_path.glob(".llmq-gguf-*"))  # the intermediate f32 GGUF is gone
+    assert not list(tmp_path.glob(".*llmq-tmp-*"))  # the intermediate f32 GGUF is gone
 
     cfg = GGUFQuantConfig(type="Q3_K_M", calibration="pydoc", nsamples=2, seqlen=64,
                           save_imatrix=str(tmp_path / "im.gguf"))  # fmt: skip

@@ -77,7 +77,7 @@ def test_fake_quant_output_loads_and_is_close(tiny, tmp_path):
     assert res.format == "fake-quant"
     meta = json.loads((tmp_path / "q" / "llmq_quantization.json").read_text())
     assert meta["method"] == "gptq" and meta["config"]["bits"] == 4
-    assert not list(tmp_path.glob(".*llmq-partial*"))  # resume dir removed on success
+    assert not list(tmp_path.glob(".*llmq-resume*"))  # resume dir removed on success
 
 
 def test_indivisible_layers_error_or_skip(tmp_path):
@@ -138,7 +138,7 @@ def test_resume_skips_finished_blocks(tmp_path, float_target):
     with pytest.raises(Interrupt):
         quantize_blockwise(src, tmp_path / "q", config, GPTQBlockMethod(config), "gptq", samples=samples(),
                            progress=stop_after_first_block)  # fmt: skip
-    assert not (tmp_path / "q").exists() and list(tmp_path.glob(".q.llmq-partial/block_*"))
+    assert not (tmp_path / "q").exists() and list(tmp_path.glob(".q.llmq-resume/block_*"))
     resumed = GPTQConfig(
         format="fake-quant", group_size=32, nsamples=8, seqlen=32, resume=True, float_target=float_target
     )

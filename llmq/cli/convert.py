@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.options import AllowPickle, Force, Json, Quiet, human_bytes, print_json, progress_bar
+from llmq.cli.options import AllowPickle, Force, Json, Quiet, human_bytes, print_json, printable, progress_bar
 
 
 def convert_cmd(
@@ -37,8 +37,10 @@ def convert_cmd(
         return
     types = ", ".join(f"{n}×{t}" for t, n in sorted(result.types.items()))
     typer.echo(
-        f"{result.direction} {result.arch}: {result.n_tensors} tensors ({types}) → {result.dst} "
-        f"[{result.outtype}, {human_bytes(result.output_bytes)}, {result.seconds:.1f} s]"
+        printable(
+            f"{result.direction} {result.arch}: {result.n_tensors} tensors ({types}) → {result.dst} "
+            f"[{result.outtype}, {human_bytes(result.output_bytes)}, {result.seconds:.1f} s]"
+        )
     )
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from llmq.cli.options import cell
 from llmq.errors import BadInput
 
 estimate_app = typer.Typer(
@@ -28,8 +29,71 @@ def _gib(n: int | None) -> str:
 def _ctx(n: int | None, limit: int) -> str:
     if n is None:
         return "-"
-    text = f"{n:,}"
-    return text + (f" (model {limit:,})" if limit and n > limit else "")
+    return f"{n:,}" + ("*" if limit and n > limit else "")
+
+
+# (header, justify) of the memory table: short headers, the unit in the title, so it fits 80 columns
+_COLUMNS = (("quant", "left"), ("weights", "right"), ("KV", "right"), ("other", "right"), ("total", "right"),
+            ("GB", "right"), ("fits", "right"), ("max ctx", "right"), ("seqs", "right"), ("GPUs", "right"))  # fmt: skip
+_TITLE = "Memory per GPU in GiB (2^30 B); GB = 10^9 B"
+_LEGEND = ("other: runtime overhead (see the terms); max ctx: the longest context that fits{beyond}; seqs: "
+           "concurrent sequences at the context")  # fmt: skip
+
+
+def _memory_rows(est) -> list[list[str]]:
+
+    limit = est.arch["max_context"]
+    rows = []
+    for r in est.results:
+        kv_b = sum(t.nbytes for t in r.terms if t.name.startswith(("KV", "recurrent")))
+        w_b = sum(t.nbytes for t in r.terms if t.name in ("weights", "vocab padding"))
+        fits = "-" if r.fits is None else ("[green]yes[/]" if r.fits else "[red]no[/]")
+        rows.append([cell(r.quant), _gib(w_b), _gib(kv_b), _gib(r.total_bytes - w_b - kv_b), _gib(r.total_bytes),
+                     f"{r.total_bytes / GB:.2f}", fits, _ctx(r.max_context, limit),
+                     "-" if r.max_sequences is None else f"{r.max_sequences:,}",
+                     "-" if r.gpus_needed is None and r.fits is None else str(r.gpus_needed or ">64")])  # fmt: skip
+    return rows
+
+
+def _memory_tables(est, width: int) -> list:
+    """One row per quantization where that fits ``width``; otherwise the table turned on its side (one column
+    per quantization, as many per table as fit), so no header or number is ever cut."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = _memory_rows(est)
+    measure = Console(width=10_000).measure
+    wide = Table(title=_TITLE)
+    for head, justify in _COLUMNS:
+        wide.add_column(head, justify=justify, no_wrap=True)
+    for row in rows:
+        wide.add_row(*row)
+    limit = est.arch["max_context"]
+    beyond = f" (* beyond the model's {limit:,})" if any(r[7].endswith("*") for r in rows) else ""
+    legend = Text(_LEGEND.format(beyond=beyond), style="dim")
+    if measure(wide).maximum <= width:
+        return [wide, legend]
+    label_w = max(len(h) for h, _ in _COLUMNS[1:])
+    per = 1  # quantizations per side table: as many as fit, then spread evenly over the tables
+    while per < len(rows) and measure(_side_table(rows[: per + 1], label_w, "")).maximum <= width:
+        per += 1
+    n_tables = -(-len(rows) // per)
+    per = -(-len(rows) // n_tables)
+    chunks = [rows[i : i + per] for i in range(0, len(rows), per)]
+    return [_side_table(c, label_w, _TITLE if i == 0 else "") for i, c in enumerate(chunks)] + [legend]
+
+
+def _side_table(rows: list[list[str]], label_w: int, title: str):
+    from rich.table import Table
+
+    t = Table(title=title or None)
+    t.add_column("", no_wrap=True, min_width=label_w)
+    for row in rows:
+        t.add_column(row[0], justify="right", overflow="fold")
+    for i, (head, _) in enumerate(_COLUMNS[1:], start=1):
+        t.add_row(head, *(row[i] for row in rows))
+    return t
 
 
 @estimate_app.command("memory")
@@ -53,13 +117,12 @@ def memory(
     """Memory for weights, KV cache and runtime overhead; what fits, max context, GPUs needed."""
     if fit and gpu is None and vram is None:
         raise BadInput("--fit needs --gpu or --vram")
-    from llmq.estimate.memory import EstimateConfig, estimate_memory
+    from llmq import api
 
-    cfg = EstimateConfig(model=model, quants=tuple(quant or ()), context=context, batch=batch,
-                         kv_cache_dtype=kv_cache_dtype, v_cache_dtype=v_cache_dtype, gpu=gpu, vram_gib=vram,
-                         num_gpus=num_gpus, tp=tp, engine=engine, fit=fit, flash_attn=flash_attn,
-                         swa_full=swa_full)  # fmt: skip
-    est = estimate_memory(cfg)
+    est = api.estimate_memory(model, quants=tuple(quant or ()), context=context, batch=batch,
+                              kv_cache_dtype=kv_cache_dtype, v_cache_dtype=v_cache_dtype, gpu=gpu, vram_gib=vram,
+                              num_gpus=num_gpus, tp=tp, engine=engine, fit=fit, flash_attn=flash_attn,
+                              swa_full=swa_full)  # fmt: skip
     if as_json:
         typer.echo(json.dumps(est.to_dict(), indent=2, default=str))
         return
@@ -68,34 +131,25 @@ def memory(
 
 def _render(est) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     a = est.arch
     gpu = est.gpu["name"] if est.gpu else "no GPU given"
     budget = f", budget {_gib(est.budget_bytes)} GiB" if est.budget_bytes else ""
-    console.print(f"[bold]{escape(est.model)}[/] — {a['arch']}, {a['n_layers']} layers, engine {est.engine}, "
-                  f"context {est.context:,} × batch {est.batch}, {gpu}{budget}")  # fmt: skip
-    table = Table(title="Memory per GPU (GiB = 2^30 bytes)")
-    for col in ("quant", "weights GiB", "KV GiB", "overhead GiB", "total GiB", "total GB", "fits?", "max context",
-                "max seqs", "GPUs"):  # fmt: skip
-        table.add_column(col, justify="left" if col == "quant" else "right")
-    for r in est.results:
-        kv_b = sum(t.nbytes for t in r.terms if t.name.startswith(("KV", "recurrent")))
-        w_b = sum(t.nbytes for t in r.terms if t.name in ("weights", "vocab padding"))
-        fits = "-" if r.fits is None else ("[green]yes[/]" if r.fits else "[red]no[/]")
-        table.add_row(escape(r.quant), _gib(w_b), _gib(kv_b), _gib(r.total_bytes - w_b - kv_b), _gib(r.total_bytes),
-                      f"{r.total_bytes / GB:.2f}", fits, _ctx(r.max_context, a["max_context"]),
-                      "-" if r.max_sequences is None else f"{r.max_sequences:,}",
-                      "-" if r.gpus_needed is None and r.fits is None else str(r.gpus_needed or ">64"))  # fmt: skip
-    console.print(table)
+    console.print(f"[bold]{cell(est.model)}[/]")
+    console.print(cell(f"{a['arch']}, {a['n_layers']} layers, engine {est.engine}, context {est.context:,} × "
+                       f"batch {est.batch}, {gpu}{budget}"))  # fmt: skip
+    for table in _memory_tables(est, console.width):
+        console.print(table)
     first = next((r for r in est.results if r.quant == est.best_fit), est.results[0])
-    terms = Table(title=f"Terms for {first.quant}")
+    terms = Table(title=f"Terms for {cell(first.quant)}")
     for col in ("term", "MiB", "kind", "formula"):
         terms.add_column(col, justify="right" if col == "MiB" else "left", overflow="fold")
     for t in first.terms:
-        terms.add_row(t.name, f"{t.nbytes / 2**20:,.2f}", t.kind, escape(t.formula))  # formulas hold [dtype]
+        terms.add_row(
+            cell(t.name), f"{t.nbytes / 2**20:,.2f}", t.kind, cell(t.formula)
+        )  # formulas hold [dtype]
     console.print(terms)
     if first.params_active != first.params_total:
         console.print(
@@ -112,11 +166,11 @@ def _render(est) -> None:
             parts.append(f"prefill ≥ {p['prefill_time_s'] * 1e3:.1f} ms")
         console.print("Roofline: " + "; ".join(parts))
     if est.best_fit:
-        console.print(f"Best that fits: [bold]{est.best_fit}[/]")
+        console.print(f"Best that fits: [bold]{cell(est.best_fit)}[/]")
     elif est.budget_bytes:
         console.print("[red]Nothing fits[/] on one GPU; see the GPUs column.")
     for note in est.notes:
-        console.print(f"note: {escape(note)}")
+        console.print(f"note: {cell(note)}")
 
 
 @estimate_app.command("gpus")

@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from llmq.errors import BadInput
+from llmq.cli.options import cell
 
 eval_app = typer.Typer(help="Evaluate models: perplexity and KL divergence.", no_args_is_help=True)
 
@@ -50,7 +50,7 @@ def _pm(est, digits: int = 4) -> str:
 
 
 def _name(spec: str) -> str:
-    return Path(spec).name or spec
+    return cell(Path(spec).name or spec)
 
 
 def _summary(base, results) -> list[Table]:
@@ -84,14 +84,6 @@ def _summary(base, results) -> list[Table]:
                       _pm(k.kld_p999, 4), f"{k.kld_max:.4f}",
                       f"{100 * k.dp_rms.value:.3f} ± {100 * k.dp_rms.se:.3f}")  # fmt: skip
     return [t, d]
-
-
-def _write_json(path: Path, payload: dict, force: bool) -> None:
-    from llmq.io.base import AtomicOutput, check_output
-
-    out = check_output(path, force)
-    with AtomicOutput(out, is_dir=False, force=force) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 @eval_app.command("perplexity")
@@ -139,20 +131,9 @@ def perplexity(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Perplexity (llama-perplexity's protocol by default) and, with --base, KL divergence of each model."""
-    from llmq.errors import require
-    from llmq.eval.perplexity import PerplexityConfig, compare
-    from llmq.io.base import check_output
+    from llmq import api
+    from llmq.eval.perplexity import PerplexityConfig
 
-    # Every output is validated before minutes of evaluation, not after.
-    for out in (output, chart, save_logits):
-        if out is not None:
-            check_output(out, force)
-    if len({p.resolve() for p in (output, chart, save_logits) if p is not None}) < sum(
-        p is not None for p in (output, chart, save_logits)
-    ):
-        raise BadInput("--output, --chart and --save-logits must be different files")
-    if chart is not None:
-        require("matplotlib", "plot")
     config = PerplexityConfig(dataset=dataset, ctx=ctx, chunks=chunks, stride=stride, batch=batch, backend=backend,
                               device=device, dtype=dtype, threads=threads, top_k=top_k)  # fmt: skip
     console = Console(stderr=True)
@@ -161,29 +142,18 @@ def perplexity(
 
         def progress(stage: str, done: float, total: float) -> None:
             if stage not in tasks:
-                tasks[stage] = bar.add_task(Path(stage).name or stage, total=total)
+                tasks[stage] = bar.add_task(_name(stage), total=total)
             bar.update(tasks[stage], completed=done, total=total)
 
-        base_result, results = compare(models, config, base=base, save_base=save_logits, force=force,
-                                       progress=progress)  # fmt: skip
-    payload = {
-        "config": config.to_dict(),
-        "base": base_result.to_dict() if base_result else None,
-        "results": [r.to_dict() for r in results],
-    }
-    if output is not None:
-        _write_json(output, payload, force)
-    if chart is not None:
-        from llmq.eval.chart import write_chart
-
-        write_chart(chart, results, force=force)
+        report = api.compare_perplexity(models, config, base=base, save_base=save_logits, output=output,
+                                        chart=chart, force=force, progress=progress)  # fmt: skip
     if as_json:
-        typer.echo(json.dumps(payload, indent=2, default=str))
+        typer.echo(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         out_console = Console()
         if not out_console.is_terminal:  # a pipe or file: do not squeeze the table into 80 columns
             out_console = Console(width=200)
-        for table in _summary(base_result, results):
+        for table in _summary(report.base, report.results):
             out_console.print(table)
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.options import AllowPickle, Json, human_bytes, print_json
+from llmq.cli.options import AllowPickle, Json, cell, human_bytes, print_json
 
 
 def inspect_cmd(
@@ -31,20 +31,24 @@ def inspect_cmd(
     console = Console()
     s = report["summary"]
     console.print(
-        f"[bold]{report['path']}[/bold]  {report['kind']}  {s['n_tensors']} tensors, "
+        f"[bold]{cell(report['path'])}[/bold]  {report['kind']}  {s['n_tensors']} tensors, "
         f"{s['n_params']:,} parameters, {human_bytes(s['tensor_bytes'])}, {s['bits_per_weight']:.3f} bits/weight"
     )
-    console.print("types: " + ", ".join(f"{t}×{n}" for t, n in sorted(s["types"].items())))
+    console.print("types: " + ", ".join(f"{cell(t)}×{n}" for t, n in sorted(s["types"].items())))
     if metadata and report["metadata"]:
         table = Table("key", "value", title="metadata")
         for k, v in report["metadata"].items():
-            table.add_row(k, v)
+            table.add_row(cell(k), cell(v))
         console.print(table)
     if tensors:
         table = Table("name", "dtype", "shape", "bytes", "bpw", title="tensors")
         for t in report["tensors"]:
             table.add_row(
-                t["name"], t["dtype"], "×".join(map(str, t["shape"])), f"{t['nbytes']:,}", f"{t['bpw']:.3f}"
+                cell(t["name"]),
+                cell(t["dtype"]),
+                "×".join(map(str, t["shape"])),
+                f"{t['nbytes']:,}",
+                f"{t['bpw']:.3f}",
             )
         console.print(table)
 

@@ -17,6 +17,29 @@ AllowPickle = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
+# Control characters (C0, DEL, C1) and the bidirectional overrides: in a tensor name, a metadata value or a
+# path they could move the cursor, recolour or retitle the terminal, or make text read differently from what
+# it is. They are shown as Python escapes instead.
+_UNPRINTABLE = (
+    {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+    | {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
+    | {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}
+)
+
+
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: every control character escaped (``\\x1b``, ``\\n``: one line stays one
+    line). The error printer, the notes and every table cell from a file or a user go through this."""
+    return str(text).translate(_UNPRINTABLE)
+
+
+def cell(text: object) -> str:
+    """A rich table cell or console string from untrusted text: printable, and rich markup (``[red]``) escaped."""
+    from rich.markup import escape
+
+    return escape(printable(text))
+
+
 def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 

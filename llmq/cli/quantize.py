@@ -6,13 +6,27 @@ from typing import Annotated
 
 import typer
 
-from llmq.cli.options import Force, Json, Quiet, human_bytes, print_json, progress_bar
+from llmq.cli.options import Force, Json, Quiet, cell, human_bytes, print_json, printable, progress_bar
 
 _M = "Method"
 _G = "GPTQ / AWQ / RTN"
 _F = "GGUF"
 _C = "Calibration"
 _N = "NF4 / FP4"
+
+# The config fields among quantize_cmd's parameters are those that default to None ("not given"), but these
+# two; two fields have a parameter name of their own.
+_NOT_OPTIONS = {"set_options", "config_file"}
+_RENAMED = {"fmt": "format", "gguf_type": "type"}
+
+
+def _config_options(params: dict) -> dict:
+    """The config options the user gave, from quantize_cmd's parameters (lists as tuples)."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(quantize_cmd).parameters.items()}
+    return {_RENAMED.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in params.items()
+            if defaults.get(k, ...) is None and k not in _NOT_OPTIONS and v is not None}  # fmt: skip
 
 
 def quantize_cmd(
@@ -21,6 +35,24 @@ def quantize_cmd(
     method: Annotated[
         str, typer.Option("--method", "-m", help="rtn | nf4 | gguf | gptq | awq", rich_help_panel=_M)
     ],
+    set_options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-O",
+            help="KEY=VALUE: any option of the method's config, plugins' own included (repeatable; "
+            "see docs/quantize.md).",
+            rich_help_panel=_M,
+        ),
+    ] = None,
+    config_file: Annotated[
+        str | None,
+        typer.Option(
+            "--config",
+            help="TOML or JSON file of the method's options; -O and the flags override it.",
+            rich_help_panel=_M,
+        ),
+    ] = None,
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -189,23 +221,14 @@ def quantize_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Quantize a model with one of the built-in or plugin methods."""
+    # The flags are the method's config fields under their own names: read them from the parameters instead
+    # of writing each one a second time. This must stay the first statement (nothing else in locals() yet).
+    options = _config_options(dict(locals()))
     from llmq import api
 
-    options = {
-        "format": fmt, "bits": bits, "group_size": group_size, "sym": sym, "act_order": act_order,
-        "static_groups": static_groups, "true_sequential": true_sequential, "damp_percent": damp_percent,
-        "token_clip": token_clip, "mse": mse, "float_target": float_target, "skip_indivisible": skip_indivisible,
-        "ignore": tuple(ignore) if ignore else None, "only": tuple(only) if only else None, "resume": resume, "device": device, "quant_type": quant_type,
-        "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype, "type": gguf_type,
-        "imatrix": imatrix, "save_imatrix": save_imatrix, "allow_requantize": allow_requantize, "pure": pure,
-        "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type,
-        "leave_output_tensor": leave_output_tensor, "tensor_type": tuple(tensor_type) if tensor_type else None,
-        "calibration": calibration, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-        "max_shard_size": max_shard_size, "threads": threads,
-    }  # fmt: skip
-    options = {k: v for k, v in options.items() if v is not None}
+    given = {"config_file": config_file, "set_options": tuple(set_options or ())}
     if dry_run:
-        plan = api.quantize_plan(src, method, **options)
+        plan = api.quantize_plan(src, method, **given, **options)
         if json_out:
             print_json(plan)
             return
@@ -213,25 +236,42 @@ def quantize_cmd(
         from rich.table import Table
 
         table = Table(
-            "tensor", "dtype", "shape", "bytes", title=f"{method}: would write {len(plan['tensors'])} tensors"
+            "tensor",
+            "dtype",
+            "shape",
+            "bytes",
+            title=f"{cell(method)}: would write {len(plan['tensors'])} tensors",
         )
         for t in plan["tensors"]:
-            table.add_row(t["name"], t["dtype"], "×".join(map(str, t["shape"])), f"{t['nbytes']:,}")
+            table.add_row(
+                cell(t["name"]), cell(t["dtype"]), "×".join(map(str, t["shape"])), f"{t['nbytes']:,}"
+            )
         Console().print(table)
         typer.echo(f"total {human_bytes(plan['total_bytes'])}, {plan['bits_per_weight']:.3f} bits/weight")
         return
-    with progress_bar(method, enabled=not (quiet or json_out)) as progress:
-        result = api.quantize(src, output, method, force=force, progress=progress, **options)
+    try:
+        with progress_bar(method, enabled=not (quiet or json_out)) as progress:
+            result = api.quantize(src, output, method, force=force, progress=progress, **given, **options)
+    except KeyboardInterrupt:
+        from llmq.io.temporaries import resume_dir
+
+        kept = resume_dir(output)
+        if kept.is_dir():  # the one temporary kept on purpose: say where it is and what it is for
+            typer.echo(f"note: kept {printable(kept)} (the finished blocks): the same command with --resume "
+                       "continues from it; delete it otherwise", err=True)  # fmt: skip
+        raise
     if json_out:
         print_json(result.to_dict())
         return
     for note in result.notes:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(f"note: {printable(note)}", err=True)
     d = result.to_dict()
     bpw = f", {d['bits_per_weight']:.3f} bits/weight" if d["bits_per_weight"] else ""
     typer.echo(
-        f"{result.method} → {result.output} [{result.format}, {human_bytes(result.output_bytes)}{bpw}, "
-        f"{result.seconds:.1f} s]"
+        printable(
+            f"{result.method} → {result.output} [{result.format}, {human_bytes(result.output_bytes)}{bpw}, "
+            f"{result.seconds:.1f} s]"
+        )
     )
 
 

@@ -10,8 +10,11 @@ import ctypes
 import hashlib
 import inspect
 import json
+import logging
 import struct
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +139,24 @@ def _count_logical_params(model) -> int:
     return total
 
 
+_TOO_LONG = "Token indices sequence length is longer than the specified maximum"
+
+
+@contextmanager
+def _without_log_record(logger: str, prefix: str) -> Iterator[None]:
+    """Drop the records of ``logger`` whose message starts with ``prefix`` (and only those) for a while."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(prefix)
+
+    log = logging.getLogger(logger)
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -194,7 +215,10 @@ class TorchBackend(Backend):
         return int(self.model.config.vocab_size)
 
     def tokenize(self, text: str) -> np.ndarray:
-        ids = self._tok(text, add_special_tokens=True)["input_ids"]
+        # The whole text is tokenized at once on purpose (the protocols cut it into windows afterwards), so
+        # transformers' warning that it is longer than the model's maximum is noise to the user.
+        with _without_log_record("transformers.tokenization_utils_base", _TOO_LONG):
+            ids = self._tok(text, add_special_tokens=True)["input_ids"]
         return np.asarray(ids, dtype=np.int32)
 
     def vocab_pieces(self) -> list:

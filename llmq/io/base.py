@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from llmq.errors import BadInput, CorruptFile, OutputExists
+from llmq.errors import BadInput, CorruptFile, DiskFull, OutputExists
+from llmq.io import temporaries
 
 # Plain (non-block) element types: name -> bytes per element. Names follow safetensors' dtype codes, which are
 # also ggml's names for the types both know (F32, F16, BF16, I8, ...).
@@ -282,6 +282,7 @@ def check_output(path: str | os.PathLike, force: bool, inputs: Sequence[str | os
     parent = resolved.parent
     if not parent.exists():
         raise BadInput(f"output directory {parent} does not exist")
+    temporaries.sweep(parent)  # what a killed earlier run left there goes now, before this one's work
     return out
 
 
@@ -289,7 +290,9 @@ class AtomicOutput:
     """A file or directory written under a temporary name beside its destination and renamed when complete.
 
     Use as a context manager: ``with AtomicOutput(dst, is_dir=True) as tmp: ...write into tmp...``. On an
-    exception the temporary is removed and the destination is left untouched.
+    exception (an interruption included, see llmq.io.temporaries) the temporary is removed and the destination
+    is left untouched; a full disk becomes :class:`DiskFull` naming the destination. The temporary's name
+    records this process, so a later run can remove it should this process be killed (temporaries.sweep).
     """
 
     def __init__(self, dst: str | os.PathLike, is_dir: bool, force: bool = False):
@@ -299,35 +302,36 @@ class AtomicOutput:
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        parent = self.dst.resolve().parent
-        prefix = f".{self.dst.name}.llmq-tmp-"
-        if self.is_dir:
-            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-        else:
-            fd, name = tempfile.mkstemp(prefix=prefix, dir=parent)
-            os.close(fd)
-            self.tmp = Path(name)
+        self.tmp = temporaries.create(self.dst, self.is_dir)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self.tmp is not None
         if exc_type is not None:
-            self._remove(self.tmp)
+            temporaries.discard(self.tmp)
+            if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                raise disk_full(self.dst, exc) from exc
             return
-        if self.dst.exists():
+        old: Path | None = None
+        if self.dst.exists() or self.dst.is_symlink():
             if not self.force:
-                self._remove(self.tmp)
+                temporaries.discard(self.tmp)
                 raise OutputExists(f"{self.dst} already exists (use --force to overwrite)")
-            self._remove(self.dst)
-        os.replace(self.tmp, self.dst)
-        if self.is_dir:
-            os.chmod(self.dst, 0o755)
-        else:
-            os.chmod(self.dst, 0o644)
+            if self.is_dir or self.dst.is_dir() or self.dst.is_symlink():
+                # a directory cannot be replaced in one rename: move the old one aside under a registered
+                # temporary name first, so an interruption leaves either the old or the new output
+                old = temporaries.create(self.dst, is_dir=True)
+                os.replace(self.dst, old / "old")
+        os.chmod(self.tmp, 0o755 if self.is_dir else 0o644)
+        temporaries.rename_into_place(self.tmp, self.dst)
+        if old is not None:
+            temporaries.discard(old)
 
-    @staticmethod
-    def _remove(p: Path) -> None:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists() or p.is_symlink():
-            p.unlink()
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def disk_full(dst: Path, exc: OSError) -> DiskFull:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return DiskFull(f"no space left on the device of {Path(dst).resolve().parent} while writing {dst}{where}; "
+                    "nothing was written (free some space, or choose another output)")  # fmt: skip

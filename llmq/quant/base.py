@@ -8,6 +8,10 @@ Quantizers never mutate their input and never write outside the output path they
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,17 +50,166 @@ class QuantConfig:
         return cls(**kw)
 
     @classmethod
-    def from_options(cls, method: str, options: Mapping[str, Any]):
+    def option_types(cls) -> dict[str, Any]:
+        """The options this config takes (its init fields but ``version``) with their resolved type hints."""
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init and f.name != "version"}
+
+    @classmethod
+    def from_options(cls, method: str, options: Mapping[str, Any], extra: Mapping[str, Any] | None = None):
         """Build from CLI options the user set explicitly (None values are dropped by the CLI).
 
-        An option this method does not use is a flag conflict and gets a clear error.
+        ``options`` are the common flags, already typed; an option this method does not use is a flag conflict
+        and gets a clear error. ``extra`` holds the method's own options from ``-O key=value`` and ``--config``
+        (see :func:`gather_options`): strings or JSON/TOML values, checked against the field types here.
+        Explicit flags override ``extra``.
         """
-        names = {f.name for f in dataclasses.fields(cls)} - {"version"}
-        unknown = sorted(k for k in options if k not in names)
+        fields = cls.option_types()
+        unknown = sorted(k for k in options if k not in fields)
         if unknown:
             flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
             raise BadInput(f"{flags} cannot be used with --method {method}")
-        return cls(**dict(options))
+        values = {}
+        for key, raw in (extra or {}).items():
+            name = key.replace("-", "_")
+            if name == "version":
+                check_version(cls, raw)
+                continue
+            if name not in fields:
+                raise BadInput(
+                    f"--method {method} has no option {key!r} (valid: {', '.join(sorted(fields))})"
+                )
+            values[name] = convert_option(name, raw, fields[name])
+        return cls(**(values | dict(options)))
+
+
+def check_version(cls: type, raw: Any) -> None:
+    if isinstance(raw, bool) or not isinstance(raw, int | str) or not str(raw).isdigit():
+        raise BadInput(f"version must be an integer, not {raw!r}")
+    if int(raw) > CONFIG_VERSION:
+        raise BadInput(f"{cls.__name__} version {raw} is newer than this llmq understands")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def convert_option(name: str, raw: Any, hint: Any) -> Any:
+    """``raw`` (a string from ``-O`` or a value from a config file) as a value of type ``hint``.
+
+    bool takes true/false/yes/no/on/off/1/0; ``X | None`` takes none/null; ``tuple[T, ...]`` a list (a JSON list
+    on the command line, or one value per repeated ``-O``); Literal its values. Other types pass through to the
+    config's own validation.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null")):
+            if len(inner) < len(args):
+                return None
+        if len(inner) == 1:
+            return convert_option(name, raw, inner[0])
+        return raw
+    if origin is tuple:
+        item = args[0] if args else Any
+        if isinstance(raw, str) and raw.lstrip().startswith("["):
+            raw = _json_value(name, raw)
+        items = raw if isinstance(raw, list | tuple) else [raw]
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            return tuple(convert_option(name, v, item) for v in items)
+        if len(items) != len(args):
+            raise BadInput(f"option {name} takes {len(args)} values, not {len(items)}")
+        return tuple(convert_option(name, v, a) for v, a in zip(items, args, strict=True))
+    if origin is typing.Literal:
+        for allowed in args:
+            if raw == allowed or (
+                isinstance(raw, str) and not isinstance(allowed, str) and raw == str(allowed)
+            ):
+                return allowed
+        raise BadInput(f"option {name} must be one of {', '.join(map(str, args))}, not {raw!r}")
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise BadInput(f"option {name} takes true or false, not {raw!r}")
+    if hint is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        try:
+            if isinstance(raw, str):
+                return int(raw.strip())
+        except ValueError:
+            pass
+        raise BadInput(f"option {name} takes an integer, not {raw!r}")
+    if hint is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        try:
+            if isinstance(raw, str):
+                return float(raw.strip())
+        except ValueError:
+            pass
+        raise BadInput(f"option {name} takes a number, not {raw!r}")
+    if hint is str:
+        if isinstance(raw, str):
+            return raw
+        raise BadInput(f"option {name} takes a string, not {raw!r}")
+    return raw
+
+
+def _json_value(name: str, text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise BadInput(f"option {name}: {text!r} is not a JSON list ({e})") from None
+
+
+def gather_options(
+    assignments: Sequence[str] = (), config_file: str | os.PathLike | None = None
+) -> dict[str, Any]:
+    """The method options of ``--config FILE`` (TOML or JSON: one table of option = value; a saved ``config``
+    of a result works) and of ``-O key=value`` items, which override the file. Repeating ``-O`` for a key
+    gives it several values (for tuple options)."""
+    out: dict[str, Any] = dict(load_options_file(config_file)) if config_file is not None else {}
+    given: dict[str, list[str]] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BadInput(f"-O {item!r}: expected key=value")
+        given.setdefault(key.replace("-", "_"), []).append(value)
+    for key, values in given.items():
+        out.pop(key.replace("_", "-"), None)
+        out[key] = values[0] if len(values) == 1 else values
+    return out
+
+
+def load_options_file(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise BadInput(f"--config {p}: no such file") from None
+    except OSError as e:
+        raise BadInput(f"--config {p}: {e.strerror or e}") from None
+    try:
+        if p.suffix.lower() == ".toml":
+            import tomllib
+
+            table = tomllib.loads(data.decode("utf-8"))
+        elif p.suffix.lower() == ".json":
+            table = json.loads(data)
+        else:
+            raise BadInput(f"--config {p}: expected a .toml or .json file")
+    except (
+        UnicodeDecodeError,
+        ValueError,
+    ) as e:  # tomllib.TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise BadInput(f"--config {p}: not valid {p.suffix.lower()[1:].upper()} ({e})") from None
+    if not isinstance(table, dict):
+        raise BadInput(f"--config {p}: expected a table of option = value")
+    return table
 
 
 @dataclass

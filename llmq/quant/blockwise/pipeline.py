@@ -494,10 +494,13 @@ def _fingerprint(src: Path, config: BlockwiseConfig, method: str) -> str:
 
 
 class ResumeDir:
-    """``.<out>.llmq-partial/``: one safetensors file per finished block + the hidden states after the last."""
+    """``.<out>.llmq-resume/``: one safetensors file per finished block + the hidden states after the last. The
+    one hidden directory llmq keeps after an interruption, on purpose: ``--resume`` continues from it."""
 
     def __init__(self, out: Path, fingerprint: str, resume: bool):
-        self.path = out.resolve().parent / f".{out.name}.llmq-partial"
+        from llmq.io.temporaries import resume_dir
+
+        self.path = resume_dir(out)
         self.fingerprint = fingerprint
         self._writer: threading.Thread | None = None  # the background save of the last block (save_block)
         self._error: BaseException | None = None

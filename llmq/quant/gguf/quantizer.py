@@ -10,7 +10,6 @@ through llmq.io's GGUF reader and GGUFFileWriter: their rows are encoded by :mod
 
 from __future__ import annotations
 
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -21,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from llmq.errors import BadInput, UnsupportedType
+from llmq.io import temporaries
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
 from llmq.io.gguf import GGUFFileWriter
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
@@ -176,7 +176,7 @@ class GGUFQuantizer:
             raise BadInput(f"{src} does not exist")
         check_output(out, force, [src])
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix=".llmq-gguf-", dir=out.resolve().parent) as tmp:
+        with temporaries.temporary_dir(out) as tmp:  # named for this process: a kill leaves nothing lasting
             gguf_src = _as_gguf(src, Path(tmp), progress)
             result = quantize_gguf(
                 gguf_src, out, cfg, force=force, progress=progress, hf_dir=src if src.is_dir() else None

@@ -137,6 +137,14 @@ def test_transformers_loads_llmq_bnb_on_cpu(bnb_outputs, dq):
     theirs = F.dequantize_4bit(lin.weight.data, lin.weight.quant_state).float()
     mine = load_causal_lm(out).model.layers[0].mlp.down_proj.dequantized_weight()
     assert torch.equal(theirs, mine)
+    # bitsandbytes >= 0.49 repacks Linear4bit weights for a fused AVX512-BF16 CPU
+    # kernel on the first eval forward; that kernel computes in bf16, so logits
+    # drift by ~1e-2.  Switch it off per module so the forward is bnb's own
+    # dequantize + fp32 matmul, which must match llmq's to 1e-3 only if llmq's
+    # packing (nibble order, absmax, shapes) is right.
+    for mod in m.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu"):
+            mod.support_avx512bf16_for_cpu = False
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(m(ids).logits.float(), load_causal_lm(out)(ids).logits, atol=1e-3)

@@ -80,6 +80,18 @@ class QuantizedLinear:
         z = self.zeros.to(torch.float32)[:, g]
         return (s * (self.qweight.to(torch.float32) - z)).to(dtype)
 
+    def split_rows(self, sizes: list[int]) -> list[QuantizedLinear]:
+        """Consecutive row slices (the Linears a stacked q/k/v or gate/up matrix was built from)."""
+        out, start = [], 0
+        for n in sizes:
+            sl = slice(start, start + n)
+            g_idx = None if self.g_idx is None else self.g_idx.clone()
+            out.append(QuantizedLinear(self.qweight[sl].contiguous(), self.scales[sl].contiguous(),
+                                       self.zeros[sl].contiguous(), self.bits, self.group_size, self.sym,
+                                       g_idx))  # fmt: skip
+            start += n
+        return out
+
 
 @dataclass
 class Blockwise4bit:

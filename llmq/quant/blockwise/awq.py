@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from llmq.errors import BadInput
+from llmq.formats.base import QuantizedLinear
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
-from llmq.quant.blockwise.gptq import BlockwiseConfig, QuantizedWeight, fake_quantize, rtn_quantize
+from llmq.quant.blockwise.gptq import BlockwiseConfig, fake_quantize, rtn_quantize
 
 if TYPE_CHECKING:
     import torch
@@ -208,7 +209,7 @@ class AWQBlockMethod:
         return torch.clamp(w, -best_max, best_max).reshape(rows, cols)
 
     # -- the block -------------------------------------------------------------------------------------------
-    def quantize_block(self, ctx) -> dict[str, QuantizedWeight]:
+    def quantize_block(self, ctx) -> dict[str, QuantizedLinear]:
         import torch
 
         cfg = self.config
@@ -229,7 +230,7 @@ class AWQBlockMethod:
             feats[sg.linears[0]] = [x / s for x in feats[sg.linears[0]]]  # inputs the scaled Linears now see
         # the input each target sees (after folding), for the clip search
         source = {n: grp[0] for grp in ctx.arch.sequential for n in grp}
-        records: dict[str, QuantizedWeight] = {}
+        records: dict[str, QuantizedLinear] = {}
         for name in ctx.targets:
             mod = ctx.module(name)
             W = mod.weight.detach().float()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from llmq.errors import BadInput
+from llmq.formats.base import QuantizedLinear
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
 
 if TYPE_CHECKING:
@@ -122,40 +123,10 @@ def fake_quantize(
     return ((q - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(rows, cols).to(w.dtype)
 
 
-@dataclass
-class QuantizedWeight:
-    """What a method hands to a format: codes in original column order and per-(row, group) grid parameters.
-
-    Dequantized weight: ``scales[:, g_idx] * (qweight - zeros[:, g_idx])``.
-    """
-
-    qweight: torch.Tensor  # uint8 [out, in]
-    scales: torch.Tensor  # float32 [out, n_groups]
-    zeros: torch.Tensor  # int32 [out, n_groups] (true zero points, not v1's zero - 1)
-    g_idx: torch.Tensor  # int32 [in], group of every input column
-    bits: int
-    group_size: int
-    sym: bool
-
-    def dequantize(self) -> torch.Tensor:
-        idx = self.g_idx.long()
-        return self.scales[:, idx] * (self.qweight.float() - self.zeros[:, idx].float())
-
-    def split_rows(self, sizes: list[int]) -> list[QuantizedWeight]:
-        out, start = [], 0
-        for n in sizes:
-            sl = slice(start, start + n)
-            out.append(QuantizedWeight(self.qweight[sl].contiguous(), self.scales[sl].contiguous(),
-                                       self.zeros[sl].contiguous(), self.g_idx.clone(), self.bits,
-                                       self.group_size, self.sym))  # fmt: skip
-            start += n
-        return out
-
-
 def rtn_quantize(
     w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0
-) -> QuantizedWeight:
-    """Plain round-to-nearest into a QuantizedWeight (AWQ's final step after scaling and clipping)."""
+) -> QuantizedLinear:
+    """Plain round-to-nearest into a QuantizedLinear (AWQ's final step after scaling and clipping)."""
     import torch
 
     rows, cols = w.shape
@@ -165,8 +136,8 @@ def rtn_quantize(
     scale, zero = grid_params(wg, bits, sym, min_zero)
     q = quantize_codes(wg, scale, zero, bits).reshape(rows, cols)
     g_idx = (torch.arange(cols, device=w.device) // g).to(torch.int32)
-    return QuantizedWeight(q.to(torch.uint8), scale.reshape(rows, n_groups), zero.reshape(rows, n_groups).to(
-        torch.int32), g_idx, bits, group_size, sym)  # fmt: skip
+    return QuantizedLinear(q.to(torch.uint8), scale.reshape(rows, n_groups), zero.reshape(rows, n_groups).to(
+        torch.int32), bits, group_size, sym, g_idx)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,7 +275,7 @@ def gptq_quantize(
     mse: float = 0.0,
     notify: Notify = lambda msg: None,
     label: str = "layer",
-) -> tuple[QuantizedWeight, float]:
+) -> tuple[QuantizedLinear, float]:
     """Quantize W [out, in] given H [in, in]; returns the codes/grid and the layer's summed error estimate."""
     import torch
 
@@ -342,7 +313,7 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     qweight = Q[:, inv].to(torch.uint8)
     g_idx = group_of_pos[inv].to(torch.int32)
-    qw = QuantizedWeight(qweight, scales, zeros.to(torch.int32), g_idx, bits, group_size, sym)
+    qw = QuantizedLinear(qweight, scales, zeros.to(torch.int32), bits, group_size, sym, g_idx)
     return qw, float(loss.sum())
 
 
@@ -456,11 +427,11 @@ class GPTQBlockMethod:
         groups = [g for g in groups if g]
         return [[g] for g in groups] if self.config.true_sequential else [groups]
 
-    def quantize_block(self, ctx) -> dict[str, QuantizedWeight]:
+    def quantize_block(self, ctx) -> dict[str, QuantizedLinear]:
         from llmq.quant.blockwise.pipeline import staged_forward_fits
 
         cfg = self.config
-        records: dict[str, QuantizedWeight] = {}
+        records: dict[str, QuantizedLinear] = {}
         stages = self.stages(ctx)
         if cfg.true_sequential and staged_forward_fits(ctx):
             # one forward for the whole block: paused at each group's input while that group is quantized

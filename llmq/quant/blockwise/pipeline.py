@@ -35,7 +35,8 @@ from llmq.quant.base import Progress, QuantizeResult, no_progress
 if TYPE_CHECKING:
     import torch
 
-    from llmq.quant.blockwise.gptq import BlockwiseConfig, QuantizedWeight
+    from llmq.formats.base import QuantizedLinear
+    from llmq.quant.blockwise.gptq import BlockwiseConfig
 
 BATCH_TOKENS = 4096  # calibration tokens per forward batch: large enough for efficient matmuls, small in RAM
 
@@ -255,7 +256,7 @@ class _Fiber:
 
 
 class BlockMethod(Protocol):
-    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedWeight]:
+    def quantize_block(self, ctx: BlockContext) -> dict[str, QuantizedLinear]:
         """Quantize ``ctx.targets`` in place (module weights become the dequantized values) and return them."""
         ...
 
@@ -578,7 +579,7 @@ class ResumeDir:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _block_tensors(layer, records: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def _block_tensors(layer, records: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
     """Everything a finished block contributes: unquantized params as is, quantized Linears as grid records."""
     out = {}
     for name, p in layer.named_parameters():
@@ -588,7 +589,7 @@ def _block_tensors(layer, records: dict[str, QuantizedWeight]) -> dict[str, torc
             out[f"{module}.__qweight"] = r.qweight.cpu()
             out[f"{module}.__scales"] = r.scales.cpu()
             out[f"{module}.__zeros"] = r.zeros.cpu()
-            out[f"{module}.__g_idx"] = r.g_idx.cpu()
+            out[f"{module}.__g_idx"] = r.group_index().int().cpu()
         else:
             out[name] = p.detach().cpu().clone()
     return out
@@ -704,16 +705,16 @@ _COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.js
 
 def record_from_tensors(
     tensors: dict[str, torch.Tensor], module: str, config: BlockwiseConfig
-) -> QuantizedWeight:
-    from llmq.quant.blockwise.gptq import QuantizedWeight
+) -> QuantizedLinear:
+    from llmq.formats.base import QuantizedLinear
 
-    return QuantizedWeight(tensors[f"{module}.__qweight"], tensors[f"{module}.__scales"],
-                           tensors[f"{module}.__zeros"], tensors[f"{module}.__g_idx"], config.bits,
-                           config.group_size, config.sym)  # fmt: skip
+    return QuantizedLinear(tensors[f"{module}.__qweight"], tensors[f"{module}.__scales"],
+                           tensors[f"{module}.__zeros"], config.bits, config.group_size, config.sym,
+                           tensors[f"{module}.__g_idx"])  # fmt: skip
 
 
 def iter_output_tensors(reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig):
-    """(name, tensor or QuantizedWeight) in checkpoint order, one block's records in memory at a time."""
+    """(name, tensor or QuantizedLinear) in checkpoint order, one block's records in memory at a time."""
     prefix = plan.arch.layers + "."
     for name in reader.names():
         if not name.startswith(prefix):
@@ -849,7 +850,6 @@ def plan_packed(reader: SourceModel, plan: Plan, config: BlockwiseConfig, method
 def _write_packed(out: Path, reader: SourceModel, plan: Plan, resume: ResumeDir, config: BlockwiseConfig,
                   method_name: str, force: bool) -> list:  # fmt: skip
     from llmq.formats import get_format
-    from llmq.formats.base import QuantizedLinear
     from llmq.formats.writer import write_checkpoint
 
     def produce():
@@ -858,10 +858,7 @@ def _write_packed(out: Path, reader: SourceModel, plan: Plan, resume: ResumeDir,
                 continue
             tensors = resume.load_block(i)
             for rel in blk:
-                r = record_from_tensors(tensors, rel, config)
-                yield plan.arch.block_prefix(i) + rel, QuantizedLinear(
-                    qweight=r.qweight, scales=r.scales, zeros=r.zeros, bits=r.bits, group_size=r.group_size,
-                    sym=r.sym, g_idx=r.g_idx)  # fmt: skip
+                yield plan.arch.block_prefix(i) + rel, record_from_tensors(tensors, rel, config)
 
     fmt = get_format(config.format)
     limit = parse_size(config.max_shard_size) if config.max_shard_size else None

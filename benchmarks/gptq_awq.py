@@ -182,7 +182,7 @@ def rtn_baseline(model: Path, out: Path, bits: int, group_size: int, sym: bool) 
     import torch
     import transformers
 
-    from llmq.quant.blockwise.gptq import fake_quantize
+    from llmq.quant.grid import fake_quantize
 
     m = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     with torch.no_grad():

@@ -12,7 +12,6 @@ transformers = pytest.importorskip("transformers")
 from llmq.errors import BadInput  # noqa: E402
 from llmq.models.arch import ARCHES  # noqa: E402
 from llmq.quant.blockwise.awq import AWQBlockMethod, AWQConfig, _w_mean  # noqa: E402
-from llmq.quant.blockwise.gptq import fake_quantize  # noqa: E402
 from llmq.quant.blockwise.pipeline import (  # noqa: E402  # noqa: E402
     BlockContext,
     _skeleton,
@@ -21,6 +20,7 @@ from llmq.quant.blockwise.pipeline import (  # noqa: E402  # noqa: E402
     open_source,
     quantize_blockwise,
 )
+from llmq.quant.grid import fake_quantize  # noqa: E402
 from tests.test_sequential import logits, make_tiny_llama, samples  # noqa: E402
 
 

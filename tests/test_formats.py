@@ -14,7 +14,8 @@ from llmq.formats import detect_format, get_format
 from llmq.formats.base import LayerSpec, Scheme
 from llmq.formats.writer import select_layers, write_checkpoint
 from llmq.io import open_checkpoint
-from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer, quantize_rtn
+from llmq.quant.grid import quantize_rtn
+from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer
 
 # ------------------------------------------------------------------ reference unpackers (from the specs, slow)
 

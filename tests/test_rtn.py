@@ -14,53 +14,7 @@ from llmq.formats.packing import pack_int32, unpack_int32
 from llmq.formats.writer import DEFAULT_IGNORE, select_layers
 from llmq.io.base import TensorInfo
 from llmq.quant.base import quantizers
-from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer, quantize_rtn
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
-@pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("group_size", [-1, 32])
-def test_rtn_error_is_within_half_a_step(bits, sym, group_size):
-    torch.manual_seed(bits)
-    W = torch.randn(16, 128) * 0.05
-    q = quantize_rtn(W, bits, group_size, sym)
-    maxq = 2**bits - 1
-    assert int(q.qweight.min()) >= 0 and int(q.qweight.max()) <= maxq
-    assert q.scales.shape == (16, 1 if group_size == -1 else 128 // group_size)
-    if sym:
-        assert bool((q.zeros == 2 ** (bits - 1)).all())
-    err = (q.dequantize() - W).abs()
-    step = q.scales[:, q.group_index()]
-    # every value inside the grid's range rounds to within half a step (sym clips the +absmax end by half a step)
-    assert bool((err <= step * (1.0 if sym else 0.5) + 1e-7).all())
-    # more bits, less error
-    if bits < 8:
-        assert (quantize_rtn(W, 8, group_size, sym).dequantize() - W).abs().mean() < err.mean()
-
-
-def test_rtn_int8_is_nearly_lossless():
-    W = torch.randn(8, 64)
-    for sym in (True, False):
-        q = quantize_rtn(W, 8, -1, sym)
-        rel = (q.dequantize() - W).norm() / W.norm()
-        assert rel < 0.006
-
-
-def test_min_zero_for_gptq_v1():
-    W = torch.rand(4, 64)  # all positive: the asymmetric zero point would be 0
-    assert int(quantize_rtn(W, 4, 32, False).zeros.min()) == 0
-    q = quantize_rtn(W, 4, 32, False, min_zero=1)
-    assert int(q.zeros.min()) >= 1
-    assert (q.dequantize() - W).abs().max() <= q.scales.max() / 2 + 1e-6
-
-
-def test_rtn_rejects_bad_shapes_and_bits():
-    with pytest.raises(ShapeError):
-        quantize_rtn(torch.zeros(4, 100), 4, 64)
-    with pytest.raises(BadInput):
-        quantize_rtn(torch.zeros(4, 64), 7, 64)
-    q = quantize_rtn(torch.zeros(4, 64), 4, 32, False)  # all-zero groups must not divide by zero
-    assert torch.equal(q.dequantize(), torch.zeros(4, 64))
+from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer
 
 
 @settings(max_examples=40, deadline=None)

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, ClassVar
 from llmq.errors import BadInput
 from llmq.formats.base import QuantizedLinear
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
-from llmq.quant.blockwise.gptq import BlockwiseConfig, fake_quantize, rtn_quantize
+from llmq.quant.blockwise.gptq import BlockwiseConfig
+from llmq.quant.grid import fake_quantize, quantize_rtn
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +238,7 @@ class AWQBlockMethod:
             if name not in NO_CLIP and name in source:
                 X = torch.cat([x.reshape(-1, W.shape[1]) for x in feats[source[name]]])
                 W = self._clip(W, X)
-            qw = rtn_quantize(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
+            qw = quantize_rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
             mod.weight.data.copy_(qw.dequantize())
             records[name] = qw
         return records

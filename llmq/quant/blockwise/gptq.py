@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, ClassVar
 from llmq.errors import BadInput
 from llmq.formats.base import QuantizedLinear
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
+from llmq.quant.grid import grid_params
 
 if TYPE_CHECKING:
     import torch
@@ -38,106 +39,6 @@ SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
 WRITE_FORMATS = ("gptq", "compressed-tensors", "fake-quant")
 
 Notify = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# the integer grid shared by GPTQ, AWQ and the writers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def grid_params(
-    w: torch.Tensor, bits: int, sym: bool, min_zero: int = 0, mse: float = 0.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and integer zero point of the uniform grid that covers each row of ``w`` (and 0).
-
-    Symmetric grids put the zero at the middle code (2^(bits-1)), as the GPTQ formats store it. ``min_zero=1``
-    keeps zero points >= 1 (GPTQ v1 stores zero - 1): such rows get their scale stretched over maxq - 1 steps.
-
-    ``mse`` = p > 0 shrinks each row's range instead of covering it whole: of the ranges 100%, 99%, … 21% the one
-    with the smallest Σ|w - ŵ|^p wins (the GPTQ reference code's and GPTQModel's ``mse`` option; p = 2.4 there).
-    """
-    import torch
-
-    maxq = 2**bits - 1
-    w = w.float()
-    xmin = torch.clamp(w.min(dim=1).values, max=0.0)
-    xmax = torch.clamp(w.max(dim=1).values, min=0.0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    scale, zero = _grid_from_range(xmin, xmax, maxq, sym, min_zero)
-    if mse > 0:
-        best = torch.full_like(scale, float("inf"))
-        for i in range(MSE_STEPS):
-            shrink = 1.0 - i / MSE_GRID
-            sc, zr = _grid_from_range(xmin * shrink, xmax * shrink, maxq, sym, min_zero)
-            q = quantize_codes(w, sc, zr, bits)
-            err = ((q - zr.unsqueeze(1)) * sc.unsqueeze(1) - w).abs_().pow_(mse).sum(1)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale = torch.where(better, sc, scale)
-            zero = torch.where(better, zr, zero)
-    return scale, zero
-
-
-MSE_GRID = 100  # candidate ranges of the mse search: 1 - i/100 ...
-MSE_STEPS = 80  # ... down to 21% of the full range (the reference's grid=100, maxshrink=0.8)
-
-
-def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool, min_zero: int):
-    import torch
-
-    span = xmax - xmin
-    # an all-zero row still needs a usable scale
-    span = torch.where(span == 0, torch.ones_like(span), span)
-    scale = span / maxq
-    if sym:
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        zero = torch.round(-xmin / scale)
-        if min_zero > 0:
-            low = zero < min_zero
-            scale = torch.where(low, torch.clamp(xmax, min=1e-12) / (maxq - min_zero), scale)
-            zero = torch.where(low, torch.full_like(zero, float(min_zero)), zero)
-    return scale, zero
-
-
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes of ``w`` ([rows] or [rows, k]) on the grid (scale, zero) given per row."""
-    import torch
-
-    if w.dim() == 2:
-        scale, zero = scale.unsqueeze(1), zero.unsqueeze(1)
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
-
-
-def fake_quantize(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0, mse: float = 0.0
-) -> torch.Tensor:
-    """Round-to-nearest onto the grid, per row and group of ``group_size`` columns (-1: whole row); float out."""
-    rows, cols = w.shape
-    g = cols if group_size <= 0 else group_size
-    wg = w.float().reshape(rows * (cols // g), g)
-    scale, zero = grid_params(wg, bits, sym, min_zero, mse)
-    q = quantize_codes(wg, scale, zero, bits)
-    return ((q - zero.unsqueeze(1)) * scale.unsqueeze(1)).reshape(rows, cols).to(w.dtype)
-
-
-def rtn_quantize(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, min_zero: int = 0
-) -> QuantizedLinear:
-    """Plain round-to-nearest into a QuantizedLinear (AWQ's final step after scaling and clipping)."""
-    import torch
-
-    rows, cols = w.shape
-    g = cols if group_size <= 0 else group_size
-    n_groups = cols // g
-    wg = w.float().reshape(rows * n_groups, g)
-    scale, zero = grid_params(wg, bits, sym, min_zero)
-    q = quantize_codes(wg, scale, zero, bits).reshape(rows, cols)
-    g_idx = (torch.arange(cols, device=w.device) // g).to(torch.int32)
-    return QuantizedLinear(q.to(torch.uint8), scale.reshape(rows, n_groups), zero.reshape(rows, n_groups).to(
-        torch.int32), bits, group_size, sym, g_idx)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------

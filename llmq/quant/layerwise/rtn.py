@@ -1,7 +1,6 @@
 """Round-to-nearest weight-only quantization: 2-8 bits, per output channel or per group, symmetric or not.
 
-The grid is GPTQ's (and compressed-tensors' min-max observer): symmetric schemes use ``scale = 2*absmax/maxq``
-with the zero point at ``2**(bits-1)``; asymmetric ones stretch ``[min(w, 0), max(w, 0)]`` over ``[0, maxq]``.
+The grid is the shared one of :mod:`llmq.quant.grid` (GPTQ's, and compressed-tensors' min-max observer).
 Data-free, so it streams one tensor at a time.
 """
 
@@ -9,54 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from llmq.errors import BadInput, ShapeError
 from llmq.formats.base import QuantizedLinear
 from llmq.formats.writer import LayerwiseQuantizer
 from llmq.quant.base import QuantConfig, quantizers
+from llmq.quant.grid import quantize_rtn
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
-
-
-def quantize_rtn(W: torch.Tensor, bits: int, group_size: int = -1, sym: bool = True,
-                 min_zero: int = 0) -> QuantizedLinear:  # fmt: skip
-    """Quantize a ``[out, in]`` weight to ``bits``; ``group_size=-1`` is one scale per output channel.
-
-    ``min_zero=1`` keeps every zero point >= 1 (GPTQ v1 stores zero-1): a group whose range starts at 0 gets
-    zero 1 and a scale stretched over ``maxq - 1`` steps instead.
-    """
-    if bits not in RTN_BITS:
-        raise BadInput(f"RTN supports {RTN_BITS} bits, not {bits}")
-    out_f, in_f = W.shape
-    gs = in_f if group_size == -1 else group_size
-    if gs <= 0 or in_f % gs:
-        raise ShapeError(f"in_features {in_f} is not divisible by group size {group_size}")
-    maxq = (1 << bits) - 1
-    x = W.to(torch.float32).reshape(out_f, in_f // gs, gs)
-    if sym:
-        amax = x.abs().amax(dim=-1)
-        scale = 2 * amax / maxq
-        zero = torch.full_like(scale, float(1 << (bits - 1)))
-    else:
-        xmin = x.amin(dim=-1).clamp(max=0)
-        xmax = x.amax(dim=-1).clamp(min=0)
-        scale = (xmax - xmin) / maxq
-        zero = torch.round(-xmin / torch.where(scale > 0, scale, 1.0)).clamp(0, maxq)
-        if min_zero > 0:
-            low = zero < min_zero
-            scale = torch.where(low, xmax / (maxq - min_zero), scale)
-            zero = torch.where(low, torch.full_like(zero, float(min_zero)), zero)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero groups: any scale works
-    q = torch.clamp(torch.round(x / scale[..., None]) + zero[..., None], 0, maxq)
-    return QuantizedLinear(
-        qweight=q.reshape(out_f, in_f).to(torch.uint8),
-        scales=scale,
-        zeros=zero.to(torch.int32),
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
-    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+from llmq.calib.sources import load_documents
 from llmq.errors import BadInput, CalibrationError
 
 # tokenize until the stream holds this many times the tokens the windows need, so windows rarely overlap
@@ -60,8 +61,6 @@ def sample_windows(stream: list[int], nsamples: int, seqlen: int, seed: int):
 def calibration_samples(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
                         split: str | None = None):  # fmt: skip
     """``torch.LongTensor [nsamples, seqlen]`` drawn from the source ``spec`` (see llmq.calib.sources)."""
-    from llmq.calib.sources import load_documents
-
     if nsamples < 1 or seqlen < 1:
         raise BadInput(f"--nsamples and --seqlen must be positive (got {nsamples}, {seqlen})")
     docs = load_documents(spec, split)

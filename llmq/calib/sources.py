@@ -40,7 +40,6 @@ __all__ = [
     "resolve_source",
     "load_text",
     "load_documents",
-    "calibration_samples",
     "shared_dir",
 ]
 
@@ -375,14 +374,6 @@ def load_documents(spec: str, split: str | None = None) -> list[str]:
     if not docs:
         raise CalibrationError(f"{spec} has no text")
     return docs
-
-
-def calibration_samples(tokenizer, spec: str, nsamples: int = 128, seqlen: int = 512, seed: int = 0,
-                        split: str | None = None):  # fmt: skip
-    """``[nsamples, seqlen]`` LongTensor of token windows; see :func:`llmq.calib.samples.calibration_samples`."""
-    from llmq.calib.samples import calibration_samples as _samples
-
-    return _samples(tokenizer, spec, nsamples=nsamples, seqlen=seqlen, seed=seed, split=split)
 
 
 def registered(names: Sequence[str] | None = None) -> dict[str, TextSource]:

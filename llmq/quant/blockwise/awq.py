@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 from llmq.errors import BadInput
 from llmq.formats.base import QuantizedLinear
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
-from llmq.quant.blockwise.gptq import BlockwiseConfig
+from llmq.quant.blockwise.config import BlockwiseConfig
 from llmq.quant.grid import fake_quantize, quantize_rtn
 
 if TYPE_CHECKING:

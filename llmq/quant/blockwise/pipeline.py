@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import torch
 
     from llmq.formats.base import QuantizedLinear
-    from llmq.quant.blockwise.gptq import BlockwiseConfig
+    from llmq.quant.blockwise.config import BlockwiseConfig
 
 BATCH_TOKENS = 4096  # calibration tokens per forward batch: large enough for efficient matmuls, small in RAM
 

@@ -13,7 +13,6 @@ from llmq.quant.layerwise.nf4 import (
     NF4_CODE,
     NF4Config,
     NF4Quantizer,
-    dequantize_4bit,
     dynamic_map,
     quantize_4bit,
 )
@@ -34,7 +33,7 @@ def test_nf4_codebook_and_round_trip_without_bitsandbytes():
     W = torch.randn(32, 100)  # 3200 values: 50 blocks
     q = quantize_4bit(W, "nf4", 64)
     assert q.packed.shape == (1600, 1) and q.packed.dtype == torch.uint8 and q.absmax.shape == (50,)
-    deq = dequantize_4bit(q, torch.float32)
+    deq = q.dequantize(torch.float32)
     # each value lands on the nearest code: error at most half the widest codebook gap times the block absmax
     gap = max(b - a for a, b in zip(NF4_CODE, NF4_CODE[1:]))
     absmax = q.absmax.repeat_interleave(64)
@@ -43,7 +42,7 @@ def test_nf4_codebook_and_round_trip_without_bitsandbytes():
     assert (
         dq.absmax.dtype == torch.uint8 and dq.nested_absmax.shape == (1,) and dq.nested_code.shape == (256,)
     )
-    assert (dequantize_4bit(dq, torch.float32) - deq).abs().max() < 0.02
+    assert (dq.dequantize(torch.float32) - deq).abs().max() < 0.02
     with pytest.raises(BadInput):
         quantize_4bit(W, "nf3")
     with pytest.raises(BadInput):
@@ -62,7 +61,7 @@ def test_matches_bitsandbytes_quantize_4bit(quant_type, dtype, shape):
     assert torch.equal(packed, q.packed)
     assert torch.equal(state.absmax, q.absmax)
     assert torch.equal(state.code, q.code)
-    assert torch.equal(F.dequantize_4bit(packed, state), dequantize_4bit(q))
+    assert torch.equal(F.dequantize_4bit(packed, state), q.dequantize())
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -81,7 +80,7 @@ def test_double_quant_against_bitsandbytes(quant_type):
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
     # and bitsandbytes dequantizes llmq's state to llmq's values
     state.absmax = q.absmax
-    assert torch.equal(F.dequantize_4bit(q.packed, state), dequantize_4bit(q))
+    assert torch.equal(F.dequantize_4bit(q.packed, state), q.dequantize())
 
 
 @pytest.fixture(scope="module")

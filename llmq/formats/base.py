@@ -118,6 +118,32 @@ class Blockwise4bit:
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight back in ``dtype`` (default: the original dtype)."""
+        from llmq.formats.packing import unpack_nibbles_high_first
+        from llmq.io.base import torch_dtype
+
+        n = 1
+        for d in self.shape:
+            n *= d
+        absmax = self.absmax
+        if self.double_quant:
+            nested = self.nested_code.to(absmax.device)[absmax.long()]
+            absmax = _scale_blocks(nested, self.nested_absmax, self.nested_blocksize) + self.offset
+        values = self.code.to(absmax.device)[unpack_nibbles_high_first(self.packed, n).long()]
+        out = _scale_blocks(values, absmax.float(), self.blocksize)
+        return out.reshape(self.shape).to(dtype or torch_dtype(self.dtype))
+
+
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values`` (flat) times the absmax of their block; a short last block uses the last absmax."""
+    n = values.numel()
+    full = n - n % blocksize
+    head = (values[:full].reshape(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
+    if full == n:
+        return head
+    return torch.cat([head, values[full:] * absmax[-1]])
+
 
 @dataclass(frozen=True)
 class Scheme:

@@ -33,13 +33,13 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.to(dtype), requires_grad=False) if bias is not None else None
         self.weight: torch.Tensor | None = None
         if unpack_once:
-            self.weight = nn.Parameter(_dequantize(q, dtype), requires_grad=False)
+            self.weight = nn.Parameter(q.dequantize(dtype), requires_grad=False)
             self.q = None  # the packed record is no longer needed
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.weight is not None:
             return self.weight
-        return _dequantize(self.q, self.compute_dtype)
+        return self.q.dequantize(self.compute_dtype)
 
     def _apply(self, fn, recurse=True):
         # keep the packed record on the module's device when .to()/.cuda() moves it
@@ -62,14 +62,6 @@ def _shape(q: Any) -> tuple[int, int]:
     if hasattr(q, "qweight"):
         return q.out_features, q.in_features
     return int(q.shape[0]), int(q.shape[1])
-
-
-def _dequantize(q: Any, dtype: torch.dtype) -> torch.Tensor:
-    if hasattr(q, "qweight"):
-        return q.dequantize(dtype)
-    from llmq.quant.layerwise.nf4 import dequantize_4bit
-
-    return dequantize_4bit(q, dtype)
 
 
 def _move(q: Any, device: torch.device) -> Any:

@@ -12,13 +12,14 @@ import json
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from llmq.errors import BadInput
 from llmq.io.base import TensorInfo
+from llmq.progress import Progress, no_progress  # noqa: F401  (re-exported: methods import them from here)
 from llmq.registry import Registry
 
 CONFIG_VERSION = 1
@@ -238,14 +239,6 @@ class QuantizeResult:
             "bits_per_weight": 8.0 * self.output_bytes / self.n_params if self.n_params else None,
             "notes": self.notes,
         }
-
-
-# progress(stage: str, done: float, total: float) - the CLI passes a rich progress callback
-Progress = Callable[[str, float, float], None]
-
-
-def no_progress(stage: str, done: float, total: float) -> None:
-    return None
 
 
 class Quantizer(Protocol):

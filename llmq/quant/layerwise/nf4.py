@@ -15,9 +15,9 @@ import torch
 
 from llmq.errors import BadInput
 from llmq.formats.base import Blockwise4bit
-from llmq.formats.packing import pack_nibbles_high_first, unpack_nibbles_high_first
-from llmq.formats.writer import LayerwiseQuantizer
+from llmq.formats.packing import pack_nibbles_high_first
 from llmq.quant.base import QuantConfig, quantizers
+from llmq.quant.layerwise.pipeline import LayerwiseQuantizer
 
 # QLoRA's NormalFloat4 (bitsandbytes get_4bit_type("nf4"))
 NF4_CODE = (
@@ -107,31 +107,6 @@ def quantize_4bit(W: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         q.nested_code = dynamic_map().clone()
         q.offset = float(offset)
     return q
-
-
-def dequantize_4bit(q: Blockwise4bit, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight back in ``dtype`` (default: the original dtype)."""
-    from llmq.io.base import torch_dtype
-
-    n = 1
-    for d in q.shape:
-        n *= d
-    absmax = q.absmax
-    if q.double_quant:
-        nested = q.nested_code.to(absmax.device)[absmax.long()]
-        absmax = _scale_blocks(nested, q.nested_absmax, q.nested_blocksize) + q.offset
-    values = q.code.to(absmax.device)[unpack_nibbles_high_first(q.packed, n).long()]
-    out = _scale_blocks(values, absmax.float(), q.blocksize)
-    return out.reshape(q.shape).to(dtype or torch_dtype(q.dtype))
-
-
-def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    n = values.numel()
-    full = n - n % blocksize
-    head = (values[:full].reshape(-1, blocksize) * absmax[: full // blocksize, None]).reshape(-1)
-    if full == n:
-        return head
-    return torch.cat([head, values[full:] * absmax[-1]])
 
 
 @dataclass(frozen=True)

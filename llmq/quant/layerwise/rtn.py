@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 from llmq.errors import BadInput, ShapeError
 from llmq.formats.base import QuantizedLinear
-from llmq.formats.writer import LayerwiseQuantizer
 from llmq.quant.base import QuantConfig, quantizers
 from llmq.quant.grid import quantize_rtn
+from llmq.quant.layerwise.pipeline import LayerwiseQuantizer
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
 

@@ -114,7 +114,7 @@ CASES = [
     # mid-calibration: block 0 handed to the resume writer's thread, block 1 about to run
     ("quantize-gptq-mid-blocks", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "gptq",
                                                      "--group-size", "64", *CALIB],
-     "after:llmq.quant.blockwise.pipeline:ResumeDir.save_block:1", signal.SIGINT, ".out.llmq-resume"),
+     "after:llmq.quant.blockwise.resume:ResumeDir.save_block:1", signal.SIGINT, ".out.llmq-resume"),
     ("quantize-awq", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "awq", "--group-size",
                                          "64", *CALIB], "fsync:1", signal.SIGINT, ".out.llmq-resume"),
     ("eval-output", lambda m, g, t, o: ["eval", "perplexity", str(m), "--dataset", str(t), "--ctx", "64",

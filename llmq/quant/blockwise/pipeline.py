@@ -17,9 +17,6 @@ after the last finished block.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import json
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -28,9 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from llmq.errors import BadInput, CalibrationError, CorruptFile, ShapeError, UnsupportedArchitecture
-from llmq.io.base import DEFAULT_SHARD_BYTES, parse_size
 from llmq.models.arch import Arch, arch_for_config, num_layers
 from llmq.quant.base import Progress, QuantizeResult, no_progress
+from llmq.quant.blockwise.output import plan_packed, write_output
+from llmq.quant.blockwise.resume import ResumeDir, block_tensors, fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -285,6 +283,10 @@ class SourceModel:
     def names(self) -> list[str]:
         return self._reader.names()
 
+    def infos(self) -> list:
+        """The header's TensorInfos, in checkpoint order."""
+        return list(self._reader.infos())
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._reader.info(name).shape)
 
@@ -364,7 +366,7 @@ def plan_output(src: Path, config: BlockwiseConfig, method_name: str = "gptq"):
     plan = make_plan(reader, config)
     if config.format != "fake-quant":
         return plan_packed(reader, plan, config, method_name)
-    return list(reader._reader.infos())
+    return reader.infos()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -478,121 +480,8 @@ def capture_first_inputs(model, reader, samples: torch.Tensor) -> tuple[list, li
 
 
 # --------------------------------------------------------------------------------------------------------------
-# resume state
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _fingerprint(src: Path, config: BlockwiseConfig, method: str) -> str:
-    h = hashlib.sha256()
-    h.update(method.encode())
-    h.update(json.dumps({k: v for k, v in config.to_dict().items() if k not in ("resume", "format",
-                                                                                   "max_shard_size")},
-                        sort_keys=True).encode())  # fmt: skip
-    for p in sorted(src.glob("*.safetensors")) + [src / "config.json"]:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
-
-
-class ResumeDir:
-    """``.<out>.llmq-resume/``: one safetensors file per finished block + the hidden states after the last. The
-    one hidden directory llmq keeps after an interruption, on purpose: ``--resume`` continues from it."""
-
-    def __init__(self, out: Path, fingerprint: str, resume: bool):
-        from llmq.io.temporaries import resume_dir
-
-        self.path = resume_dir(out)
-        self.fingerprint = fingerprint
-        self._writer: threading.Thread | None = None  # the background save of the last block (save_block)
-        self._error: BaseException | None = None
-        state = self.path / "state.json"
-        if resume and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fingerprint:
-            self.done = int(json.loads(state.read_text()).get("done", 0))
-        else:
-            if self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True)
-            self.done = 0
-            self._write_state()
-
-    def _write_state(self) -> None:
-        tmp = self.path / "state.json.tmp"
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}))
-        tmp.replace(self.path / "state.json")
-
-    def block_file(self, i: int) -> Path:
-        return self.path / f"block_{i:05d}.safetensors"
-
-    def save_block(self, i: int, tensors: dict[str, torch.Tensor], hidden: list[torch.Tensor],
-                   floats: list[torch.Tensor] | None = None) -> None:  # fmt: skip
-        """Write block i's tensors and the hidden states after it on a background thread (the next block runs
-        meanwhile; at 128×512 tokens the states are ~150 MB a block); ``wait()`` joins it. ``done`` moves on
-        only once everything of the block is on disk."""
-        self.wait()
-
-        def write() -> None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(self.block_file(i)) + ".tmp")
-            Path(str(self.block_file(i)) + ".tmp").replace(self.block_file(i))
-            states = {f"hidden.{b}": h.cpu().contiguous() for b, h in enumerate(hidden)}
-            states |= {f"float_hidden.{b}": h.cpu().contiguous() for b, h in enumerate(floats or [])}
-            save_file(states, str(self.path / "hidden.safetensors.tmp"))
-            (self.path / "hidden.safetensors.tmp").replace(self.path / "hidden.safetensors")
-            self.done = i + 1
-            self._write_state()
-
-        def run() -> None:
-            try:
-                write()
-            except BaseException as e:  # re-raised by wait() on the pipeline's thread
-                self._error = e
-
-        self._writer = threading.Thread(target=run, name="llmq-resume-writer")
-        self._writer.start()
-
-    def wait(self) -> None:
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.join()
-        err, self._error = self._error, None
-        if err is not None:
-            raise err
-
-    def load_hidden(self, key: str = "hidden") -> list[torch.Tensor]:
-        from safetensors.torch import load_file
-
-        saved = load_file(str(self.path / "hidden.safetensors"))
-        return [saved[f"{key}.{b}"] for b in range(sum(1 for k in saved if k.startswith(key + ".")))]
-
-    def load_block(self, i: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        return load_file(str(self.block_file(i)))
-
-    def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # the pipeline
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _block_tensors(layer, records: dict[str, QuantizedLinear]) -> dict[str, torch.Tensor]:
-    """Everything a finished block contributes: unquantized params as is, quantized Linears as grid records."""
-    out = {}
-    for name, p in layer.named_parameters():
-        module = name.removesuffix(".weight")
-        if name.endswith(".weight") and module in records:
-            r = records[module]
-            out[f"{module}.__qweight"] = r.qweight.cpu()
-            out[f"{module}.__scales"] = r.scales.cpu()
-            out[f"{module}.__zeros"] = r.zeros.cpu()
-            out[f"{module}.__g_idx"] = r.group_index().int().cpu()
-        else:
-            out[name] = p.detach().cpu().clone()
-    return out
 
 
 def forward_all(ctx: BlockContext) -> list[torch.Tensor]:
@@ -635,7 +524,7 @@ def quantize_blockwise(src: Path, out: Path, config: BlockwiseConfig, method: Bl
 
     hf_config, model = _skeleton(src)
     torch.set_grad_enabled(False)
-    resume = ResumeDir(out, _fingerprint(src, config, method_name), config.resume)
+    resume = ResumeDir(out, fingerprint(src, config, method_name), config.resume)
     device = resolve_device(config.device)
     hidden, kwargs = capture_first_inputs(model, reader, samples)
     # the float stream starts from the same embeddings (nothing modifies a hidden state in place)
@@ -685,7 +574,7 @@ def _quantize_blocks(plan: Plan, layers, reader, device, method: BlockMethod, re
                 if ctx.float_outputs is not None
                 else forward_all(replace(ctx, inputs=floats))
             )
-        resume.save_block(i, _block_tensors(layer, records), hidden, floats)
+        resume.save_block(i, block_tensors(layer, records), hidden, floats)
         layers[i] = layer.to("meta")
         progress(f"block {i + 1}/{plan.n_layers}", i + 1, plan.n_layers)
 
@@ -693,176 +582,3 @@ def _quantize_blocks(plan: Plan, layers, reader, device, method: BlockMethod, re
 def iter_block_records(plan: Plan, resume: ResumeDir) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     for i in range(plan.n_layers):
         yield i, resume.load_block(i)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# output: fake-quant written here; packed formats through the llmq.formats writers
-# --------------------------------------------------------------------------------------------------------------
-
-_COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-               "generation_config.json", "chat_template.jinja", "vocab.json", "merges.txt")  # fmt: skip
-
-
-def record_from_tensors(
-    tensors: dict[str, torch.Tensor], module: str, config: BlockwiseConfig
-) -> QuantizedLinear:
-    from llmq.formats.base import QuantizedLinear
-
-    return QuantizedLinear(tensors[f"{module}.__qweight"], tensors[f"{module}.__scales"],
-                           tensors[f"{module}.__zeros"], config.bits, config.group_size, config.sym,
-                           tensors[f"{module}.__g_idx"])  # fmt: skip
-
-
-def iter_output_tensors(reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig):
-    """(name, tensor or QuantizedLinear) in checkpoint order, one block's records in memory at a time."""
-    prefix = plan.arch.layers + "."
-    for name in reader.names():
-        if not name.startswith(prefix):
-            yield name, reader.read(name)
-    for i in range(plan.n_layers):
-        tensors = resume.load_block(i)
-        bp = plan.arch.block_prefix(i)
-        for key in tensors:
-            if "__" in key:
-                if key.endswith(".__qweight"):
-                    module = key.removesuffix(".__qweight")
-                    yield bp + module + ".weight", record_from_tensors(tensors, module, config)
-                continue
-            yield bp + key, tensors[key]
-
-
-def _write_fake_quant(tmp: Path, reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig) -> list:
-    """An ordinary HF checkpoint whose quantized Linears hold their dequantized weights (source dtype)."""
-    import torch
-    from safetensors.torch import save_file
-
-    from llmq.io.base import TensorInfo, dtype_code
-
-    limit = parse_size(config.max_shard_size) if config.max_shard_size else DEFAULT_SHARD_BYTES
-    norms = [n for n in reader.names() if n.endswith("norm.weight")]
-    dtype = reader.read(norms[0]).dtype if norms else torch.float32
-    shard: dict[str, torch.Tensor] = {}
-    size, count, infos, shard_of = 0, 0, [], {}
-
-    def flush() -> None:
-        nonlocal shard, size, count
-        save_file(shard, str(tmp / f"shard{count}.tmp"), metadata={"format": "pt"})
-        shard, size, count = {}, 0, count + 1
-
-    for name, t in iter_output_tensors(reader, plan, resume, config):
-        if not isinstance(t, torch.Tensor):
-            t = t.dequantize()
-        t = t.to(dtype if t.is_floating_point() else t.dtype).contiguous()
-        nbytes = t.numel() * t.element_size()
-        if size and size + nbytes > limit:
-            flush()
-        shard[name], size, shard_of[name] = t, size + nbytes, count
-        infos.append(TensorInfo(name, dtype_code(t.dtype), tuple(t.shape), nbytes))
-    flush()
-    files = ["model.safetensors"] if count == 1 else [f"model-{k + 1:05d}-of-{count:05d}.safetensors"
-                                                       for k in range(count)]  # fmt: skip
-    for k, final in enumerate(files):
-        (tmp / f"shard{k}.tmp").replace(tmp / final)
-    if count > 1:
-        index = {"metadata": {"total_size": sum(i.nbytes for i in infos)},
-                 "weight_map": {i.name: files[shard_of[i.name]] for i in infos}}  # fmt: skip
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return infos
-
-
-def write_output(src: Path, out: Path, reader, plan: Plan, resume: ResumeDir, config: BlockwiseConfig,
-                 method_name: str, *, force: bool) -> QuantizeResult:  # fmt: skip
-    from llmq.io.base import AtomicOutput
-
-    if config.format != "fake-quant":
-        infos = _write_packed(out, reader, plan, resume, config, method_name, force)
-    else:
-        with AtomicOutput(out, is_dir=True, force=force) as tmp:
-            infos = _write_fake_quant(tmp, reader, plan, resume, config)
-            (tmp / "config.json").write_text(json.dumps(reader.config, indent=2))
-            for name in _COPY_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
-            (tmp / "llmq_quantization.json").write_text(
-                json.dumps(
-                    {"method": method_name, "format": config.format, "config": config.to_dict()}, indent=2
-                )
-            )
-    in_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    return QuantizeResult(out, method_name, config.format, config.to_dict(), input_bytes=in_bytes,
-                          output_bytes=out_bytes, tensors=list(infos))  # fmt: skip
-
-
-class _QuantizedView:
-    """The source reader as the format writer sees it: block tensors come from the finished blocks (AWQ changed
-    the norms), everything else from the source; dtypes stay those of the source header."""
-
-    def __init__(self, source: SourceModel, plan: Plan, resume: ResumeDir):
-        self.source, self.plan, self.resume = source, plan, resume
-        self.path = source.path
-        self.config = source.config
-        self._block: tuple[int, dict] | None = None
-
-    def infos(self):
-        return self.source._reader.infos()
-
-    def read(self, name: str):
-        from llmq.io.base import torch_dtype
-
-        prefix = self.plan.arch.layers + "."
-        if not name.startswith(prefix):
-            return self.source.read(name)
-        i = int(name[len(prefix) :].split(".", 1)[0])
-        if self._block is None or self._block[0] != i:
-            self._block = (i, self.resume.load_block(i))
-        rel = name[len(self.plan.arch.block_prefix(i)) :]
-        return self._block[1][rel].to(torch_dtype(self.source.dtype(name)))
-
-
-def _scheme(config: BlockwiseConfig, method_name: str):
-    from llmq.formats.base import Scheme
-
-    extra = {"dataset": config.calibration, "nsamples": config.nsamples, "seqlen": config.seqlen}
-    for key in ("damp_percent", "static_groups", "true_sequential", "act_order"):
-        if hasattr(config, key):
-            extra[key] = getattr(config, key)
-    return Scheme(method=method_name, bits=config.bits, group_size=config.group_size, sym=config.sym,
-                  dtype="F16", desc_act=bool(getattr(config, "act_order", False)), extra=extra)  # fmt: skip
-
-
-def _layer_specs(plan: Plan) -> list:
-    from llmq.formats.base import LayerSpec
-
-    return [LayerSpec(plan.arch.block_prefix(i) + rel, *plan.shapes[plan.arch.block_prefix(i) + rel][:2])
-            for i, blk in enumerate(plan.targets) for rel in blk]  # fmt: skip
-
-
-def plan_packed(reader: SourceModel, plan: Plan, config: BlockwiseConfig, method_name: str) -> list:
-    from llmq.formats import get_format
-    from llmq.formats.writer import plan_checkpoint
-
-    passthrough, planned = plan_checkpoint(get_format(config.format), list(reader._reader.infos()),
-                                           _layer_specs(plan), _scheme(config, method_name))  # fmt: skip
-    return [*passthrough, *planned]
-
-
-def _write_packed(out: Path, reader: SourceModel, plan: Plan, resume: ResumeDir, config: BlockwiseConfig,
-                  method_name: str, force: bool) -> list:  # fmt: skip
-    from llmq.formats import get_format
-    from llmq.formats.writer import write_checkpoint
-
-    def produce():
-        for i, blk in enumerate(plan.targets):
-            if not blk:
-                continue
-            tensors = resume.load_block(i)
-            for rel in blk:
-                yield plan.arch.block_prefix(i) + rel, record_from_tensors(tensors, rel, config)
-
-    fmt = get_format(config.format)
-    limit = parse_size(config.max_shard_size) if config.max_shard_size else None
-    res = write_checkpoint(out, fmt, _QuantizedView(reader, plan, resume), _layer_specs(plan), produce(),
-                           _scheme(config, method_name), force=force, max_shard_bytes=limit,
-                           card={"calibration": config.calibration})  # fmt: skip
-    return list(res.tensors)

@@ -12,10 +12,11 @@ import torch
 from llmq.errors import BadInput, OutputExists, ShapeError, UnsupportedType
 from llmq.formats import detect_format, get_format
 from llmq.formats.base import LayerSpec, Scheme
-from llmq.formats.writer import select_layers, write_checkpoint
+from llmq.formats.writer import write_checkpoint
 from llmq.io import open_checkpoint
 from llmq.quant.grid import quantize_rtn
 from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer
+from llmq.quant.select import select_layers
 
 # ------------------------------------------------------------------ reference unpackers (from the specs, slow)
 

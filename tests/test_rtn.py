@@ -11,8 +11,6 @@ from hypothesis import strategies as st
 
 from llmq.errors import BadInput, OutputExists, ShapeError
 from llmq.formats.packing import pack_int32, unpack_int32
-from llmq.formats.writer import DEFAULT_IGNORE, select_layers
-from llmq.io.base import TensorInfo
 from llmq.quant.base import quantizers
 from llmq.quant.layerwise.rtn import RTNConfig, RTNQuantizer
 
@@ -27,35 +25,6 @@ def test_pack_int32_round_trip(bits, rows, n, dim):
     packed = pack_int32(codes, bits, dim=dim)
     assert packed.dtype == torch.int32 and packed.shape[dim] == (n * bits + 31) // 32
     assert torch.equal(unpack_int32(packed, bits, n, dim=dim), codes.to(torch.int32))
-
-
-def _infos():
-    mk = lambda n, s, d="F16": TensorInfo(n, d, s, 0)  # noqa: E731
-    return [
-        mk("model.embed_tokens.weight", (512, 64)),
-        mk("model.layers.0.self_attn.q_proj.weight", (64, 64)),
-        mk("model.layers.0.mlp.down_proj.weight", (64, 128)),
-        mk("model.layers.0.input_layernorm.weight", (64,)),
-        mk("model.layers.1.self_attn.q_proj.weight", (64, 64)),
-        mk("model.norm.weight", (64,)),
-        mk("lm_head.weight", (512, 64)),
-        mk("model.layers.0.self_attn.q_proj.qweight", (8, 64), "I32"),
-    ]
-
-
-def test_layer_selection_defaults_ignore_only():
-    names = [layer.name for layer in select_layers(_infos())]
-    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
-                     "model.layers.1.self_attn.q_proj"]  # fmt: skip
-    assert "*embed*" in DEFAULT_IGNORE
-    names = [layer.name for layer in select_layers(_infos(), ignore=["*.layers.1.*"])]
-    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
-    names = [layer.name for layer in select_layers(_infos(), only=["re:down_proj$", "lm_head"])]
-    assert names == ["model.layers.0.mlp.down_proj", "lm_head"]
-    with pytest.raises(BadInput, match="no Linear"):
-        select_layers(_infos(), only=["nothing*"])
-    with pytest.raises(BadInput, match="bad pattern"):
-        select_layers(_infos(), only=["re:("])
 
 
 def test_config_validation_and_options():

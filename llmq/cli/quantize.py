@@ -123,13 +123,19 @@ def quantize_cmd(
     ignore: Annotated[
         list[str] | None,
         typer.Option(
-            "--ignore", help="Glob of tensors/modules to leave unquantized (repeatable).", rich_help_panel=_G
+            "--ignore",
+            help="Module pattern to leave unquantized (repeatable): a glob over the name or whole dotted parts "
+            "of it (q_proj, layers.0, *.mlp.*) or re:REGEX. See docs/quantize.md 'Choosing layers'.",
+            rich_help_panel=_G,
         ),
     ] = None,
     only: Annotated[
         list[str] | None,
         typer.Option(
-            "--only", help="Quantize only matching tensors/modules (repeatable).", rich_help_panel=_G
+            "--only",
+            help="Quantize only modules matching a pattern (repeatable; same patterns as --ignore, which still "
+            "wins); overrides the default exclusion of embeddings, lm_head and norms.",
+            rich_help_panel=_G,
         ),
     ] = None,
     resume: Annotated[

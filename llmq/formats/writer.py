@@ -2,7 +2,7 @@
 
 ``write_checkpoint`` is what every method calls once it can produce its quantized layers one at a time::
 
-    layers = select_layers(reader.infos(), ignore=cfg.ignore, only=cfg.only)     # header only
+    layers = select_layers(reader.infos(), ignore=cfg.ignore, only=cfg.only)     # llmq.quant.select, header only
     fmt = get_format("gptq"); scheme = Scheme(method="gptq", bits=4, group_size=128, sym=True)
     write_checkpoint(out, fmt, reader, layers, ((l.name, quantize(l)) for l in layers), scheme, force=force)
 
@@ -17,9 +17,7 @@ generation_config.json of the source, and a README.md model card. It appears onl
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,51 +30,10 @@ from llmq.io import SafetensorsWriter
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
 from llmq.progress import Progress, no_progress
 
-# modules left in full precision unless --only names them: embeddings, the output head, norms
-DEFAULT_IGNORE = ("*embed*", "*lm_head*", "*wte*", "*wpe*", "output", "*norm*")
-
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )  # fmt: skip
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """``re:REGEX`` (searched) or a glob matched against the module name."""
-    if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
-    return fnmatch.fnmatchcase(name, pattern)
-
-
-def select_layers(infos: Iterable[TensorInfo], ignore: Sequence[str] = (), only: Sequence[str] = (),
-                  default_ignore: Sequence[str] = DEFAULT_IGNORE) -> list[LayerSpec]:  # fmt: skip
-    """The Linear weights to quantize: 2-D floating ``*.weight`` tensors, filtered by module-name patterns.
-
-    ``only`` (when given) keeps modules matching one of its patterns, and overrides the default ignore list, so
-    ``--only lm_head`` quantizes the head; ``ignore`` always removes.
-    """
-    for p in (*ignore, *only):
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as e:
-                raise BadInput(f"bad pattern {p!r}: {e}") from None
-    layers = []
-    for i in infos:
-        if not i.name.endswith(".weight") or len(i.shape) != 2 or i.dtype not in ("F32", "F16", "BF16"):
-            continue
-        mod = i.name[: -len(".weight")]
-        if only:
-            if not any(_matches(mod, p) for p in only):
-                continue
-        elif any(_matches(mod, p) for p in default_ignore):
-            continue
-        if any(_matches(mod, p) for p in ignore):
-            continue
-        layers.append(LayerSpec(name=mod, out_features=int(i.shape[0]), in_features=int(i.shape[1])))
-    if not layers:
-        raise BadInput("no Linear weights selected for quantization (check --only/--ignore)")
-    return layers
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from llmq.errors import BadInput
 from llmq.quant.base import QuantConfig
+from llmq.quant.select import check_patterns
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 32, 64, 128)
@@ -28,7 +29,7 @@ class BlockwiseConfig(QuantConfig):
     nsamples: int = 128
     seqlen: int = 512
     seed: int = 0
-    ignore: tuple[str, ...] = ("lm_head",)
+    ignore: tuple[str, ...] = ()  # llmq.quant.select: the head, embeddings and norms are never quantized
     only: tuple[str, ...] = ()
     device: str = "cpu"
     resume: bool = False
@@ -56,5 +57,4 @@ class BlockwiseConfig(QuantConfig):
         if self.nsamples < 1 or self.seqlen < 8:
             raise BadInput("--nsamples must be >= 1 and --seqlen >= 8")
         for name in ("ignore", "only"):
-            if isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, (getattr(self, name),))
+            object.__setattr__(self, name, check_patterns(getattr(self, name)))

@@ -35,7 +35,7 @@ def iter_output_tensors(reader, plan: Plan, resume: ResumeDir, config: Blockwise
     for i in range(plan.n_layers):
         tensors = resume.load_block(i)
         bp = plan.arch.block_prefix(i)
-        for key in tensors:
+        for key, _, _ in resume.block_header(i):  # the order plan_fake_quant planned
             if "__" in key:
                 if key.endswith(".__qweight"):
                     module = key.removesuffix(".__qweight")

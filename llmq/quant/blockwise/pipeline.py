@@ -16,10 +16,8 @@ after the last finished block.
 
 from __future__ import annotations
 
-import fnmatch
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,6 +27,7 @@ from llmq.models.arch import Arch, arch_for_config, num_layers
 from llmq.quant.base import Progress, QuantizeResult, no_progress
 from llmq.quant.blockwise.output import plan_packed, write_output
 from llmq.quant.blockwise.resume import ResumeDir, block_tensors, fingerprint
+from llmq.quant.select import is_selected
 
 if TYPE_CHECKING:
     import torch
@@ -311,11 +310,6 @@ def open_source(src: Path) -> SourceModel:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name, f"*.{p}") or fnmatch.fnmatch(name, f"*.{p}.*")
-               or fnmatch.fnmatch(name, f"{p}.*") for p in patterns)  # fmt: skip
-
-
 @dataclass
 class Plan:
     arch: Arch
@@ -340,7 +334,7 @@ def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
                 )
             shape = reader.shape(full + ".weight")
             shapes[full] = shape
-            if _matches(full, config.ignore) or (config.only and not _matches(full, config.only)):
+            if not is_selected(full, config.ignore, config.only):
                 continue
             if config.group_size > 0 and shape[1] % config.group_size:
                 indivisible.append(full)
@@ -577,8 +571,3 @@ def _quantize_blocks(plan: Plan, layers, reader, device, method: BlockMethod, re
         resume.save_block(i, block_tensors(layer, records), hidden, floats)
         layers[i] = layer.to("meta")
         progress(f"block {i + 1}/{plan.n_layers}", i + 1, plan.n_layers)
-
-
-def iter_block_records(plan: Plan, resume: ResumeDir) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
-    for i in range(plan.n_layers):
-        yield i, resume.load_block(i)

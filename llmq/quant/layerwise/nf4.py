@@ -18,6 +18,7 @@ from llmq.formats.base import Blockwise4bit
 from llmq.formats.packing import pack_nibbles_high_first
 from llmq.quant.base import QuantConfig, quantizers
 from llmq.quant.layerwise.pipeline import LayerwiseQuantizer
+from llmq.quant.select import check_patterns
 
 # QLoRA's NormalFloat4 (bitsandbytes get_4bit_type("nf4"))
 NF4_CODE = (
@@ -122,6 +123,8 @@ class NF4Config(QuantConfig):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        for name in ("ignore", "only"):
+            object.__setattr__(self, name, check_patterns(getattr(self, name)))
         codebook(self.quant_type)
         if self.blocksize not in BLOCKSIZES:
             raise BadInput(f"--blocksize must be one of {BLOCKSIZES}, not {self.blocksize}")
@@ -140,7 +143,7 @@ class NF4Quantizer(LayerwiseQuantizer):
     def _prepare(self, reader, config: NF4Config):
         from llmq.formats import get_format
         from llmq.formats.base import Scheme
-        from llmq.formats.writer import select_layers
+        from llmq.quant.select import select_layers
 
         layers = select_layers(reader.infos(), ignore=config.ignore, only=config.only)
         layers = [self._with_meta(reader, layer, config) for layer in layers]

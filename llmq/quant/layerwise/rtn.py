@@ -13,6 +13,7 @@ from llmq.formats.base import QuantizedLinear
 from llmq.quant.base import QuantConfig, quantizers
 from llmq.quant.grid import quantize_rtn
 from llmq.quant.layerwise.pipeline import LayerwiseQuantizer
+from llmq.quant.select import check_patterns
 
 RTN_BITS = (2, 3, 4, 5, 6, 8)
 
@@ -30,6 +31,8 @@ class RTNConfig(QuantConfig):
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        for name in ("ignore", "only"):
+            object.__setattr__(self, name, check_patterns(getattr(self, name)))
         if self.bits not in RTN_BITS:
             raise BadInput(f"--bits {self.bits} is not supported by rtn ({', '.join(map(str, RTN_BITS))})")
         if self.group_size != -1 and self.group_size <= 0:
@@ -47,7 +50,7 @@ class RTNQuantizer(LayerwiseQuantizer):
     def _prepare(self, reader, config: RTNConfig):
         from llmq.formats import get_format
         from llmq.formats.base import Scheme
-        from llmq.formats.writer import select_layers
+        from llmq.quant.select import select_layers
 
         fmt = get_format(config.format)
         infos = {i.name: i for i in reader.infos()}

@@ -9,6 +9,10 @@ from hypothesis import settings
 from tests.helpers import make_tiny_model, shared_dir, smollm2_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the Hub
+try:  # the library reads local data only from $LLMQ_SHARED (it never guesses a path): tell it where CI put it
+    os.environ.setdefault("LLMQ_SHARED", str(shared_dir()))
+except FileNotFoundError:
+    pass
 
 # CI replays the same examples every run (a red build is reproducible); HYPOTHESIS_PROFILE=explore searches anew
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)

@@ -40,7 +40,7 @@ __all__ = [
     "resolve_source",
     "load_text",
     "load_documents",
-    "shared_dir",
+    "local_data_dir",
 ]
 
 
@@ -60,13 +60,10 @@ class TextSource(Protocol):
 sources: Registry[TextSource] = Registry("calibration source", entry_point_group="llmq.calib_sources")
 
 
-def shared_dir() -> Path:
-    """``$LLMQ_SHARED``, else ``<repo root>/../shared``, else ``/work/shared`` (test data that cannot be fetched)."""
+def local_data_dir() -> Path | None:
+    """``$LLMQ_SHARED`` (a folder holding ``data/wikitext-2-raw/``), or None: the library never guesses a path."""
     env = os.environ.get("LLMQ_SHARED")
-    if env:
-        return Path(env)
-    beside = Path(__file__).resolve().parents[2].parent / "shared"
-    return beside if beside.is_dir() else Path("/work/shared")
+    return Path(env) if env else None
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -254,8 +251,9 @@ class WikiText2Source(HubSource):
     """
 
     def _local(self, split: str) -> Path | None:
-        p = shared_dir() / "data" / "wikitext-2-raw" / f"wiki.{split}.raw"
-        return p if p.is_file() else None
+        root = local_data_dir()
+        p = root / "data" / "wikitext-2-raw" / f"wiki.{split}.raw" if root is not None else None
+        return p if p is not None and p.is_file() else None
 
     def text(self, split: str) -> str:
         local = self._local(split)

@@ -18,12 +18,19 @@ from tests.helpers import shared_dir
 WIKI_MD5 = "7c0137fc034ddbc56a296bce31b4f7fb"
 
 
-def _wiki_raw() -> Path:
+def _raw_path() -> Path | None:
     try:
-        p = shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.raw"
+        return shared_dir() / "data" / "wikitext-2-raw" / "wiki.test.raw"
     except FileNotFoundError:
-        pytest.skip("shared data not present")
-    if not p.is_file():
+        return None
+
+
+_RAW = _raw_path()  # before any fixture changes LLMQ_SHARED
+
+
+def _wiki_raw() -> Path:
+    p = _RAW
+    if p is None or not p.is_file():
         pytest.skip("shared wikitext-2 test file not present")
     return p
 

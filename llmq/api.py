@@ -4,18 +4,14 @@ returns a result object (or a plain dict for reports)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmq.io.hub import resolve_model
-
-Progress = Callable[[str, float, float], None]
-
-
-def _noop(stage: str, done: float, total: float) -> None:
-    return None
+from llmq.progress import Progress
+from llmq.progress import no_progress as _noop
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto", *, force: bool = False,

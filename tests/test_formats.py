@@ -238,3 +238,21 @@ def test_transformers_loads_compressed_tensors(tiny_llama, tmp_path):
         a = ref(ids).logits
         b = load_causal_lm(out)(ids).logits
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_formats_and_loader_never_import_quant():
+    """Layering: formats (and the loader built on them) sit below the methods; the methods import formats."""
+    import ast
+    from pathlib import Path
+
+    import llmq
+
+    root = Path(llmq.__file__).parent
+    for path in [*sorted((root / "formats").glob("*.py")), root / "models" / "load.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            mods = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                mods = [node.module]
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            assert not any(m == "llmq.quant" or m.startswith("llmq.quant.") for m in mods), (path.name, mods)

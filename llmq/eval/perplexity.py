@@ -13,7 +13,7 @@ the torch and llama.cpp backends run exactly the same windows:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,8 @@ import numpy as np
 from llmq.errors import BadInput, CalibrationError
 from llmq.eval.kld import BaseLogits, Estimate, KLDStats, kld_stats, ppl_estimate, read_base_logits
 from llmq.eval.scoring import Scorer
-
-Progress = Callable[[str, float, float], None]  # (stage, tokens done, tokens total), as llmq.quant.base
-
-
-def _no_progress(stage: str, done: float, total: float) -> None:
-    pass
+from llmq.progress import Progress  # (stage, tokens done, tokens total)
+from llmq.progress import no_progress as _no_progress
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from llmq.io.ggml_types import (
     GGUFValueType,
     is_block_type,
 )
+from llmq.io.paths import check_inside
 from llmq.io.readat import HeaderStream, ReadAt, file_read_at
 from llmq.io.rows import FileTensorReader
 
@@ -352,6 +353,11 @@ def split_paths(path: Path) -> list[Path]:
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise BadInput(f"split GGUF is incomplete: missing {', '.join(missing[:3])}")
+    for p in paths:
+        if (
+            p.name != path.name
+        ):  # the part the user named is theirs to choose; the others are found through it
+            check_inside(p, path.parent)
     return paths
 
 

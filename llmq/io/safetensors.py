@@ -21,6 +21,7 @@ from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
 from llmq.io import limits
 from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, fsync_close, group_by_size, write_tensor
 from llmq.io.ggml_types import NUMPY_DTYPES
+from llmq.io.paths import check_inside, check_model_dir
 from llmq.io.readat import ReadAt, file_read_at
 from llmq.io.rows import FileTensorReader, read_rows
 
@@ -202,6 +203,7 @@ def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
             p = directory / shard
             if not p.exists():
                 raise BadInput(f"{index}: shard {shard} is missing")
+            check_inside(p, directory)  # a shard directory may be a link out
             files.append(p)
         return files, weight_map
     files = sorted(directory.glob("*.safetensors"))
@@ -226,6 +228,7 @@ class SafetensorsReader(FileTensorReader):
                     f"{self.path} holds only pickle checkpoints ({pickles[0]}); pickle can run code on load. "
                     "Convert it to safetensors, or pass --allow-pickle if you trust it"
                 )
+            check_model_dir(self.path)
             files, weight_map = _shard_files(self.path)
             cfg = self.path / "config.json"
             if cfg.exists():

@@ -22,13 +22,13 @@ GGUF_MAX_NESTING = 4  # arrays inside arrays
 GGUF_READ_CHUNK = 1 * MiB  # the fixed size of one header read
 
 # both formats
-MAX_TENSORS = 1 << 18  # tensors in one file; real: at most ~100k
+MAX_TENSORS = 1 << 17  # tensors in one file; real: at most ~100k (in a whole model)
 MAX_NAME_BYTES = 1 << 12  # a tensor name or metadata key; real: under 100
 MAX_STRING_BYTES = 32 * MiB  # one metadata string (an embedded tokenizer.json); real: under 20 MB
 MAX_DIM = 1 << 40  # one tensor dimension
 
 # safetensors
-SAFETENSORS_MAX_HEADER_BYTES = 32 * MiB  # the JSON header; real: ~15 MB for 100k tensors in one file
+SAFETENSORS_MAX_HEADER_BYTES = 16 * MiB  # the JSON header; real: ~13 MB for 100k tensors in one file
 SAFETENSORS_MAX_JSON_DEPTH = 8  # nesting of objects and arrays; a valid header needs 3
 SAFETENSORS_MAX_JSON_VALUES = (
     1 << 21

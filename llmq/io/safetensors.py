@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ from llmq.io import PICKLE_SUFFIXES  # noqa: E402 - one definition for both plac
 
 class _BigInt(str):
     """An integer literal longer than any size can be: kept as text so the field check names it."""
+
+
+_LONG_INT = re.compile(rf"\d{{{limits.SAFETENSORS_MAX_INT_DIGITS + 1}}}")
 
 
 def _parse_int(text: str) -> int | _BigInt:
@@ -61,6 +65,43 @@ def _json_depth(raw: bytes) -> int:
         depth = int(levels[-1])
         parity = (parity + int(quotes.sum())) & 1
     return deepest
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODE = json.JSONDecoder().raw_decode
+# integers past 20 digits (the JSON module refuses over 4,300) are kept as text, refused by the field check
+_DECODE_LONG = json.JSONDecoder(parse_int=_parse_int).raw_decode
+
+
+def _members(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    """(key, value) of the top-level JSON object, decoded one member at a time."""
+    decode = _DECODE_LONG if _LONG_INT.search(text) else _DECODE
+    ws = _WS.match
+    pos = ws(text).end()
+    if text[pos : pos + 1] != "{":
+        raise CorruptFile(f"{name}: header is not a JSON object")
+    pos = ws(text, pos + 1).end()
+    if text[pos : pos + 1] == "}":
+        pos += 1
+    else:
+        while True:
+            if text[pos : pos + 1] != '"':
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+            key, pos = decode(text, pos)
+            pos = ws(text, pos).end()
+            if text[pos : pos + 1] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+            value, pos = decode(text, ws(text, pos + 1).end())
+            yield key, value
+            pos = ws(text, pos).end()
+            c = text[pos : pos + 1]
+            pos = ws(text, pos + 1).end()
+            if c == "}":
+                break
+            if c != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    if ws(text, pos).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, pos)
 
 
 def parse_safetensors_header(read_at: ReadAt, name: str, size: int | None = None,
@@ -95,26 +136,28 @@ def parse_safetensors_header(read_at: ReadAt, name: str, size: int | None = None
     except UnicodeDecodeError as e:
         raise CorruptFile(f"{name}: header is not UTF-8 (invalid byte at {e.start})") from None
     del raw
-    try:
-        header = json.loads(text, parse_int=_parse_int)
-    except json.JSONDecodeError as e:
-        raise CorruptFile(f"{name}: header is not valid JSON ({e.msg} at byte {e.pos})") from None
-    except RecursionError:  # cannot happen below the depth cap; kept as a one-line error all the same
-        raise CorruptFile(f"{name}: header nests too deeply") from None
-    del text
-    if not isinstance(header, dict):
-        raise CorruptFile(f"{name}: header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CorruptFile(f"{name}: __metadata__ must map strings to strings")
-    if len(header) > limits.MAX_TENSORS:
-        raise CorruptFile(f"{name}: header holds more than {limits.MAX_TENSORS} tensors")
     data_start = 8 + n
     data_len = None if size is None else size - data_start
     file = name if file is None else file
+    meta: Any = {}
     infos: dict[str, TensorInfo] = {}
-    for tname, entry in header.items():
-        infos[tname] = _entry_info(name, file, tname, entry, data_start, data_len)
+    try:
+        # one top-level member at a time: the header's JSON is never held whole beside the infos built from it
+        for tname, entry in _members(text, name):
+            if tname == "__metadata__":
+                meta = entry if entry is not None else {}
+                if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                    raise CorruptFile(f"{name}: __metadata__ must map strings to strings")
+                continue
+            if tname in infos:
+                raise CorruptFile(f"{name}: duplicate tensor {tname}")
+            if len(infos) == limits.MAX_TENSORS:
+                raise CorruptFile(f"{name}: header holds more than {limits.MAX_TENSORS} tensors")
+            infos[tname] = _entry_info(name, file, tname, entry, data_start, data_len)
+    except json.JSONDecodeError as e:
+        raise CorruptFile(f"{name}: header is not valid JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:  # cannot happen below the depth cap; kept as a one-line error all the same
+        raise CorruptFile(f"{name}: header nests too deeply") from None
     check_no_overlap(infos.values(), name)
     return infos, meta
 
@@ -128,42 +171,46 @@ def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return parse_safetensors_header(file_read_at(path), path.name, size, file=str(path))
 
 
-def _is_size(v: Any) -> bool:
-    return type(v) is int and 0 <= v  # not bool, not a _BigInt
+_DTYPES = {d: d for d in ELEMENT_SIZES}  # one string object per dtype, not one per tensor
 
 
 def _entry_info(
     name: str, file: str, tname: str, entry: Any, data_start: int, data_len: int | None
 ) -> TensorInfo:
-    if len(tname.encode("utf-8", errors="surrogatepass")) > limits.MAX_NAME_BYTES:
+    # the hot loop of a header with 100k tensors: plain type checks, no generators
+    if (
+        len(tname) > limits.MAX_NAME_BYTES // 4
+        and len(tname.encode("utf-8", "surrogatepass")) > limits.MAX_NAME_BYTES
+    ):
         raise CorruptFile(
             f"{name}: tensor name {tname[:40]!r}... exceeds the {limits.MAX_NAME_BYTES}-byte limit"
         )
-    if not isinstance(entry, dict):
+    if type(entry) is not dict:
         raise CorruptFile(f"{name}: entry for {tname} is not an object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offs = entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in ELEMENT_SIZES:
+    size = ELEMENT_SIZES.get(dtype) if type(dtype) is str else None
+    if size is None:
         raise CorruptFile(f"{name}: tensor {tname} has unknown dtype {_short(dtype)}")
-    if not isinstance(shape, list) or not all(_is_size(d) and d <= limits.MAX_DIM for d in shape):
-        raise CorruptFile(f"{name}: tensor {tname} has an invalid shape {_short(shape)}")
-    if (
-        not isinstance(offs, list)
-        or len(offs) != 2
-        or not all(_is_size(o) for o in offs)
-        or offs[0] > offs[1]
-    ):
-        raise CorruptFile(f"{name}: tensor {tname} has invalid data_offsets {_short(offs)}")
     numel = 1
+    if type(shape) is not list:
+        raise CorruptFile(f"{name}: tensor {tname} has an invalid shape {_short(shape)}")
     for d in shape:
+        if type(d) is not int or not 0 <= d <= limits.MAX_DIM:  # not bool, not a _BigInt
+            raise CorruptFile(f"{name}: tensor {tname} has an invalid shape {_short(shape)}")
         numel *= d
-    nbytes = numel * ELEMENT_SIZES[dtype]
-    if offs[1] - offs[0] != nbytes:
-        raise CorruptFile(f"{name}: tensor {tname} spans {offs[1] - offs[0]} bytes, its shape needs {nbytes}")
-    if data_len is not None and offs[1] > data_len:
+    if type(offs) is not list or len(offs) != 2:
+        raise CorruptFile(f"{name}: tensor {tname} has invalid data_offsets {_short(offs)}")
+    start, end = offs
+    if type(start) is not int or type(end) is not int or not 0 <= start <= end:
+        raise CorruptFile(f"{name}: tensor {tname} has invalid data_offsets {_short(offs)}")
+    nbytes = numel * size
+    if end - start != nbytes:
+        raise CorruptFile(f"{name}: tensor {tname} spans {end - start} bytes, its shape needs {nbytes}")
+    if data_len is not None and end > data_len:
         raise CorruptFile(f"{name}: tensor {tname} data lies past the end of the file (truncated?)")
-    return TensorInfo(tname, dtype, tuple(shape), nbytes, file, data_start + offs[0])
+    return TensorInfo(tname, _DTYPES[dtype], tuple(shape), nbytes, file, data_start + start)
 
 
 def _short(v: Any) -> str:

@@ -62,7 +62,7 @@ def test_base_gguf_parses_and_reads_are_fixed_size(tmp_path):
     ("blob", "match"),
     [
         (F.gguf([], [], n_tensors=limits.MAX_TENSORS + 1), "more than the limits"),
-        (F.gguf([], [], n_kv=limits.GGUF_MAX_KEYS + 1), "more than the limits"),
+        (F.gguf([], [], n_kv=limits.MAX_METADATA_KEYS + 1), "more than the limits"),
         (
             F.gguf([F.kv("a", F.ARR, struct.pack("<IQ", F.U8, limits.GGUF_MAX_ARRAY_ELEMENTS + 1))], []),
             "a: array of",

@@ -258,10 +258,10 @@ def parse_gguf_header(read_at: ReadAt, name: str, size: int | None = None, decod
         raise p.fail(f"unsupported GGUF version {h.version}")
     n_tensors = p.unpack(_U64, "tensor count")
     n_kv = p.unpack(_U64, "metadata count")
-    if n_tensors > limits.MAX_TENSORS or n_kv > limits.GGUF_MAX_KEYS:
+    if n_tensors > limits.MAX_TENSORS or n_kv > limits.MAX_METADATA_KEYS:
         raise p.fail(
             f"header declares {n_tensors} tensors and {n_kv} keys, more than the limits "
-            f"({limits.MAX_TENSORS} tensors, {limits.GGUF_MAX_KEYS} keys)"
+            f"({limits.MAX_TENSORS} tensors, {limits.MAX_METADATA_KEYS} keys)"
         )
     # each KV takes at least 8+4 bytes, each tensor info at least 8+4+8+4+8
     if size is not None and (n_kv * 12 > size or n_tensors * 32 > size):

@@ -14,7 +14,6 @@ MiB = 1 << 20
 GGUF_MAX_HEADER_BYTES = (
     64 * MiB
 )  # magic to the end of the tensor records; real: 2-10 MB (vocabulary + merges)
-GGUF_MAX_KEYS = 1 << 16  # metadata keys; real: 20-60
 GGUF_MAX_ARRAY_ELEMENTS = 1 << 20  # one metadata array; real: at most 262,144 (a vocabulary)
 GGUF_MAX_TOTAL_ELEMENTS = 1 << 21  # all metadata arrays together; real: ~1M (tokens, scores, types, merges)
 GGUF_MAX_NESTED_ELEMENTS = 1 << 16  # elements of arrays of arrays, whole header (llama.cpp refuses them all)
@@ -22,6 +21,7 @@ GGUF_MAX_NESTING = 4  # arrays inside arrays
 GGUF_READ_CHUNK = 1 * MiB  # the fixed size of one header read
 
 # both formats
+MAX_METADATA_KEYS = 1 << 14  # GGUF key/values or safetensors __metadata__ entries; real: 20-60
 MAX_TENSORS = 1 << 17  # tensors in one file; real: at most ~100k (in a whole model)
 MAX_NAME_BYTES = 1 << 12  # a tensor name or metadata key; real: under 100
 MAX_STRING_BYTES = 32 * MiB  # one metadata string (an embedded tokenizer.json); real: under 20 MB

@@ -148,6 +148,8 @@ def parse_safetensors_header(read_at: ReadAt, name: str, size: int | None = None
                 meta = entry if entry is not None else {}
                 if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
                     raise CorruptFile(f"{name}: __metadata__ must map strings to strings")
+                if len(meta) > limits.MAX_METADATA_KEYS:
+                    raise CorruptFile(f"{name}: __metadata__ holds more than {limits.MAX_METADATA_KEYS} keys")
                 continue
             if tname in infos:
                 raise CorruptFile(f"{name}: duplicate tensor {tname}")

@@ -35,8 +35,8 @@ class Result:
             out.append(f"stderr is not one 'error:' line: {self.stderr[-300:]!r}")
         if self.rss_growth > MAX_RSS_GROWTH:
             out.append(f"peak RSS grew {self.rss_growth / 2**20:.0f} MiB")
-        if self.wall > MAX_SECONDS:
-            out.append(f"took {self.wall:.1f} s")
+        if self.cpu > MAX_SECONDS:  # CPU, not wall time: a loaded CI machine must not fail a case
+            out.append(f"took {self.cpu:.1f} s of CPU")
         return out
 
 
@@ -47,7 +47,7 @@ class Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         self.tmp = tempfile.mkdtemp(prefix="llmq-fuzz-")
 
-    def run(self, argv: list[str], timeout: float = 2 * MAX_SECONDS) -> Result:
+    def run(self, argv: list[str], timeout: float = 6 * MAX_SECONDS) -> Result:
         assert self.proc.stdin and self.proc.stdout
         req = {"argv": argv, "timeout": timeout, "stderr": str(Path(self.tmp) / "stderr")}
         self.proc.stdin.write(json.dumps(req) + "\n")

@@ -1,10 +1,12 @@
 """Generated hostile GGUF and safetensors files given to `llmq inspect` (issue 15).
 
 Every case must: exit with a documented code (docs/cli.md) and, on error, print exactly one `error:` line;
-grow peak RSS by under 100 MiB; use under 5 s of CPU (a hang is killed after 30 s); leave the input unmodified and nothing new beside it.
+grow peak RSS by under 100 MiB; use under 5 s of CPU (a hang is killed after 30 s); leave the input unmodified
+and nothing new beside it.
 Cases run in forked children of one warm worker (tests/fuzz/worker.py), so a case costs its own work only.
 CI replays the same 240 cases (derandomized); HYPOTHESIS_PROFILE=explore runs 5,000 new ones per format.
-LLMQ_FUZZ_CASES=N sets the number of cases; LLMQ_FUZZ_REPORT=FILE appends the measured figures (max RSS growth, CPU per case) as JSON lines.
+LLMQ_FUZZ_CASES=N sets the number of cases; LLMQ_FUZZ_REPORT=FILE appends the measured figures (max RSS growth,
+CPU per case) as JSON lines.
 """
 
 from __future__ import annotations

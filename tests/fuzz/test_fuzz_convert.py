@@ -23,7 +23,7 @@ from tests.fuzz.runner import Worker
 
 STRICT = os.environ.get("LLMQ_FUZZ_STRICT", "") not in ("", "0")
 EXPLORE = os.environ.get("HYPOTHESIS_PROFILE") == "explore"
-CASES = int(os.environ.get("LLMQ_FUZZ_CASES", 0)) or (1000 if EXPLORE else 20)
+CASES = int(os.environ.get("LLMQ_FUZZ_CASES", 0)) or (1000 if EXPLORE else 15)
 TIMEOUT = 30.0
 GAPS: list[str] = []  # validation gaps seen (the archs engineer's), reported at the end
 

@@ -4,7 +4,7 @@ Every case must: exit with a documented code (docs/cli.md) and, on error, print 
 grow peak RSS by under 100 MiB; use under 5 s of CPU (a hang is killed after 30 s); leave the input unmodified
 and nothing new beside it.
 Cases run in forked children of one warm worker (tests/fuzz/worker.py), so a case costs its own work only.
-CI replays the same 240 cases (derandomized); HYPOTHESIS_PROFILE=explore runs 5,000 new ones per format.
+CI replays the same 200 cases (derandomized); HYPOTHESIS_PROFILE=explore runs 5,000 new ones per format.
 LLMQ_FUZZ_CASES=N sets the number of cases; LLMQ_FUZZ_REPORT=FILE appends the measured figures (max RSS growth,
 CPU per case) as JSON lines.
 """
@@ -25,7 +25,7 @@ from tests.fuzz.mutate import GGUF_MUTATORS, ST_MUTATORS
 from tests.fuzz.runner import Worker
 
 EXPLORE = os.environ.get("HYPOTHESIS_PROFILE") == "explore"
-CASES = int(os.environ.get("LLMQ_FUZZ_CASES", 0)) or (5000 if EXPLORE else 120)
+CASES = int(os.environ.get("LLMQ_FUZZ_CASES", 0)) or (5000 if EXPLORE else 100)
 _FIGURES: dict[str, list[tuple[int, float, float, int]]] = {"gguf": [], "safetensors": []}
 
 

@@ -46,6 +46,10 @@ class UnsafeCheckpoint(BadInput):
     """A pickle-based checkpoint was refused (needs an explicit opt-in)."""
 
 
+class UnsafePath(BadInput):
+    """A file of a model resolves outside its directory through a symlink (see llmq.io.paths)."""
+
+
 class MissingDependency(LlmqError):
     """An optional package is needed (the message says which extra installs it)."""
 

@@ -12,7 +12,9 @@ import pytest
 
 from llmq.errors import BadInput, CorruptFile
 from llmq.estimate.memory import EstimateConfig, estimate_memory
-from llmq.estimate.sources import load_model, parse_gguf_header, parse_safetensors_header
+from llmq.estimate.sources import load_model
+from llmq.io.gguf import parse_gguf_header
+from llmq.io.safetensors import parse_safetensors_header
 from tests.estimate_hub_server import HubServer
 
 
@@ -41,19 +43,18 @@ def test_gguf_source(smollm2_gguf_path: Path) -> None:
     src = load_model(str(smollm2_gguf_path))
     assert src.kind == "gguf" and len(src.tensors) == 272
     assert src.gguf_metadata["llama.block_count"] == 30
-    # our own (range-read) parser agrees with llmq.io's reader on every tensor
     with open(smollm2_gguf_path, "rb") as fh:
 
         def read_at(off: int, n: int) -> bytes:
             fh.seek(off)
             return fh.read(n)
 
-        infos, meta, span = parse_gguf_header(read_at, "smollm2")
-    assert [(t.name, t.dtype, t.shape, t.nbytes, t.offset) for t in infos] == [
+        header = parse_gguf_header(read_at, "smollm2", decode_strings=False)
+    # the one header parser, over a read_at, agrees with the local reader on every tensor
+    assert [(t.name, t.dtype, t.shape, t.nbytes, t.offset) for t in header.tensors.values()] == [
         (t.name, t.dtype, t.shape, t.nbytes, t.offset) for t in src.tensors
     ]
-    assert span == src.gguf_data_span
-    assert meta["tokenizer.ggml.tokens"].count == 49152
+    assert header.kv["tokenizer.ggml.tokens"].count == 49152
 
 
 def test_bad_inputs(tmp_path: Path) -> None:

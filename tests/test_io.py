@@ -101,7 +101,7 @@ def _st_bytes(header: dict, data: bytes = b"") -> bytes:
     ("blob", "match"),
     [
         (b"\x01\x02", "too small"),
-        (struct.pack("<Q", 1 << 40) + b"{}", "absurd"),
+        (struct.pack("<Q", 1 << 40) + b"{}", "exceeds the .* MiB limit"),
         (struct.pack("<Q", 4) + b"{no}", "not valid JSON"),
         (_st_bytes([1, 2]), "not a JSON object"),  # type: ignore[arg-type]
         (
@@ -351,8 +351,8 @@ def _pad(b: bytes) -> bytes:
         (b"GGML" + b"\0" * 40, "bad magic"),
         (b"GGUF" + struct.pack("<IQQ", 1, 0, 0), "version"),
         (_gguf_header(0, n_kv=1 << 60), "more than"),
-        (_gguf_header(0, struct.pack("<Q", 1 << 50), 1), "absurd string"),
-        (_gguf_header(0, _s("k") + struct.pack("<IIQ", 9, 4, 1 << 40), 1), "exceeds the file"),
+        (_gguf_header(0, struct.pack("<Q", 1 << 50), 1), "exceeds the"),
+        (_gguf_header(0, _s("k") + struct.pack("<IIQ", 9, 4, 1 << 40), 1), "exceeds the"),
         (_gguf_header(0, _s("k") + struct.pack("<I", 77), 1), "unknown GGUF value type"),
         (_pad(_gguf_header(1, infos=_tinfo("t", [4], 99, 0))) + b"\0" * 16, "unknown ggml type"),
         (_pad(_gguf_header(1, infos=_tinfo("t", [4], 0, 0))) + b"\0" * 8, "past the end"),

@@ -38,8 +38,16 @@ def _root(
     debug: bool = typer.Option(
         False, "--debug", help="Show full tracebacks on errors (or set LLMQ_DEBUG=1)."
     ),
+    allow_symlinks: bool = typer.Option(
+        False,
+        "--allow-symlinks",
+        help="Follow symlinks out of model directories (refused by default; the HF cache layout is always allowed).",
+    ),
 ) -> None:
     _state["debug"] = debug
+    from llmq.io.paths import allow_symlinks as allow
+
+    allow(allow_symlinks)
 
 
 def _register() -> None:

@@ -65,6 +65,10 @@ def open_checkpoint(path: str | os.PathLike, allow_pickle: bool = False, header_
         return GGUFReader(path, decode_strings=not header_only)
     p = Path(path)
     if allow_pickle and _is_pickle(p):
+        if p.is_dir():
+            from llmq.io.paths import check_model_dir
+
+            check_model_dir(p)
         from llmq.io.pickle import PickleReader
 
         return PickleReader(p)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile
+from llmq.io import limits
 from llmq.io.base import TensorInfo, WriteBehind, check_no_overlap, group_by_size, write_tensor
 from llmq.io.ggml_types import (
     GGML_MAX_DIMS,
@@ -30,12 +31,17 @@ from llmq.io.ggml_types import (
     GGUFValueType,
     is_block_type,
 )
+from llmq.io.paths import check_inside
+from llmq.io.readat import HeaderStream, ReadAt, file_read_at
 from llmq.io.rows import FileTensorReader
 
 SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
-MAX_STRING = 1 << 30  # no GGUF key, token or template is a GiB long
-MAX_NESTING = 4
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_SCALARS = {vt: struct.Struct(fmt) for vt, fmt in SCALAR_FORMATS.items()}
+_INTEGER_TYPES = {
+    GGUFValueType[n] for n in ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
+}
 
 
 class SkippedStrings:
@@ -81,95 +87,241 @@ class RawStrings:
         return f"[{self.count} strings]"
 
 
-class _Cursor:
-    """Bounded little-endian reads from a bytes-like header region."""
+_ARRAY_STRUCTS = {nd: struct.Struct(f"<{nd}QIQ") for nd in range(1, GGML_MAX_DIMS + 1)}
 
-    def __init__(self, buf: bytes, path: Path, decode_strings: bool | str = True):
-        self.buf = buf
-        self.pos = 0
-        self.path = path
+
+class GGUFHeader:
+    """A parsed GGUF header: version, metadata (with value types), alignment and tensor infos.
+
+    Built by :func:`parse_gguf_header` from a ``read_at`` callable, in fixed-size reads bounded by
+    llmq.io.limits: memory and time depend on the caps, never on the counts or lengths a file declares.
+    """
+
+    version: int
+    kv: dict[str, Any]
+    kv_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]]
+    alignment: int
+    data_start: int
+    tensors: dict[str, TensorInfo]
+
+
+class _Parser:
+    def __init__(self, read_at: ReadAt, name: str, decode_strings: bool | str):
+        self.s = HeaderStream(
+            read_at, name, limits.GGUF_MAX_HEADER_BYTES, limits.GGUF_READ_CHUNK, "GGUF header"
+        )
+        self.name = name
         self.decode_strings = decode_strings
+        self.elements = 0  # array elements materialized so far (all arrays)
+        self.nested = 0  # elements of arrays of arrays so far
 
-    def _need(self, n: int, what: str) -> None:
-        if n < 0 or self.pos + n > len(self.buf):
-            raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {self.pos})")
+    def fail(self, msg: str) -> CorruptFile:
+        return CorruptFile(f"{self.name}: {msg}")
 
-    def unpack(self, fmt: str, what: str):
-        size = struct.calcsize(fmt)
-        self._need(size, what)
-        val = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += size
-        return val
+    def unpack(self, st: struct.Struct, what: str):
+        return st.unpack(self.s.take(st.size, what))[0]
 
-    def string(self, what: str) -> str:
-        n = self.unpack("<Q", what)
-        if n > MAX_STRING:
-            raise CorruptFile(f"{self.path.name}: absurd string length {n} in {what}")
-        self._need(n, what)
-        raw = self.buf[self.pos : self.pos + n]
-        self.pos += n
+    def string(self, what: str, cap: int = limits.MAX_STRING_BYTES) -> str:
+        n = self.unpack(_U64, what)
+        if n > cap:
+            raise self.fail(f"{what}: string of {n} bytes exceeds the {cap}-byte limit")
         # surrogateescape keeps invalid UTF-8 (it happens in byte-level vocabularies) round-trippable
-        return raw.decode("utf-8", errors="surrogateescape")
+        return self.s.take(n, what).decode("utf-8", errors="surrogateescape")
 
     def string_array(self, count: int, what: str) -> list[str] | SkippedStrings | RawStrings:
-        # the hot path of every header (vocabularies of 100k+ tokens and merges): one tight loop, bytes slices
-        buf, pos, end = self.buf, self.pos, len(self.buf)
-        decode = self.decode_strings is True
-        unpack = _U64.unpack_from
+        # the hot path of every header (vocabularies of 100k+ tokens and merges): one tight loop over the
+        # current chunk, refilled in place when a string crosses its end
+        s, unpack, cap = self.s, _U64.unpack_from, limits.MAX_STRING_BYTES
+        decode, raw = self.decode_strings is True, self.decode_strings == "raw"
         out: list[str] = []
-        append = out.append
+        parts: list[bytes] = []
+        buf, off = s.buf, s.pos - s.buf_start
+        seg = off
         for _ in range(count):
-            if pos + 8 > end:
-                raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
-            (n,) = unpack(buf, pos)
-            pos += 8
-            if n > end - pos:
-                raise CorruptFile(f"{self.path.name}: truncated GGUF header (reading {what} at byte {pos})")
+            if off + 8 > len(buf):
+                if raw:
+                    parts.append(buf[seg:off])
+                s.pos = s.buf_start + off
+                s.fill(8)
+                buf, off = s.buf, s.pos - s.buf_start
+                seg = off
+                if off + 8 > len(buf):
+                    raise self.fail(f"truncated GGUF header (reading {what} at byte {s.pos})")
+            (n,) = unpack(buf, off)
+            if n > cap:
+                raise self.fail(f"{what}: string of {n} bytes exceeds the {cap}-byte limit")
+            if off + 8 + n > len(buf):
+                if raw:
+                    parts.append(buf[seg:off])
+                s.pos = s.buf_start + off
+                s.fill(8 + n)
+                buf, off = s.buf, s.pos - s.buf_start
+                seg = off
+                if off + 8 + n > len(buf):
+                    raise self.fail(f"truncated GGUF header (reading {what} at byte {s.pos})")
             if decode:
-                append(buf[pos : pos + n].decode("utf-8", errors="surrogateescape"))
-            pos += n
-        start, self.pos = self.pos, pos
-        if self.decode_strings == "raw":
-            return RawStrings(count, bytes(buf[start:pos]))
+                out.append(buf[off + 8 : off + 8 + n].decode("utf-8", errors="surrogateescape"))
+            off += 8 + n
+        if raw:
+            parts.append(buf[seg:off])
+        s.pos = s.buf_start + off
+        if raw:
+            return RawStrings(count, b"".join(parts))
         return out if decode else SkippedStrings(count)
 
-    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
-        try:
-            vt = GGUFValueType(vtype)
-        except ValueError:
-            raise CorruptFile(f"{self.path.name}: unknown GGUF value type {vtype} in {what}") from None
+    def value(self, vt: GGUFValueType, what: str, depth: int = 0) -> tuple[Any, GGUFValueType | None]:
+        """(value, element type of an array or None)."""
         if vt == GGUFValueType.STRING:
-            return self.string(what)
-        if vt == GGUFValueType.ARRAY:
-            if depth >= MAX_NESTING:
-                raise CorruptFile(f"{self.path.name}: arrays nested too deeply in {what}")
-            sub = self.unpack("<I", what)
-            count = self.unpack("<Q", what)
-            try:
-                svt = GGUFValueType(sub)
-            except ValueError:
-                raise CorruptFile(f"{self.path.name}: unknown GGUF array type {sub} in {what}") from None
-            # every element takes at least one byte (a string at least 8): bound count before allocating
-            min_size = (
-                8
-                if svt in (GGUFValueType.STRING, GGUFValueType.ARRAY)
-                else struct.calcsize(SCALAR_FORMATS[svt])
+            return self.string(what), None
+        if vt != GGUFValueType.ARRAY:
+            st = _SCALARS[vt]
+            return self.unpack(st, what), None
+        if depth >= limits.GGUF_MAX_NESTING:
+            raise self.fail(f"{what}: arrays nested more than {limits.GGUF_MAX_NESTING} deep")
+        sub = self.vtype(self.unpack(_U32, what), what, "array type")
+        count = self.unpack(_U64, what)
+        if count > limits.GGUF_MAX_ARRAY_ELEMENTS:
+            raise self.fail(
+                f"{what}: array of {count} elements exceeds the {limits.GGUF_MAX_ARRAY_ELEMENTS} limit"
             )
-            if count * min_size > len(self.buf) - self.pos:
-                raise CorruptFile(f"{self.path.name}: array of {count} elements in {what} exceeds the file")
-            if svt == GGUFValueType.STRING:
-                return self.string_array(count, what)
-            if svt in NUMPY_SCALARS:
-                dt = np.dtype(NUMPY_SCALARS[svt])
-                arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
-                self.pos += count * dt.itemsize
-                return arr.tolist()
-            return [self.value(sub, what, depth + 1) for _ in range(count)]
-        return self.unpack(SCALAR_FORMATS[vt], what)
+        self.elements += count
+        if self.elements > limits.GGUF_MAX_TOTAL_ELEMENTS:
+            raise self.fail(
+                f"{what}: more than {limits.GGUF_MAX_TOTAL_ELEMENTS} array elements in the header"
+            )
+        if sub == GGUFValueType.STRING:
+            return self.string_array(count, what), sub
+        if sub in NUMPY_SCALARS:
+            dt = np.dtype(NUMPY_SCALARS[sub])
+            arr = np.frombuffer(self.s.take(count * dt.itemsize, what), dtype=dt)
+            return arr.tolist(), sub
+        self.nested += count
+        if self.nested > limits.GGUF_MAX_NESTED_ELEMENTS:
+            raise self.fail(
+                f"{what}: more than {limits.GGUF_MAX_NESTED_ELEMENTS} elements in arrays of arrays"
+            )
+        return [self.value(sub, what, depth + 1)[0] for _ in range(count)], sub
+
+    def vtype(self, code: int, what: str, kind: str = "value type") -> GGUFValueType:
+        try:
+            return GGUFValueType(code)
+        except ValueError:
+            raise self.fail(f"{what}: unknown GGUF {kind} {code}") from None
+
+    def tensor_records(self, count: int) -> list[tuple[str, tuple[int, ...], int, int]]:
+        """(name, dims, ggml type id, offset) of each record, in one loop over the current chunk."""
+        s, u64, u32 = self.s, _U64.unpack_from, _U32.unpack_from
+        name_cap = limits.MAX_NAME_BYTES
+        out = []
+        buf, off = s.buf, s.pos - s.buf_start
+        for i in range(count):
+            # the longest record: name length, name, n_dims, GGML_MAX_DIMS dims, type, offset
+            need = 8 + name_cap + 4 + 8 * GGML_MAX_DIMS + 12
+            if off + need > len(buf):
+                s.pos = s.buf_start + off
+                s.fill(min(need, s.limit - s.pos))
+                buf, off = s.buf, s.pos - s.buf_start
+            what = f"tensor record #{i}"
+            if off + 8 > len(buf):
+                raise self.fail(f"truncated GGUF header (reading {what} at byte {s.buf_start + off})")
+            (n,) = u64(buf, off)
+            if n > name_cap:
+                raise self.fail(f"{what}: name of {n} bytes exceeds the {name_cap}-byte limit")
+            if off + 12 + n > len(buf):
+                raise self.fail(f"truncated GGUF header (reading {what} at byte {s.buf_start + off})")
+            name = buf[off + 8 : off + 8 + n].decode("utf-8", errors="surrogateescape")
+            off += 8 + n
+            (nd,) = u32(buf, off)
+            off += 4
+            st = _ARRAY_STRUCTS.get(nd)
+            if st is None:
+                raise self.fail(f"tensor {name} has {nd} dimensions")
+            if off + st.size > len(buf):
+                raise self.fail(f"truncated GGUF header (reading tensor {name} at byte {s.buf_start + off})")
+            *dims, type_id, offset = st.unpack_from(buf, off)
+            off += st.size
+            out.append((name, dims, type_id, offset))
+        s.pos = s.buf_start + off
+        return out
 
 
-class GGUFFile:
-    """The parsed header of one GGUF file."""
+def parse_gguf_header(read_at: ReadAt, name: str, size: int | None = None, decode_strings: bool | str = True,
+                      file: str | None = None) -> GGUFHeader:  # fmt: skip
+    """Parse a GGUF header through ``read_at``. ``name`` labels errors; ``size`` (when known) lets tensor data
+    be checked against the end of the file; ``file`` goes into each TensorInfo (default: ``name``)."""
+    p = _Parser(read_at, name, decode_strings)
+    h = GGUFHeader()
+    if p.s.take(4, "magic") != GGUF_MAGIC:
+        raise p.fail("not a GGUF file (bad magic)")
+    h.version = p.unpack(_U32, "version")
+    if h.version not in (2, 3):
+        raise p.fail(f"unsupported GGUF version {h.version}")
+    n_tensors = p.unpack(_U64, "tensor count")
+    n_kv = p.unpack(_U64, "metadata count")
+    if n_tensors > limits.MAX_TENSORS or n_kv > limits.MAX_METADATA_KEYS:
+        raise p.fail(
+            f"header declares {n_tensors} tensors and {n_kv} keys, more than the limits "
+            f"({limits.MAX_TENSORS} tensors, {limits.MAX_METADATA_KEYS} keys)"
+        )
+    # each KV takes at least 8+4 bytes, each tensor info at least 8+4+8+4+8
+    if size is not None and (n_kv * 12 > size or n_tensors * 32 > size):
+        raise p.fail(
+            f"header declares {n_tensors} tensors and {n_kv} keys, more than a {size}-byte "
+            "file can hold (truncated or corrupt)"
+        )
+    h.kv, h.kv_types = {}, {}
+    for i in range(n_kv):
+        key = p.string(f"key #{i}", limits.MAX_NAME_BYTES)
+        vt = p.vtype(p.unpack(_U32, f"type of {key}"), key)
+        if key in h.kv:
+            raise p.fail(f"duplicate key {key}")
+        h.kv[key], sub = p.value(vt, key)
+        h.kv_types[key] = (vt, sub)
+    alignment = h.kv.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    a_type = h.kv_types.get("general.alignment", (GGUFValueType.UINT32, None))[0]
+    if a_type not in _INTEGER_TYPES or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
+        raise p.fail(f"invalid general.alignment {alignment!r} ({a_type.name})")
+    h.alignment = alignment
+    records = p.tensor_records(n_tensors)
+    h.data_start = _align(p.s.pos, alignment)
+    data_size = None if size is None else size - h.data_start
+    if data_size is not None and data_size < 0:
+        raise p.fail("truncated before the tensor data")
+    h.tensors = {}
+    file = name if file is None else file
+    for tname, dims, type_id, offset in records:
+        info = _tensor_info(p, h, file, tname, dims, type_id, offset, data_size)
+        if tname in h.tensors:
+            raise p.fail(f"duplicate tensor {tname}")
+        h.tensors[tname] = info
+    check_no_overlap(h.tensors.values(), name)
+    return h
+
+
+def _tensor_info(p: _Parser, h: GGUFHeader, file: str, name: str, dims: list[int], type_id: int, offset: int,
+                 data_size: int | None) -> TensorInfo:  # fmt: skip
+    tname = GGML_TYPE_BY_ID.get(type_id)
+    if tname is None:
+        raise p.fail(f"tensor {name} has unknown ggml type {type_id}")
+    _, blk, bsize = GGML_TYPES[tname]
+    numel = 1
+    for d in dims:
+        if d > limits.MAX_DIM:
+            raise p.fail(f"tensor {name} has an absurd dimension {d}")
+        numel *= d
+    if dims[0] % blk:
+        raise p.fail(f"tensor {name} row of {dims[0]} is not a multiple of {tname} blocks")
+    nbytes = numel // blk * bsize
+    if offset % h.alignment:
+        raise p.fail(f"tensor {name} data offset {offset} is not aligned")
+    if data_size is not None and offset + nbytes > data_size:
+        raise p.fail(f"tensor {name} data lies past the end of the file (truncated?)")
+    shape = tuple(reversed(dims))  # GGUF stores ne[0] (the row length) first
+    return TensorInfo(name, tname, shape, nbytes, file, h.data_start + offset)
+
+
+class GGUFFile(GGUFHeader):
+    """The parsed header of one local GGUF file."""
 
     def __init__(self, path: Path, decode_strings: bool | str = True):
         self.path = path
@@ -181,107 +333,8 @@ class GGUFFile:
         if size < 24:
             raise CorruptFile(f"{path.name}: too small to be a GGUF file ({size} bytes)")
         self.size = size
-        with open(path, "rb") as f:
-            self._parse(f)
-
-    def _parse(self, f) -> None:
-        path = self.path
-        if f.read(4) != GGUF_MAGIC:
-            raise CorruptFile(f"{path.name}: not a GGUF file (bad magic)")
-        # Read the header region lazily in growing windows: most headers are a few MB even with big vocabularies.
-        window = min(self.size, 1 << 24)
-        while True:
-            f.seek(0)
-            buf = f.read(window)
-            try:
-                self._parse_header(_Cursor(buf, path, self.decode_strings))
-                return
-            except CorruptFile:
-                if window >= self.size:
-                    raise
-                window = min(self.size, window * 4)
-
-    def _parse_header(self, cur: _Cursor) -> None:
-        path = self.path
-        cur.pos = 4
-        self.version = cur.unpack("<I", "version")
-        if self.version not in (2, 3):
-            raise CorruptFile(f"{path.name}: unsupported GGUF version {self.version}")
-        n_tensors = cur.unpack("<Q", "tensor count")
-        n_kv = cur.unpack("<Q", "metadata count")
-        # each KV takes at least 8+4 bytes, each tensor info at least 8+4+8+4+8
-        if n_kv * 12 > self.size or n_tensors * 32 > self.size:
-            raise CorruptFile(
-                f"{path.name}: header declares {n_tensors} tensors and {n_kv} keys, more than a {self.size}-byte "
-                "file can hold (truncated or corrupt)"
-            )
-        self.kv: dict[str, Any] = {}
-        self.kv_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
-        for i in range(n_kv):
-            key = cur.string(f"key #{i}")
-            vtype = cur.unpack("<I", f"type of {key}")
-            sub = None
-            if vtype == GGUFValueType.ARRAY and cur.pos + 4 <= len(cur.buf):
-                sub = struct.unpack_from("<I", cur.buf, cur.pos)[0]
-            if key in self.kv:
-                raise CorruptFile(f"{path.name}: duplicate key {key}")
-            self.kv[key] = cur.value(vtype, key)
-            self.kv_types[key] = (GGUFValueType(vtype), GGUFValueType(sub) if sub is not None else None)
-        alignment = self.kv.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
-        if (
-            not isinstance(alignment, int)
-            or alignment <= 0
-            or alignment & (alignment - 1)
-            or alignment > 1 << 20
-        ):
-            raise CorruptFile(f"{path.name}: invalid general.alignment {alignment!r}")
-        self.alignment = alignment
-        raw_infos = []
-        for i in range(n_tensors):
-            name = cur.string(f"tensor name #{i}")
-            n_dims = cur.unpack("<I", f"dims of {name}")
-            if not 1 <= n_dims <= GGML_MAX_DIMS:
-                raise CorruptFile(f"{path.name}: tensor {name} has {n_dims} dimensions")
-            dims = [cur.unpack("<Q", f"dims of {name}") for _ in range(n_dims)]
-            type_id = cur.unpack("<I", f"type of {name}")
-            offset = cur.unpack("<Q", f"offset of {name}")
-            raw_infos.append((name, dims, type_id, offset))
-        self.data_start = _align(cur.pos, alignment)
-        data_size = self.size - self.data_start
-        if data_size < 0:
-            raise CorruptFile(f"{path.name}: truncated before the tensor data")
-        self.tensors: dict[str, TensorInfo] = {}
-        for name, dims, type_id, offset in raw_infos:
-            info = self._tensor_info(name, dims, type_id, offset, data_size)
-            if name in self.tensors:
-                raise CorruptFile(f"{path.name}: duplicate tensor {name}")
-            self.tensors[name] = info
-        check_no_overlap(self.tensors.values(), path.name)
-
-    def _tensor_info(
-        self, name: str, dims: list[int], type_id: int, offset: int, data_size: int
-    ) -> TensorInfo:
-        path = self.path
-        tname = GGML_TYPE_BY_ID.get(type_id)
-        if tname is None:
-            raise CorruptFile(f"{path.name}: tensor {name} has unknown ggml type {type_id}")
-        _, blk, bsize = GGML_TYPES[tname]
-        numel = 1
-        for d in dims:
-            if d > 1 << 40:
-                raise CorruptFile(f"{path.name}: tensor {name} has an absurd dimension {d}")
-            numel *= d
-        if dims[0] % blk:
-            raise CorruptFile(
-                f"{path.name}: tensor {name} row of {dims[0]} is not a multiple of {tname} blocks"
-            )
-        nbytes = numel // blk * bsize
-        if offset % self.alignment:
-            raise CorruptFile(f"{path.name}: tensor {name} data offset {offset} is not aligned")
-        if offset + nbytes > data_size:
-            raise CorruptFile(f"{path.name}: tensor {name} data lies past the end of the file (truncated?)")
-        shape = tuple(int(d) for d in reversed(dims))  # GGUF stores ne[0] (the row length) first
-        return TensorInfo(name, tname, shape, nbytes, str(path), self.data_start + offset)
+        h = parse_gguf_header(file_read_at(path), path.name, size, decode_strings, file=str(path))
+        self.__dict__.update(vars(h))
 
 
 def _align(n: int, a: int) -> int:
@@ -300,6 +353,11 @@ def split_paths(path: Path) -> list[Path]:
     missing = [p.name for p in paths if not p.exists()]
     if missing:
         raise BadInput(f"split GGUF is incomplete: missing {', '.join(missing[:3])}")
+    for p in paths:
+        if (
+            p.name != path.name
+        ):  # the part the user named is theirs to choose; the others are found through it
+            check_inside(p, path.parent)
     return paths
 
 

@@ -10,83 +10,215 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llmq.errors import BadInput, CorruptFile, UnsafeCheckpoint
+from llmq.io import limits
 from llmq.io.base import ELEMENT_SIZES, TensorInfo, check_no_overlap, fsync_close, group_by_size, write_tensor
 from llmq.io.ggml_types import NUMPY_DTYPES
+from llmq.io.paths import check_inside, check_model_dir
+from llmq.io.readat import ReadAt, file_read_at
 from llmq.io.rows import FileTensorReader, read_rows
 
-MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 INDEX_NAME = "model.safetensors.index.json"
 from llmq.io import PICKLE_SUFFIXES  # noqa: E402 - one definition for both places
 
 
+class _BigInt(str):
+    """An integer literal longer than any size can be: kept as text so the field check names it."""
+
+
+_LONG_INT = re.compile(rf"\d{{{limits.SAFETENSORS_MAX_INT_DIGITS + 1}}}")
+
+
+def _parse_int(text: str) -> int | _BigInt:
+    if len(text) - text.startswith("-") > limits.SAFETENSORS_MAX_INT_DIGITS:
+        return _BigInt(text)
+    return int(text)
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of objects and arrays outside strings, in C-speed passes over 1 MiB chunks.
+
+    Exact for valid JSON (escaped backslashes and quotes are removed first, so every remaining quote delimits a
+    string); for invalid JSON exact up to the first error, which is as far as a JSON parser gets.
+    """
+    if b"\\" in raw:
+        raw = raw.replace(b"\\\\", b"")
+    if b"\\" in raw:
+        raw = raw.replace(b'\\"', b"")
+    arr = np.frombuffer(raw, dtype=np.uint8)
+    parity = depth = deepest = 0
+    for i in range(0, arr.size, 1 << 20):
+        c = arr[i : i + (1 << 20)]
+        quotes = c == 34
+        outside = ((np.cumsum(quotes, dtype=np.int32) + parity) & 1) == 0
+        step = ((c == 123) | (c == 91)).astype(np.int8) - ((c == 125) | (c == 93)).astype(np.int8)
+        levels = np.cumsum(step * outside, dtype=np.int64) + depth
+        deepest = max(deepest, int(levels.max()))
+        depth = int(levels[-1])
+        parity = (parity + int(quotes.sum())) & 1
+    return deepest
+
+
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODE = json.JSONDecoder().raw_decode
+# integers past 20 digits (the JSON module refuses over 4,300) are kept as text, refused by the field check
+_DECODE_LONG = json.JSONDecoder(parse_int=_parse_int).raw_decode
+
+
+def _members(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    """(key, value) of the top-level JSON object, decoded one member at a time."""
+    decode = _DECODE_LONG if _LONG_INT.search(text) else _DECODE
+    ws = _WS.match
+    pos = ws(text).end()
+    if text[pos : pos + 1] != "{":
+        raise CorruptFile(f"{name}: header is not a JSON object")
+    pos = ws(text, pos + 1).end()
+    if text[pos : pos + 1] == "}":
+        pos += 1
+    else:
+        while True:
+            if text[pos : pos + 1] != '"':
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", text, pos)
+            key, pos = decode(text, pos)
+            pos = ws(text, pos).end()
+            if text[pos : pos + 1] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+            value, pos = decode(text, ws(text, pos + 1).end())
+            yield key, value
+            pos = ws(text, pos).end()
+            c = text[pos : pos + 1]
+            pos = ws(text, pos + 1).end()
+            if c == "}":
+                break
+            if c != ",":
+                raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+    if ws(text, pos).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, pos)
+
+
+def parse_safetensors_header(read_at: ReadAt, name: str, size: int | None = None,
+                             file: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:  # fmt: skip
+    """Tensor infos (absolute offsets) and ``__metadata__`` of one safetensors file, through ``read_at``.
+
+    ``name`` labels errors; ``size`` (when known) checks the data against the end of the file; ``file`` goes
+    into each TensorInfo (default: ``name``). Bounded by llmq.io.limits before the JSON is parsed: header
+    bytes, object count (tensors), commas (list items), nesting depth; integers longer than 20 digits and
+    wrong types are refused naming the tensor and the field.
+    """
+    head = read_at(0, 8)
+    if len(head) < 8:
+        raise CorruptFile(f"{name}: too small to be a safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    cap = limits.SAFETENSORS_MAX_HEADER_BYTES
+    if n > cap:
+        raise CorruptFile(f"{name}: header length {n} exceeds the {cap >> 20} MiB limit")
+    if size is not None and n > size - 8:
+        raise CorruptFile(f"{name}: header length {n} is past the end of the file")
+    raw = read_at(8, n)
+    if len(raw) < n:
+        raise CorruptFile(f"{name}: truncated header ({len(raw)} of {n} bytes)")
+    if raw.count(b"{") > limits.MAX_TENSORS + 2:
+        raise CorruptFile(f"{name}: header holds more than {limits.MAX_TENSORS} tensors")
+    if raw.count(b",") > limits.SAFETENSORS_MAX_JSON_VALUES:
+        raise CorruptFile(f"{name}: header holds more than {limits.SAFETENSORS_MAX_JSON_VALUES} values")
+    if _json_depth(raw) > limits.SAFETENSORS_MAX_JSON_DEPTH:
+        raise CorruptFile(f"{name}: header nests deeper than {limits.SAFETENSORS_MAX_JSON_DEPTH} levels")
+    try:
+        text = raw.decode("utf-8")  # strictly: json.loads(bytes) would also take UTF-16 and UTF-32
+    except UnicodeDecodeError as e:
+        raise CorruptFile(f"{name}: header is not UTF-8 (invalid byte at {e.start})") from None
+    del raw
+    data_start = 8 + n
+    data_len = None if size is None else size - data_start
+    file = name if file is None else file
+    meta: Any = {}
+    infos: dict[str, TensorInfo] = {}
+    try:
+        # one top-level member at a time: the header's JSON is never held whole beside the infos built from it
+        for tname, entry in _members(text, name):
+            if tname == "__metadata__":
+                meta = entry if entry is not None else {}
+                if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+                    raise CorruptFile(f"{name}: __metadata__ must map strings to strings")
+                if len(meta) > limits.MAX_METADATA_KEYS:
+                    raise CorruptFile(f"{name}: __metadata__ holds more than {limits.MAX_METADATA_KEYS} keys")
+                continue
+            if tname in infos:
+                raise CorruptFile(f"{name}: duplicate tensor {tname}")
+            if len(infos) == limits.MAX_TENSORS:
+                raise CorruptFile(f"{name}: header holds more than {limits.MAX_TENSORS} tensors")
+            infos[tname] = _entry_info(name, file, tname, entry, data_start, data_len)
+    except json.JSONDecodeError as e:
+        raise CorruptFile(f"{name}: header is not valid JSON ({e.msg} at character {e.pos})") from None
+    except RecursionError:  # cannot happen below the depth cap; kept as a one-line error all the same
+        raise CorruptFile(f"{name}: header nests too deeply") from None
+    check_no_overlap(infos.values(), name)
+    return infos, meta
+
+
 def parse_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensor infos (absolute offsets) and ``__metadata__`` of one .safetensors file."""
+    """Tensor infos (absolute offsets) and ``__metadata__`` of one local .safetensors file."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         raise BadInput(f"no such file: {path}") from None
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptFile(f"{path.name}: too small to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or n > size - 8:
-            raise CorruptFile(f"{path.name}: header length {n} is absurd or past the end of the file")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFile(f"{path.name}: header is not valid JSON ({e.__class__.__name__})") from None
-    if not isinstance(header, dict):
-        raise CorruptFile(f"{path.name}: header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CorruptFile(f"{path.name}: __metadata__ must map strings to strings")
-    data_start = 8 + n
-    data_len = size - data_start
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        infos[name] = _entry_info(path, name, entry, data_start, data_len)
-    check_no_overlap(infos.values(), path.name)
-    return infos, meta
+    return parse_safetensors_header(file_read_at(path), path.name, size, file=str(path))
 
 
-def _entry_info(path: Path, name: str, entry: Any, data_start: int, data_len: int) -> TensorInfo:
-    if not isinstance(entry, dict):
-        raise CorruptFile(f"{path.name}: entry for {name} is not an object")
+_DTYPES = {d: d for d in ELEMENT_SIZES}  # one string object per dtype, not one per tensor
+
+
+def _entry_info(
+    name: str, file: str, tname: str, entry: Any, data_start: int, data_len: int | None
+) -> TensorInfo:
+    # the hot loop of a header with 100k tensors: plain type checks, no generators
+    if (
+        len(tname) > limits.MAX_NAME_BYTES // 4
+        and len(tname.encode("utf-8", "surrogatepass")) > limits.MAX_NAME_BYTES
+    ):
+        raise CorruptFile(
+            f"{name}: tensor name {tname[:40]!r}... exceeds the {limits.MAX_NAME_BYTES}-byte limit"
+        )
+    if type(entry) is not dict:
+        raise CorruptFile(f"{name}: entry for {tname} is not an object")
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offs = entry.get("data_offsets")
-    if dtype not in ELEMENT_SIZES:
-        raise CorruptFile(f"{path.name}: tensor {name} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d < 1 << 40 for d in shape):
-        raise CorruptFile(f"{path.name}: tensor {name} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offs, list)
-        or len(offs) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offs)
-        or offs[0] > offs[1]
-    ):
-        raise CorruptFile(f"{path.name}: tensor {name} has invalid data_offsets {offs!r}")
+    size = ELEMENT_SIZES.get(dtype) if type(dtype) is str else None
+    if size is None:
+        raise CorruptFile(f"{name}: tensor {tname} has unknown dtype {_short(dtype)}")
     numel = 1
+    if type(shape) is not list:
+        raise CorruptFile(f"{name}: tensor {tname} has an invalid shape {_short(shape)}")
     for d in shape:
+        if type(d) is not int or not 0 <= d <= limits.MAX_DIM:  # not bool, not a _BigInt
+            raise CorruptFile(f"{name}: tensor {tname} has an invalid shape {_short(shape)}")
         numel *= d
-    nbytes = numel * ELEMENT_SIZES[dtype]
-    if offs[1] - offs[0] != nbytes:
-        raise CorruptFile(
-            f"{path.name}: tensor {name} spans {offs[1] - offs[0]} bytes, its shape needs {nbytes}"
-        )
-    if offs[1] > data_len:
-        raise CorruptFile(f"{path.name}: tensor {name} data lies past the end of the file (truncated?)")
-    return TensorInfo(name, dtype, tuple(shape), nbytes, str(path), data_start + offs[0])
+    if type(offs) is not list or len(offs) != 2:
+        raise CorruptFile(f"{name}: tensor {tname} has invalid data_offsets {_short(offs)}")
+    start, end = offs
+    if type(start) is not int or type(end) is not int or not 0 <= start <= end:
+        raise CorruptFile(f"{name}: tensor {tname} has invalid data_offsets {_short(offs)}")
+    nbytes = numel * size
+    if end - start != nbytes:
+        raise CorruptFile(f"{name}: tensor {tname} spans {end - start} bytes, its shape needs {nbytes}")
+    if data_len is not None and end > data_len:
+        raise CorruptFile(f"{name}: tensor {tname} data lies past the end of the file (truncated?)")
+    return TensorInfo(tname, _DTYPES[dtype], tuple(shape), nbytes, file, data_start + start)
+
+
+def _short(v: Any) -> str:
+    """A bounded repr for error lines (a hostile value may be megabytes long)."""
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
 
 
 def to_torch(arr: np.ndarray, dtype: str):
@@ -120,6 +252,7 @@ def _shard_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
             p = directory / shard
             if not p.exists():
                 raise BadInput(f"{index}: shard {shard} is missing")
+            check_inside(p, directory)  # a shard directory may be a link out
             files.append(p)
         return files, weight_map
     files = sorted(directory.glob("*.safetensors"))
@@ -144,6 +277,7 @@ class SafetensorsReader(FileTensorReader):
                     f"{self.path} holds only pickle checkpoints ({pickles[0]}); pickle can run code on load. "
                     "Convert it to safetensors, or pass --allow-pickle if you trust it"
                 )
+            check_model_dir(self.path)
             files, weight_map = _shard_files(self.path)
             cfg = self.path / "config.json"
             if cfg.exists():

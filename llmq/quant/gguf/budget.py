@@ -205,9 +205,12 @@ def fit_budget(cfg: Any, model: str) -> tuple[int, dict]:
     other term (KV cache, compute buffers, overhead) for this model."""
     from llmq.estimate.memory import EstimateConfig, estimate_memory
 
+    gpu: dict[str, Any] = {"gpu": cfg.fit}
+    if cfg.fit.strip().upper().endswith("B") and cfg.fit.strip()[0].isdigit():  # a memory size: "6GiB"
+        gpu = {"vram_gib": parse_target_size(cfg.fit) / 2**30}
     est = estimate_memory(EstimateConfig(model=model, quants=("Q8_0",), context=cfg.context,
-                                         batch=cfg.batch or 1, kv_cache_dtype=cfg.kv_cache_dtype, gpu=cfg.fit,
-                                         engine="llama.cpp"))  # fmt: skip
+                                         batch=cfg.batch or 1, kv_cache_dtype=cfg.kv_cache_dtype,
+                                         engine="llama.cpp", **gpu))  # fmt: skip
     r = est.results[0]
     others = sum(t.nbytes for t in r.terms if t.name != "weights")
     assert est.budget_bytes is not None
@@ -240,21 +243,21 @@ def choose(cfg: Any, infos: Sequence[TensorInfo], base: Mapping[str, str], weigh
     from llmq.quant.allocate import allocate
 
     types_req = parse_types(cfg.budget_types)
-    t0 = time.perf_counter()
     free = [t for t in infos
             if allows_quantization(t.name, t.shape, leave_output_tensor=cfg.leave_output_tensor)
             and t.name in weights and len(t.shape) == 2 and not _pinned(cfg, t.name)]  # fmt: skip
     jobs = [(t, candidates(t.shape, types_req)) for t in free]
-    losses = measure(jobs, weights, rows_of, progress=progress)
-    seconds = time.perf_counter() - t0
     names = {t.name for t in free}
     fixed = sum(_nbytes(t, base[t.name]) for t in infos if t.name not in names)
     cap, desc = tensor_budget(cfg, infos, header_bytes, model)
-    items = [[(_nbytes(t, ty), losses[t.name][ty]) for ty in c] for t, c in jobs]
-    if cap - fixed < sum(min(w for w, _ in it) for it in items):
-        least = fixed + sum(min(w for w, _ in it) for it in items)
+    least = fixed + sum(min(_nbytes(t, ty) for ty in c) for t, c in jobs)
+    if cap < least:  # before measuring anything
         raise BadInput(f"the budget ({cap:,} tensor bytes) is below the smallest mix of {', '.join(types_req)} "
                        f"({least:,} bytes, {8 * least / max(1, sum(t.numel for t in infos)):.3f} bpw)")  # fmt: skip
+    t0 = time.perf_counter()
+    losses = measure(jobs, weights, rows_of, progress=progress)
+    seconds = time.perf_counter() - t0
+    items = [[(_nbytes(t, ty), losses[t.name][ty]) for ty in c] for t, c in jobs]
     sol = allocate(items, cap - fixed)
     types = dict(base)
     for (t, c), k in zip(jobs, sol.choice, strict=True):

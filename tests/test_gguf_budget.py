@@ -312,3 +312,16 @@ def test_cli_budget_and_inspect(tmp_path, tiny) -> None:
                            "--method", "gguf", "--target-bpw", "4"], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.startswith("error: a budget needs importance data")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.gguf", "c.gguf.recipe.json"]
+
+
+def test_pinned_and_unmeasured_tensors_keep_the_base_type(tmp_path, tiny) -> None:
+    src, im, _ = tiny
+    out = tmp_path / "p.gguf"
+    cfg = GGUFQuantConfig(imatrix=str(im), target_bpw=4.0, tensor_type=("blk\\.0\\.ffn_down=Q8_0",))
+    GGUFQuantizer().run(src, out, cfg)
+    rec = json.loads(Path(str(out) + ".recipe.json").read_text())
+    assert rec["types"]["blk.0.ffn_down.weight"] == "Q8_0"
+    assert "blk.0.ffn_down.weight" not in rec["sensitivity"]
+    # token_embd has no importance data: the base mix's type, not measured
+    assert rec["types"]["token_embd.weight"] == "Q4_K" and "token_embd.weight" not in rec["sensitivity"]
+    assert 8 * _tensor_bytes(out)[0] / _tensor_bytes(out)[1] <= 4.0

@@ -20,6 +20,7 @@ SECTIONS = [
     ("gptq_awq_64chunks", "The same GPTQ/AWQ runs scored on 64 wikitext-2 chunks (16,320 tokens) instead of 16 (issue 6)", "benchmarks/gptq_awq.py --eval-chunks 64 (reusing --work)"),
     ("gptq_full32", "GPTQ and AWQ, full model, 32x512 calibration, earlier defaults (issue 6)", "benchmarks/gptq_awq.py --nsamples 32"),
     ("estimate", "Memory estimator: speed and accuracy (issue 7)", "benchmarks/estimate.py"),
+    ("budget", "Budgeted GGUF mixes vs llama.cpp's fixed ones (issue 17)", "benchmarks/budget.py"),
 ]  # fmt: skip
 
 

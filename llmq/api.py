@@ -109,12 +109,20 @@ def inspect(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, An
             ):
                 if k in reader.config:
                     meta[f"config.{k}"] = repr(reader.config[k])
+        recipe = (reader.metadata or {}).get("quantize.recipe")
     types: dict[str, int] = {}
     for t in infos:
         types[t.dtype] = types.get(t.dtype, 0) + 1
     n_params = sum(t.numel for t in infos)
     total = sum(t.nbytes for t in infos)
+    extra: dict[str, Any] = {}
+    if isinstance(recipe, str | bytes):
+        from llmq.quant.gguf.budget import recipe_summary
+
+        text = recipe.decode("utf-8", "replace") if isinstance(recipe, bytes) else recipe
+        extra["recipe"] = recipe_summary(text)
     return {
+        **extra,
         "path": str(p),
         "kind": reader.kind,
         "metadata": meta,

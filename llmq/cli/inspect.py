@@ -35,6 +35,14 @@ def inspect_cmd(
         f"{s['n_params']:,} parameters, {human_bytes(s['tensor_bytes'])}, {s['bits_per_weight']:.3f} bits/weight"
     )
     console.print("types: " + ", ".join(f"{cell(t)}×{n}" for t, n in sorted(s["types"].items())))
+    if "recipe" in report:
+        r = report["recipe"]
+        console.print(
+            f"recipe (quantize.recipe): base {cell(r.get('base_type'))}, {r.get('tensors')} tensors: "
+            + ", ".join(f"{cell(t)}×{n}" for t, n in r.get("types", {}).items())
+            if "error" not in r
+            else f"recipe (quantize.recipe): {cell(r['error'])}"
+        )
     if metadata and len(report["metadata"]) > PLAIN_ROWS:
         _plain_table("metadata", ("key", "value"), [(k, v) for k, v in report["metadata"].items()], "ll")
     elif metadata and report["metadata"]:

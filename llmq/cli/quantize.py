@@ -13,6 +13,7 @@ _G = "GPTQ / AWQ / RTN"
 _F = "GGUF"
 _C = "Calibration"
 _N = "NF4 / FP4"
+_B = "GGUF budget"
 
 # The config fields among quantize_cmd's parameters are those that default to None ("not given"), but these
 # two; two fields have a parameter name of their own.
@@ -203,6 +204,63 @@ def quantize_cmd(
             help="Encoding workers: processes on Linux, threads elsewhere (default: the CPUs available, "
             "as llama-quantize).",
             rich_help_panel=_F,
+        ),
+    ] = None,
+    target_bpw: Annotated[
+        float | None,
+        typer.Option(
+            "--target-bpw",
+            help="Budget: bits per weight over all tensors; types chosen per tensor "
+            "by measured sensitivity (needs --imatrix or --calibration).",
+            rich_help_panel=_B,
+        ),
+    ] = None,
+    target_size: Annotated[
+        str | None,
+        typer.Option(
+            "--target-size", help="Budget: the output file's size, e.g. 4.5GiB.", rich_help_panel=_B
+        ),
+    ] = None,
+    fit: Annotated[
+        str | None,
+        typer.Option(
+            "--fit",
+            help="Budget: what fits this GPU (llmq estimate's names) at --context, "
+            "KV cache and overhead taken off first.",
+            rich_help_panel=_B,
+        ),
+    ] = None,
+    context: Annotated[
+        int | None, typer.Option("--context", help="--fit: context length.", rich_help_panel=_B)
+    ] = None,
+    batch: Annotated[
+        int | None, typer.Option("--batch", help="--fit: parallel sequences (1).", rich_help_panel=_B)
+    ] = None,
+    kv_cache_dtype: Annotated[
+        str | None, typer.Option("--kv-cache-dtype", help="--fit: KV cache type (f16).", rich_help_panel=_B)
+    ] = None,
+    budget_types: Annotated[
+        str | None,
+        typer.Option(
+            "--budget-types",
+            help="Candidate ggml types, comma-separated (Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0).",
+            rich_help_panel=_B,
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--recipe",
+            help="Replay a budgeted mix: its recipe JSON (or a GGUF holding one).",
+            rich_help_panel=_B,
+        ),
+    ] = None,
+    save_recipe: Annotated[
+        str | None,
+        typer.Option(
+            "--save-recipe",
+            help="Where a budgeted run writes its recipe (OUT.recipe.json).",
+            rich_help_panel=_B,
         ),
     ] = None,
     calibration: Annotated[

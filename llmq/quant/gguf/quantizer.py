@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -56,6 +56,16 @@ class GGUFQuantConfig(QuantConfig):
     leave_output_tensor: bool = False
     tensor_type: tuple[str, ...] = ()
     threads: int | None = None
+    # budgeted mixes (llmq.quant.gguf.budget)
+    target_bpw: float | None = None
+    target_size: str | None = None
+    fit: str | None = None
+    context: int | None = None
+    batch: int | None = None
+    kv_cache_dtype: str | None = None
+    budget_types: str | None = None
+    recipe: str | None = None
+    save_recipe: str | None = None
 
     def __post_init__(self) -> None:
         ft = file_type(self.type)  # raises BadInput on an unknown name
@@ -83,6 +93,11 @@ class GGUFQuantConfig(QuantConfig):
             raise BadInput("--nsamples must be >= 1 and --seqlen >= 8")
         if self.threads is not None and self.threads < 1:
             raise BadInput("--threads must be >= 1")
+        if isinstance(self.budget_types, list | tuple):
+            object.__setattr__(self, "budget_types", ",".join(self.budget_types))
+        from llmq.quant.gguf.budget import check_options
+
+        check_options(self)
 
 
 def _arch_info(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -159,6 +174,13 @@ class GGUFQuantizer:
         src = Path(src)
         infos, meta = _hf_header(src) if src.is_dir() else _gguf_header(src)
         types = plan_types(infos, meta, cfg, has_imatrix=bool(cfg.imatrix or cfg.calibration))
+        if cfg.recipe:
+            from llmq.quant.gguf import budget
+
+            types = budget.recipe_types(budget.load_recipe(cfg.recipe), infos, cfg.leave_output_tensor)
+        elif budget_given(cfg):
+            raise BadInput("--dry-run cannot show a budgeted mix without measuring the weights: run it, or "
+                           "pass the --recipe it wrote")  # fmt: skip
         return [TensorInfo(t.name, types[t.name], t.shape, ggml_type_nbytes(types[t.name], t.shape))
                 for t in sorted(infos, key=lambda t: llama_sort_key(t.name))]  # fmt: skip
 
@@ -243,17 +265,29 @@ def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = F
 
 def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool, progress: Progress,
                      hf_dir: Path | None) -> QuantizeResult:  # fmt: skip
+    from llmq.quant.gguf import budget
     from llmq.quant.gguf import imatrix as imx
     from llmq.quant.gguf import workers as gguf_workers
     from llmq.quant.gguf.blocks import default_threads
 
     infos = s.infos()
+    recipe_out = _recipe_output(cfg, out, force)
+    replay = budget.load_recipe(cfg.recipe) if cfg.recipe else None
+    if replay is not None:
+        cfg = replace(cfg, type=file_type(replay["base_type"]).name)
     im, im_name = _get_imatrix(cfg, s, hf_dir)
     weights = im.weights() if im is not None else {}
     types = plan_types(infos, s.meta, cfg, has_imatrix=im is not None)
+    recipe = None
+    if replay is not None:
+        types = budget.recipe_types(replay, infos, cfg.leave_output_tensor)
+    elif budget_given(cfg):
+        types, recipe = budget.choose(cfg, infos, types, weights, _rows_of, _header_bytes(s, infos),
+                                      str(hf_dir or s.path), progress)  # fmt: skip
     notes = _validate(infos, types, cfg, weights)
     ordered = sorted(infos, key=lambda t: llama_sort_key(t.name))
-    kv = _output_metadata(s, FILE_TYPES[cfg.type].ftype, im, im_name, len(weights))
+    recipe_kv = budget.recipe_metadata(cfg.type, types) if replay is not None or recipe is not None else None
+    kv = _output_metadata(s, FILE_TYPES[cfg.type].ftype, im, im_name, len(weights), recipe_kv)
     out_infos = []
     for t in ordered:
         dst = types[t.name]
@@ -286,13 +320,48 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
     runner.close()
     if cfg.save_imatrix and im is not None:
         imx.save_imatrix(im, cfg.save_imatrix)
+    if recipe is not None and recipe_out is not None:
+        budget.write_recipe(recipe_out, recipe, force)
+        p = recipe["predicted"]
+        notes.append(f"budgeted mix: {p['bits_per_weight']:.3f} bpw, proxy loss {p['proxy_loss']:.4g} "
+                     f"({'optimal' if p['optimal'] else 'lower bound ' + format(p['lower_bound'], '.4g')}), "
+                     f"recipe written to {recipe_out}")  # fmt: skip
     return QuantizeResult(
         output=out, method="gguf", format="gguf", config=cfg.to_dict(), input_bytes=s.path.stat().st_size,
         output_bytes=out.stat().st_size, tensors=out_infos, notes=notes,
     )  # fmt: skip
 
 
-def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int) -> dict[str, tuple]:
+def budget_given(cfg: GGUFQuantConfig) -> bool:
+    return cfg.target_bpw is not None or cfg.target_size is not None or cfg.fit is not None
+
+
+def _recipe_output(cfg: GGUFQuantConfig, out: Path, force: bool) -> Path | None:
+    """Where a budgeted run writes its recipe (--save-recipe, else OUT.recipe.json), checked before any work."""
+    if not budget_given(cfg):
+        return None
+    p = Path(cfg.save_recipe) if cfg.save_recipe else out.with_name(out.name + ".recipe.json")
+    check_output(p, force, [])
+    return p
+
+
+def _rows_of(info: TensorInfo, idx: np.ndarray) -> np.ndarray:
+    from llmq.io.rows import map_rows, to_float32
+
+    raw = np.ascontiguousarray(map_rows(info)[idx])  # 2-D: (rows, n) values or (rows, row bytes) blocks
+    return to_float32(raw, info.dtype).reshape(len(idx), info.shape[-1])
+
+
+def _header_bytes(s: _GGUFSource, infos: Sequence[TensorInfo]) -> int:
+    """An upper bound of the output's bytes besides tensor data: the source's header and padding, the recipe
+    key, a margin, and one alignment of padding per tensor."""
+    src_header = s.path.stat().st_size - sum(t.nbytes for t in infos)
+    recipe = sum(len(t.name) + 16 for t in infos) + 64
+    return src_header + recipe + 4096 + s.alignment * len(infos)
+
+
+def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int,
+                     recipe: str | None = None) -> dict[str, tuple]:  # fmt: skip
     """The source's metadata in order with its types (split keys dropped), then llama.cpp's keys: gguf_set_val
     removes a key and appends it again, so file_type & co. move to the end, in the order llama.cpp sets them."""
     from llmq.io.ggml_types import GGUFValueType
@@ -313,6 +382,8 @@ def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entrie
         extra.append(("quantize.imatrix.entries_count", n_entries, u32))
         if im.chunk_count > 0:
             extra.append(("quantize.imatrix.chunks_count", int(im.chunk_count), u32))
+    if recipe is not None:
+        extra.append(("quantize.recipe", recipe, string))
     for key, val, vtype in extra:
         kv.pop(key, None)
         kv[key] = (val, vtype, None)

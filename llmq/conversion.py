@@ -48,11 +48,11 @@ from llmq.io.names import (
     shifted_norm,
     unpermute_qk,
 )
-from llmq.io.rows import row_chunks, to_float32
+from llmq.io.rows import PLAIN_FLOAT, from_float32, map_rows, read_rows, row_chunks, to_float32
+from llmq.quant.gguf.mix import FILE_TYPES
 
-# llama.cpp's LlamaFileType for the types the converter writes
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
-GGML_OF_OUTTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+# the --outtype values the converter writes (their llama_ftype ids are FILE_TYPES[name.upper()])
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 HF_OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 SOURCE_CONFIG_KEY = "llmq.hf_config"  # the source config.json, so GGUF -> HF restores it exactly
 
@@ -220,69 +220,90 @@ def _auto_outtype(reader: SafetensorsReader) -> str:
 def _target_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
         return "F32"
-    t = GGML_OF_OUTTYPE[outtype]
+    t = outtype.upper()
     if t == "Q8_0" and shape[-1] % 32:
         return "F16"  # as convert_hf_to_gguf.py: rows that don't fill Q8_0 blocks fall back to F16
     return t
 
 
 def encode(data: np.ndarray, ggml_type: str) -> np.ndarray:
-    """float32 data → the bytes of ``ggml_type`` (F32/F16/BF16 exact casts; Q8_0 as ggml's reference)."""
-    if ggml_type == "F32":
-        return data.astype(np.float32, copy=False)
-    if ggml_type == "F16":
-        return to_f16(data)
-    if ggml_type == "BF16":
-        return f32_to_bf16_bits(data)
+    """float32 data → the bytes of ``ggml_type``: F32/F16/BF16 exact casts, Q8_0 by the GGUF block encoder."""
+    if ggml_type in PLAIN_FLOAT:
+        return from_float32(data, ggml_type)
     if ggml_type == "Q8_0":
-        return quantize_q8_0(data)
+        from llmq.quant.gguf.blocks import quantize
+
+        return quantize(data.reshape(-1, data.shape[-1]), "Q8_0", threads=1)
     raise UnsupportedType(f"the converter cannot write {ggml_type}; use `llmq quantize --method gguf`")
 
 
-def to_f16(x: np.ndarray) -> np.ndarray:
-    """float32 → float16, round to nearest even (numpy; torch would be faster per slice, but its import and
-    allocator cost hundreds of MB of resident memory, and the converter promises a small, flat footprint)."""
-    with np.errstate(over="ignore"):  # overflow to ±inf is the IEEE result, as in ggml
-        return x.astype(np.float16)
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One GGUF tensor of an HF → GGUF conversion: its HF source, its GGUF name/type/shape, and the transform
+    (q/k rotary permutation over ``heads``, Gemma's norm ``shift``) that turns the source's values into it."""
+
+    src: TensorInfo
+    target: TensorInfo
+    heads: int | None
+    shift: np.float32 | None
+
+    def float_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of the GGUF tensor as float32 (rows of the last dimension), read from the HF file:
+        only the source rows they come from are touched (gathered through the permutation)."""
+        if self.heads and len(self.src.shape) >= 2:
+            raw = map_rows(self.src)[qk_source_rows(self.src.shape[0], self.heads, start, stop)]
+        elif self.heads:  # a 1-D bias: one row
+            raw = permute_qk(read_rows(self.src), self.heads).reshape(1, -1)[start:stop]
+        else:
+            raw = read_rows(self.src, start, stop)
+        return transform(raw, self.src.dtype, self.shift)
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 → bfloat16 bit patterns (uint16), NaNs kept quiet (as ggml does)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
-    return r
+def transform(
+    raw: np.ndarray, dtype: str, shift: np.float32 | None, permute=None, n_heads: int = 0
+) -> np.ndarray:
+    """Raw source rows of ``dtype`` → float32 values of the other format: (un)permuted over ``n_heads`` whole
+    heads, then shifted (Gemma's norms)."""
+    x = to_float32(raw, dtype)
+    if n_heads:
+        x = permute(x, n_heads)
+    if shift is not None:
+        x = x + shift
+    return x
 
 
-def roundf(x: np.ndarray) -> np.ndarray:
-    """C's roundf (half away from zero), exactly: x + 0.5 would round in float32 before the floor."""
-    a = np.abs(x)
-    fl = np.floor(a)
-    return np.copysign(fl + np.floor(2 * (a - fl)), x)
+def qk_source_rows(rows: int, heads: int, start: int, stop: int) -> np.ndarray:
+    """The HF row of each GGUF row in [start, stop) of a q/k projection (the inverse map of :func:`permute_qk`):
+    within a head of ``hd`` rows, GGUF row 2i + j holds HF row j·hd/2 + i."""
+    r = np.arange(start, stop)
+    hd = rows // heads
+    o = r % hd
+    return r - o + (o % 2) * (hd // 2) + o // 2
 
 
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """ggml's quantize_row_q8_0_ref over every block: d = amax/127 (fp16), q = round(x/d)."""
-    rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
-    blocks = rows.reshape(-1, 32)
-    amax = np.abs(blocks).max(axis=1, keepdims=True)
-    d = amax / 127.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(d != 0, 1.0 / d, 0.0).astype(np.float32)
-    q = roundf(blocks * inv).astype(np.int8)
-    out = np.empty((blocks.shape[0], 34), dtype=np.uint8)
-    with np.errstate(over="ignore"):  # an fp16 overflow of d becomes inf, exactly as in ggml
-        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-    out[:, 2:] = q.view(np.uint8)
-    return out.reshape(rows.shape[0], -1)
+@dataclass
+class HFPlan:
+    """Everything an HF → GGUF conversion writes, decided from the headers: metadata in order, the extra
+    tensors computed from the config, then the planned tensors in source order."""
+
+    reader: SafetensorsReader
+    arch: Arch
+    outtype: str
+    kv: list[tuple[str, Any, Any]]
+    extra: list[tuple[TensorInfo, np.ndarray]]
+    tensors: list[PlannedTensor]
+
+    def add_metadata(self, w: GGUFFileWriter) -> None:
+        for key, value, vtype in self.kv:
+            w.add(key, value, vtype)
+
+    def infos(self) -> list[TensorInfo]:
+        return [t for t, _ in self.extra] + [p.target for p in self.tensors]
 
 
-def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False, allow_pickle: bool = False,
-               progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
-    t0 = time.perf_counter()
-    if outtype not in (*FILE_TYPES, "auto"):
+def plan_hf_to_gguf(src: Path, outtype: str = "auto", *, allow_pickle: bool = False) -> HFPlan:
+    """Validate an HF directory from its headers and plan its conversion to a GGUF of ``outtype``."""
+    if outtype not in (*OUTTYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, q8_0, auto for HF → GGUF")
     reader = open_checkpoint(src, allow_pickle=allow_pickle)
     config = reader.config
@@ -295,7 +316,7 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     n_head_kv = int(config.get("num_key_value_heads") or n_head)
 
     # Validate every tensor from the header before writing anything.
-    plan: list[tuple[TensorInfo, TensorInfo, int | None]] = []  # (source, target, heads to permute)
+    plan: list[PlannedTensor] = []
     for info in reader.infos():
         gname = hf_to_gguf_name(arch, info.name)
         if gname is None:
@@ -310,7 +331,9 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
                 f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
             )
         ttype = _target_type(gname, info.shape, outtype)
-        plan.append((info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)), heads))
+        shift = np.float32(arch.norm_shift) if shifted_norm(arch, gname) else None
+        plan.append(PlannedTensor(info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)),
+                                  heads, shift))  # fmt: skip
     if not plan:
         raise BadInput(f"{src}: no tensors to convert")
     rope = rope_parameters(config)
@@ -321,31 +344,37 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
 
     from llmq.io.tokenizer import gguf_tokenizer_kv
 
-    tok_kv = gguf_tokenizer_kv(src, config)
     name = str(config.get("_name_or_path") or src.name).rstrip("/").split("/")[-1] or src.name
-    total = sum(t.nbytes for _, t, _ in plan)
+    kv = [("general.architecture", arch.gguf_arch, None)]
+    kv += hf_metadata(arch, config, name, FILE_TYPES[outtype.upper()].ftype)
+    kv += gguf_tokenizer_kv(src, config)
+    kv.append((SOURCE_CONFIG_KEY, json.dumps(config, sort_keys=True), None))
+    return HFPlan(reader, arch, outtype, kv, extra, plan)
+
+
+def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False, allow_pickle: bool = False,
+               progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+    t0 = time.perf_counter()
+    p = plan_hf_to_gguf(src, outtype, allow_pickle=allow_pickle)
+    total = sum(t.target.nbytes for t in p.tensors)
     with AtomicOutput(dst, is_dir=False, force=force) as tmp:
-        w = GGUFFileWriter(tmp, arch.gguf_arch)
-        for key, value, vtype in hf_metadata(arch, config, name, FILE_TYPES[outtype]):
-            w.add(key, value, vtype)
-        for key, value, vtype in tok_kv:
-            w.add(key, value, vtype)
-        w.add(SOURCE_CONFIG_KEY, json.dumps(config, sort_keys=True))
-        w.plan([t for t, _ in extra] + [t for _, t, _ in plan])
-        for t, data in extra:
+        w = GGUFFileWriter(tmp, None)
+        p.add_metadata(w)
+        w.plan(p.infos())
+        for t, data in p.extra:
             w.write(t.name, data)
         jobs = [
-            _Job(info, target.name, heads, np.float32(arch.norm_shift) if shifted_norm(arch, target.name) else None,
-                 functools.partial(encode, ggml_type=target.dtype), target.nbytes, target.dtype)
-            for info, target, heads in plan
+            _Job(t.src, t.target.name, t.heads, t.shift, functools.partial(encode, ggml_type=t.target.dtype),
+                 t.target.nbytes, t.target.dtype)
+            for t in p.tensors
         ]  # fmt: skip
-        _write_all(w, reader, jobs, permute_qk, progress, total)
+        _write_all(w, p.reader, jobs, permute_qk, progress, total)
         w.close()
     types: dict[str, int] = {}
-    for _, t, _ in plan:
-        types[t.dtype] = types.get(t.dtype, 0) + 1
-    return ConvertResult(src, dst, "hf->gguf", outtype, arch.gguf_arch, len(plan) + len(extra),
-                         sum(i.nbytes for i, _, _ in plan), dst.stat().st_size, time.perf_counter() - t0,
+    for t in p.tensors:
+        types[t.target.dtype] = types.get(t.target.dtype, 0) + 1
+    return ConvertResult(src, dst, "hf->gguf", p.outtype, p.arch.gguf_arch, len(p.tensors) + len(p.extra),
+                         sum(t.src.nbytes for t in p.tensors), dst.stat().st_size, time.perf_counter() - t0,
                          [dst], types)  # fmt: skip
 
 
@@ -458,11 +487,7 @@ def _auto_hf_outtype(reader: GGUFReader) -> str:
 
 
 def _cast_hf(data: np.ndarray, outtype: str) -> np.ndarray:
-    if outtype == "f32":
-        return data.astype(np.float32, copy=False)
-    if outtype == "f16":
-        return to_f16(data)
-    return f32_to_bf16_bits(data)
+    return from_float32(data, HF_OUTTYPES[outtype])
 
 
 def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
@@ -580,12 +605,7 @@ def _write_all(w, reader, jobs: list[_Job], permute, progress: Progress, total: 
         n_heads = (stop - start) * job.heads // job.info.shape[0] if job.heads else 0
         if fast[k] is not None:  # the permutation only moves rows: it applies to raw elements as well
             return fast[k](permute(raw, n_heads) if n_heads else raw)
-        x = to_float32(raw, job.info.dtype)
-        if n_heads:
-            x = permute(x, n_heads)
-        if job.shift is not None:
-            x = x + job.shift
-        return job.encode(x)
+        return job.encode(transform(raw, job.info.dtype, job.shift, permute, n_heads))
 
     _return_big_blocks_to_os()
     workers = max(1, min(4, os.cpu_count() or 1))

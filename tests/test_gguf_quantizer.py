@@ -197,10 +197,10 @@ def test_error_in_an_encoder_is_one_clean_error(tmp_path, tiny_src, monkeypatch,
 
     real = gguf_workers.encode
 
-    def fails(weights, job):
+    def fails(weights, job, **kw):
         if job.src.name == "blk.2.ffn_up.weight":
             raise CorruptFile(f"{job.src.name}: bad rows")
-        return real(weights, job)
+        return real(weights, job, **kw)
 
     monkeypatch.setattr(gguf_workers, "encode", fails)  # inherited by the forked workers
     src, _ = tiny_src
@@ -224,10 +224,10 @@ def test_dead_worker_and_interrupt_leave_nothing(tmp_path, tiny_src, monkeypatch
     out_dir.mkdir()
     real = gguf_workers.encode
 
-    def dies(weights, job):
+    def dies(weights, job, **kw):
         if job.src.name == "blk.1.attn_v.weight":
             os._exit(3)
-        return real(weights, job)
+        return real(weights, job, **kw)
 
     monkeypatch.setattr(gguf_workers, "encode", dies)
     with pytest.raises(gguf_workers.WorkerError, match="encoder process died"):
@@ -275,7 +275,7 @@ def test_unpicklable_worker_error_still_surfaces(tmp_path, tiny_src, monkeypatch
     class LocalError(Exception):  # a local class: pickle cannot find it by name
         pass
 
-    def fails(weights, job):
+    def fails(weights, job, **kw):
         raise LocalError("cannot encode")
 
     monkeypatch.setattr(gguf_workers, "encode", fails)

@@ -1,7 +1,7 @@
 """The ``gguf`` quantizer: llama.cpp file types (Q4_K_M, Q8_0, ...) written by llmq, byte-identical to llama-quantize.
 
-SRC is an f32/f16/bf16 GGUF or an HF directory (converted to an f32 GGUF with llmq's converter first, as
-convert_hf_to_gguf.py + llama-quantize would). The output keeps the source's metadata in order, sets
+SRC is an f32/f16/bf16 GGUF or an HF directory, streamed through llmq's converter plan (the values are those of
+the f32 GGUF convert_hf_to_gguf.py would write for llama-quantize, with no intermediate file). The output keeps the source's metadata in order, sets
 ``general.file_type`` and ``general.quantization_version`` like llama.cpp, adds the ``quantize.imatrix.*`` keys
 when an importance matrix is used, and lists the tensors in llama.cpp's order. Tensors are streamed in order
 through llmq.io's GGUF reader and GGUFFileWriter: their rows are encoded by :mod:`llmq.quant.gguf.workers`
@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from llmq.errors import BadInput, UnsupportedType
-from llmq.io import temporaries
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
 from llmq.io.gguf import GGUFFileWriter
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
@@ -34,6 +33,7 @@ from llmq.quant.gguf.mix import (
     parse_ggml_type,
     parse_tensor_type_override,
 )
+from llmq.quant.gguf.sources import GGUFSource, open_source
 
 GGML_QNT_VERSION = 2
 _PLAIN_OUT = ("F32", "F16", "BF16")
@@ -119,35 +119,6 @@ def plan_types(infos: Sequence[TensorInfo], meta: Mapping[str, Any], config: GGU
     )  # fmt: skip
 
 
-class _GGUFSource:
-    """A GGUF input through llmq.io's reader: metadata (with its value types, in order), tensor infos, data."""
-
-    def __init__(self, path: Path):
-        from llmq.io.gguf import GGUFReader
-
-        self.path = path
-        # vocabularies are copied to the output byte for byte, never decoded and re-encoded
-        self.reader = GGUFReader(path, decode_strings="raw")
-        self.meta = self.reader.metadata
-        self.kv_types = self.reader.kv_types
-        self.alignment = self.reader.alignment
-
-    def infos(self) -> list[TensorInfo]:
-        return list(self.reader.infos())
-
-    def raw(self, name: str) -> np.ndarray:
-        return self.reader.read_raw(name)
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> _GGUFSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 @quantizers.register("gguf")
 class GGUFQuantizer:
     name: ClassVar[str] = "gguf"
@@ -176,11 +147,7 @@ class GGUFQuantizer:
             raise BadInput(f"{src} does not exist")
         check_output(out, force, [src])
         t0 = time.perf_counter()
-        with temporaries.temporary_dir(out) as tmp:  # named for this process: a kill leaves nothing lasting
-            gguf_src = _as_gguf(src, Path(tmp), progress)
-            result = quantize_gguf(
-                gguf_src, out, cfg, force=force, progress=progress, hf_dir=src if src.is_dir() else None
-            )
+        result = quantize_gguf(src, out, cfg, force=force, progress=progress)
         result.seconds = time.perf_counter() - t0
         return result
 
@@ -217,38 +184,22 @@ def _hf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
     return infos, meta
 
 
-def _as_gguf(src: Path, tmp: Path, progress: Progress) -> Path:
-    if not src.is_dir():
-        return src
-    try:
-        from llmq.conversion import convert
-    except ImportError as e:
-        raise BadInput(f"quantizing an HF directory needs llmq's HF->GGUF converter ({e})") from None
-    progress("convert", 0, 1)
-    dst = tmp / "model-f32.gguf"
-    convert(src, dst, outtype="f32")
-    progress("convert", 1, 1)
-    return dst
-
-
 def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = False,
-                  progress: Progress = no_progress, hf_dir: Path | None = None) -> QuantizeResult:  # fmt: skip
-    """Quantize the GGUF ``src`` into ``out`` (the body of ``llmq quantize --method gguf``)."""
-    s = _GGUFSource(src)
-    try:
-        return _quantize_source(s, out, cfg, force, progress, hf_dir)
-    finally:
-        s.close()
+                  progress: Progress = no_progress) -> QuantizeResult:  # fmt: skip
+    """Quantize the GGUF file or HF directory ``src`` into ``out`` (the body of ``llmq quantize --method gguf``).
+    An HF directory is streamed through the converter's per-tensor plan: no intermediate file."""
+    with open_source(Path(src)) as s:
+        return _quantize_source(s, out, cfg, force, progress)
 
 
-def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool, progress: Progress,
-                     hf_dir: Path | None) -> QuantizeResult:  # fmt: skip
+def _quantize_source(s: GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool,
+                     progress: Progress) -> QuantizeResult:  # fmt: skip
     from llmq.quant.gguf import imatrix as imx
     from llmq.quant.gguf import workers as gguf_workers
     from llmq.quant.gguf.blocks import default_threads
 
     infos = s.infos()
-    im, im_name = _get_imatrix(cfg, s, hf_dir)
+    im, im_name = _get_imatrix(cfg, s)
     weights = im.weights() if im is not None else {}
     types = plan_types(infos, s.meta, cfg, has_imatrix=im is not None)
     notes = _validate(infos, types, cfg, weights)
@@ -262,7 +213,8 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
     total = max(1, sum(t.numel for t in ordered))
     # before the writer starts its thread: the encoder processes are forked here
     nthreads = cfg.threads or default_threads()
-    runner = gguf_workers.make_runner(weights, nthreads, gguf_workers.largest_job_bytes(ordered, types))
+    largest = gguf_workers.largest_job_bytes(ordered, types)
+    runner = gguf_workers.make_runner(weights, nthreads, largest, rows=s.rows)
     try:
         with AtomicOutput(out, is_dir=False, force=force) as tmp:
             w = GGUFFileWriter(tmp, None, alignment=s.alignment)
@@ -287,12 +239,12 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
     if cfg.save_imatrix and im is not None:
         imx.save_imatrix(im, cfg.save_imatrix)
     return QuantizeResult(
-        output=out, method="gguf", format="gguf", config=cfg.to_dict(), input_bytes=s.path.stat().st_size,
+        output=out, method="gguf", format="gguf", config=cfg.to_dict(), input_bytes=s.input_bytes,
         output_bytes=out.stat().st_size, tensors=out_infos, notes=notes,
     )  # fmt: skip
 
 
-def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int) -> dict[str, tuple]:
+def _output_metadata(s: GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int) -> dict[str, tuple]:
     """The source's metadata in order with its types (split keys dropped), then llama.cpp's keys: gguf_set_val
     removes a key and appends it again, so file_type & co. move to the end, in the order llama.cpp sets them."""
     from llmq.io.ggml_types import GGUFValueType
@@ -354,7 +306,7 @@ def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQu
     return notes
 
 
-def _get_imatrix(cfg: GGUFQuantConfig, s: _GGUFSource, hf_dir: Path | None):
+def _get_imatrix(cfg: GGUFQuantConfig, s: GGUFSource):
     from llmq.quant.gguf import imatrix as imx
 
     if cfg.imatrix:
@@ -365,7 +317,7 @@ def _get_imatrix(cfg: GGUFQuantConfig, s: _GGUFSource, hf_dir: Path | None):
         return im, str(cfg.imatrix)
     if cfg.calibration:
         im = imx.imatrix_from_calibration(
-            hf_dir or s.path, cfg.calibration, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed
+            s.hf_dir or s.path, cfg.calibration, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed
         )
         return im, str(cfg.save_imatrix or "(computed by llmq)")
     return None, ""

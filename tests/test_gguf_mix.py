@@ -10,7 +10,8 @@ import pytest
 from gguf_helpers import LLAMA_FTYPES, gguf_tensors, llama_quantize, smollm2_reader
 
 from llmq.errors import BadInput
-from llmq.quant.gguf.mix import FILE_TYPES, choose_types, ggml_type_nbytes
+from llmq.io.ggml_types import type_nbytes as ggml_type_nbytes
+from llmq.quant.gguf.mix import FILE_TYPES, choose_types
 
 MIXES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
          "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "BF16"]  # fmt: skip

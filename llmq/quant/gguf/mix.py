@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from llmq.errors import BadInput, UnsupportedType
-from llmq.io.ggml_types import GGML_TYPES
+from llmq.io.ggml_types import GGML_TYPES, block_size
 
 
 @dataclass(frozen=True)
@@ -95,45 +95,10 @@ _NOT_QUANTIZED_PARTS = (
 _LOW_IQ = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"})
 
 
-def _type_size(type_name: str) -> tuple[int, int] | None:
-    """(block size, bytes per block) of a ggml type name, None if there is no such type."""
-    up = type_name.upper()
-    if up in GGML_TYPES:
-        return GGML_TYPES[up][1:]
-    import gguf  # about 0.1 s: only for the few types llmq.io's table lacks
-
-    try:
-        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[up]]
-    except KeyError:
-        return None
-
-
-def block_size(type_name: str) -> int:
-    size = _type_size(type_name)
-    if size is None:
-        raise UnsupportedType(f"unknown ggml type {type_name!r}")
-    return size[0]
-
-
-def ggml_type_nbytes(type_name: str, shape: Sequence[int]) -> int:
-    """Bytes a tensor of ``shape`` (torch order) takes on disk as ggml type ``type_name`` (no padding)."""
-    size = _type_size(type_name)
-    if size is None:
-        raise UnsupportedType(f"unknown ggml type {type_name!r}")
-    blck, nbytes = size
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    row = int(shape[-1]) if len(shape) else 1
-    if row % blck:
-        raise BadInput(f"row length {row} is not a multiple of the {type_name} block size {blck}")
-    return numel // blck * nbytes
-
-
 def parse_ggml_type(name: str) -> str:
     """A ggml type name as llama-quantize accepts it (case-insensitive)."""
     up = name.strip().upper()
-    if _type_size(up) is None:
+    if up not in GGML_TYPES:
         raise BadInput(f"unknown ggml type {name!r}")
     return up
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from llmq.errors import BadInput, UnsupportedType
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
+from llmq.io.ggml_types import type_nbytes
 from llmq.io.gguf import GGUFFileWriter
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
 from llmq.quant.gguf.mix import (
@@ -28,7 +29,6 @@ from llmq.quant.gguf.mix import (
     PLAIN_TYPES,
     choose_types,
     file_type,
-    ggml_type_nbytes,
     llama_sort_key,
     parse_ggml_type,
     parse_tensor_type_override,
@@ -130,7 +130,7 @@ class GGUFQuantizer:
         src = Path(src)
         infos, meta = _hf_header(src) if src.is_dir() else _gguf_header(src)
         types = plan_types(infos, meta, cfg, has_imatrix=bool(cfg.imatrix or cfg.calibration))
-        return [TensorInfo(t.name, types[t.name], t.shape, ggml_type_nbytes(types[t.name], t.shape))
+        return [TensorInfo(t.name, types[t.name], t.shape, type_nbytes(types[t.name], t.shape))
                 for t in sorted(infos, key=lambda t: llama_sort_key(t.name))]  # fmt: skip
 
     @staticmethod
@@ -208,7 +208,7 @@ def _quantize_source(s: GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool
     out_infos = []
     for t in ordered:
         dst = types[t.name]
-        nbytes = t.nbytes if dst == t.dtype else ggml_type_nbytes(dst, t.shape)
+        nbytes = t.nbytes if dst == t.dtype else type_nbytes(dst, t.shape)
         out_infos.append(TensorInfo(t.name, dst, t.shape, nbytes))
     total = max(1, sum(t.numel for t in ordered))
     # before the writer starts its thread: the encoder processes are forked here

@@ -77,6 +77,10 @@ class GGUFQuantConfig(QuantConfig):
             parse_tensor_type_override(spec)
         if self.imatrix and self.calibration:
             raise BadInput("--imatrix and --calibration cannot be used together")
+        if self.calibration:
+            from llmq.quant.gguf.imatrix import check_calibration
+
+            check_calibration(self.calibration)
         if self.save_imatrix and not self.calibration:
             raise BadInput("--save-imatrix needs --calibration (an imatrix to compute)")
         if self.nsamples < 1 or self.seqlen < 8:

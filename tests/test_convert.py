@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmq.conversion import convert, encode
+from llmq.conversion import convert
+from llmq.convert_rows import encode
 from llmq.errors import BadInput, OutputExists, UnsupportedArchitecture
 from llmq.io import open_checkpoint
 from llmq.io.names import ARCHES, hf_to_gguf_name, permute_qk, unpermute_qk
@@ -109,7 +110,7 @@ def test_outtypes_match_reference_encoders(tiny_llama, tmp_path):
 
 
 def test_bf16_to_f16_table_is_the_exact_cast():
-    from llmq.conversion import bf16_to_f16_table
+    from llmq.convert_rows import bf16_to_f16_table
     from llmq.io.rows import to_float32
 
     bits = np.arange(1 << 16, dtype=np.uint16)

@@ -8,7 +8,8 @@ import pytest
 from helpers import make_tiny_model
 
 from llmq import api
-from llmq.conversion import convert, qk_source_rows
+from llmq.conversion import convert
+from llmq.convert_rows import qk_source_rows
 from llmq.io.names import permute_qk
 from llmq.quant.gguf.quantizer import GGUFQuantConfig, GGUFQuantizer
 

@@ -23,6 +23,7 @@ from llmq.errors import BadInput, UnsupportedType
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
 from llmq.io.ggml_types import type_nbytes
 from llmq.io.gguf import GGUFFileWriter
+from llmq.io.rows import PLAIN_FLOAT
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
 from llmq.quant.gguf.mix import (
     FILE_TYPES,
@@ -36,7 +37,6 @@ from llmq.quant.gguf.mix import (
 from llmq.quant.gguf.sources import GGUFSource, open_source
 
 GGML_QNT_VERSION = 2
-_PLAIN_OUT = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class GGUFQuantConfig(QuantConfig):
             raise BadInput(f"--method gguf writes --format gguf, not {self.format}")
         from llmq.quant.gguf.blocks import SUPPORTED_TYPES
 
-        if ft.default_type not in SUPPORTED_TYPES and ft.default_type not in _PLAIN_OUT:
+        if ft.default_type not in SUPPORTED_TYPES and ft.default_type not in PLAIN_FLOAT:
             raise UnsupportedType(
                 f"GGUF file type {ft.name} needs {ft.default_type}, which llmq cannot encode yet"
             )
@@ -132,7 +132,8 @@ class GGUFQuantizer:
     def plan(self, src: Path, config: QuantConfig) -> list[TensorInfo]:
         cfg = self._cfg(config)
         src = Path(src)
-        infos, meta = _hf_header(src) if src.is_dir() else _gguf_header(src)
+        with open_source(src) as s:  # an HF directory: the f32 GGUF the converter would write, from headers
+            infos, meta = s.infos(), s.meta
         types = plan_types(infos, meta, cfg, has_imatrix=bool(cfg.imatrix or cfg.calibration))
         return [TensorInfo(t.name, types[t.name], t.shape, type_nbytes(types[t.name], t.shape))
                 for t in sorted(infos, key=lambda t: llama_sort_key(t.name))]  # fmt: skip
@@ -154,38 +155,6 @@ class GGUFQuantizer:
         result = quantize_gguf(src, out, cfg, force=force, progress=progress)
         result.seconds = time.perf_counter() - t0
         return result
-
-
-def _gguf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
-    from llmq.io.gguf import GGUFReader
-
-    with GGUFReader(src, decode_strings=False) as r:  # the type rules never look at the vocabulary
-        return list(r.infos()), r.metadata
-
-
-def _hf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
-    """GGUF tensor names/shapes and the hparams the type rules read, from an HF directory's headers only
-    (the f32 GGUF that llmq's converter would make: 1-D tensors F32)."""
-    from llmq.io.names import arch_for_hf, hf_to_gguf_name
-    from llmq.io.safetensors import SafetensorsReader
-
-    with SafetensorsReader(src) as reader:
-        config = reader.config
-        if config is None:
-            raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
-        arch = arch_for_hf(config)
-        infos = []
-        for info in reader.infos():
-            gname = hf_to_gguf_name(arch, info.name)
-            if gname is not None:
-                infos.append(TensorInfo(gname, "F32", info.shape, 4 * info.numel))
-    a = arch.gguf_arch
-    n_head = int(config["num_attention_heads"])
-    meta = {"general.architecture": a, f"{a}.block_count": int(config["num_hidden_layers"]),
-            f"{a}.attention.head_count": n_head,
-            f"{a}.attention.head_count_kv": int(config.get("num_key_value_heads") or n_head),
-            f"{a}.expert_count": int(config.get("num_local_experts") or config.get("num_experts") or 0)}  # fmt: skip
-    return infos, meta
 
 
 def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = False,
@@ -290,7 +259,7 @@ def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQu
         notes.append(msg)
     for t in infos:
         dst = types[t.name]
-        if dst != t.dtype and dst not in SUPPORTED_TYPES and dst not in _PLAIN_OUT:
+        if dst != t.dtype and dst not in SUPPORTED_TYPES and dst not in PLAIN_FLOAT:
             raise UnsupportedType(f"{t.name}: llmq has no encoder for {dst} yet")
         qw = weights.get(t.name)
         if qw is not None and dst != t.dtype:

@@ -35,8 +35,8 @@ import numpy as np
 
 from llmq.errors import LlmqError
 from llmq.io.base import TensorInfo
+from llmq.io.rows import PLAIN_FLOAT
 
-PLAIN_OUT = ("F32", "F16", "BF16")
 # values per job: enough that a round trip to a worker (~0.1 ms) is noise, few enough that the workers finish
 # within a few milliseconds of each other at the end of the file
 JOB_VALUES = 1 << 20
@@ -66,7 +66,7 @@ class EncodeJob:
         from llmq.quant.gguf.blocks import row_bytes
 
         n = self.src.shape[-1] if self.src.shape else 1
-        per_row = n * (4 if self.dst == "F32" else 2) if self.dst in PLAIN_OUT else row_bytes(self.dst, n)
+        per_row = n * (4 if self.dst == "F32" else 2) if self.dst in PLAIN_FLOAT else row_bytes(self.dst, n)
         return (self.stop - self.start) * per_row
 
 
@@ -104,7 +104,7 @@ def encode(weights: Mapping[str, np.ndarray], job: EncodeJob, rows: RowReader = 
 
     n = job.src.shape[-1] if job.src.shape else 1
     x = np.ascontiguousarray(rows(job.src, job.start, job.stop), dtype=np.float32).reshape(-1, n)
-    if job.dst in PLAIN_OUT:
+    if job.dst in PLAIN_FLOAT:
         return encode_plain(x, job.dst)
     qw = weights.get(job.src.name)
     if qw is not None:

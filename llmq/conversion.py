@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from llmq import __version__
-from llmq.convert_rows import Job, PlannedTensor, Progress, encode, write_all
+from llmq.convert_rows import Job, PlannedTensor, encode, write_all
 from llmq.errors import BadInput, ShapeError, UnsupportedType
 from llmq.io import (
     AtomicOutput,
@@ -46,16 +46,13 @@ from llmq.io.names import (
     unpermute_qk,
 )
 from llmq.io.rows import from_float32
+from llmq.progress import Progress, no_progress
 from llmq.quant.gguf.mix import FILE_TYPES
 
 # the --outtype values the converter writes (their llama_ftype ids are FILE_TYPES[name.upper()])
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 HF_OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 SOURCE_CONFIG_KEY = "llmq.hf_config"  # the source config.json, so GGUF -> HF restores it exactly
-
-
-def _no_progress(stage: str, done: float, total: float) -> None:
-    return None
 
 
 @dataclass
@@ -83,7 +80,7 @@ class ConvertResult:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto", *, force: bool = False,
             max_shard_size: str | int | None = None, allow_pickle: bool = False,
-            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+            progress: Progress = no_progress) -> ConvertResult:  # fmt: skip
     """Convert an HF safetensors directory to GGUF, or a GGUF file to an HF safetensors directory.
 
     The direction follows the input. ``outtype``: f32|f16|bf16|q8_0|auto for HF → GGUF; f32|f16|bf16|auto for
@@ -293,7 +290,7 @@ def plan_hf_to_gguf(src: Path, outtype: str = "auto", *, allow_pickle: bool = Fa
 
 
 def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False, allow_pickle: bool = False,
-               progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+               progress: Progress = no_progress) -> ConvertResult:  # fmt: skip
     t0 = time.perf_counter()
     p = plan_hf_to_gguf(src, outtype, allow_pickle=allow_pickle)
     total = sum(t.target.nbytes for t in p.tensors)
@@ -432,7 +429,7 @@ def _cast_hf(data: np.ndarray, outtype: str) -> np.ndarray:
 
 def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
                max_shard_size: str | int | None = None, allow_pickle: bool = False,
-            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+            progress: Progress = no_progress) -> ConvertResult:  # fmt: skip
     t0 = time.perf_counter()
     if outtype not in (*HF_OUTTYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, auto for GGUF → HF")

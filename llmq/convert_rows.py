@@ -25,8 +25,7 @@ from llmq.io.base import TensorInfo
 from llmq.io.ggml_types import is_block_type
 from llmq.io.names import permute_qk
 from llmq.io.rows import PLAIN_FLOAT, from_float32, map_rows, read_rows, row_chunks, to_float32
-
-Progress = Callable[[str, float, float], None]
+from llmq.progress import Progress
 
 
 def encode(data: np.ndarray, ggml_type: str) -> np.ndarray:

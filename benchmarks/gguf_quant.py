@@ -190,7 +190,8 @@ def imatrix_kl(a: argparse.Namespace, work: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from llama_cpp import Llama
 
-    from llmq.quant.gguf.imatrix import _shared_wikitext, imatrix_from_calibration, save_imatrix
+    from llmq.calib import load_text
+    from llmq.quant.gguf.imatrix import imatrix_from_calibration, save_imatrix
     from llmq.quant.gguf.quantizer import GGUFQuantConfig, GGUFQuantizer
 
     src = smollm2_f32(work / "smollm2-f32.gguf")
@@ -199,7 +200,7 @@ def imatrix_kl(a: argparse.Namespace, work: Path) -> None:
     im = imatrix_from_calibration(src, "pydoc", nsamples=a.nsamples, seqlen=512)
     save_imatrix(im, imfile)
     t_im = time.perf_counter() - t0
-    text = _shared_wikitext().read_text(encoding="utf-8")[:200_000]
+    text = load_text("wikitext2", "test")[:200_000]
     tok = Llama(str(src), vocab_only=True, verbose=False)
     tokens = tok.tokenize(text.encode(), add_bos=False)[: a.eval_chunks * a.n_ctx]
     del tok

@@ -15,9 +15,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llmq.conversion import f32_to_bf16_bits  # noqa: E402
 from llmq.io import SafetensorsWriter  # noqa: E402
 from llmq.io.base import TensorInfo  # noqa: E402
+from llmq.io.rows import from_float32  # noqa: E402
 
 
 def tensors(a) -> list[tuple[str, tuple[int, ...]]]:
@@ -71,7 +71,7 @@ def main() -> None:
         else:
             x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.5 / np.sqrt(shape[1]))
         if code == "BF16":
-            x = f32_to_bf16_bits(x)
+            x = from_float32(x, "BF16")
         elif code == "F16":
             x = x.astype(np.float16)
         w.write(name, x)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmq.io.base import bits_per_weight
 from llmq.io.hub import resolve_model
 from llmq.progress import Progress
 from llmq.progress import no_progress as _noop
@@ -78,7 +79,7 @@ def quantize_plan(src: str | os.PathLike, method: str, *, config_file: str | os.
         "method": method,
         "config": config.to_dict(),
         "total_bytes": total,
-        "bits_per_weight": 8.0 * total / n if n else 0.0,
+        "bits_per_weight": bits_per_weight(total, n),
         "tensors": [
             {"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes} for t in infos
         ],
@@ -130,7 +131,7 @@ def inspect(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, An
             "n_tensors": len(infos),
             "n_params": n_params,
             "tensor_bytes": total,
-            "bits_per_weight": 8.0 * total / n_params if n_params else 0.0,
+            "bits_per_weight": bits_per_weight(total, n_params),
             "types": types,
         },
         "tensors": [

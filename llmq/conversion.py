@@ -8,15 +8,11 @@ a temporary name and renamed when complete. Tensor math is numpy; torch is never
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import math
 import os
-import sys
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from llmq import __version__
+from llmq.convert_rows import Job, PlannedTensor, encode, write_all
 from llmq.errors import BadInput, ShapeError, UnsupportedType
 from llmq.io import (
     AtomicOutput,
@@ -36,7 +33,7 @@ from llmq.io import (
     open_checkpoint,
 )
 from llmq.io.base import DEFAULT_SHARD_BYTES, TensorInfo, parse_size
-from llmq.io.ggml_types import GGUFValueType, is_block_type, type_nbytes
+from llmq.io.ggml_types import GGUFValueType, type_nbytes
 from llmq.io.names import (
     Arch,
     arch_for_gguf,
@@ -48,19 +45,14 @@ from llmq.io.names import (
     shifted_norm,
     unpermute_qk,
 )
-from llmq.io.rows import row_chunks, to_float32
+from llmq.io.rows import from_float32
+from llmq.progress import Progress, no_progress
+from llmq.quant.gguf.mix import FILE_TYPES
 
-# llama.cpp's LlamaFileType for the types the converter writes
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
-GGML_OF_OUTTYPE = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+# the --outtype values the converter writes (their llama_ftype ids are FILE_TYPES[name.upper()])
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 HF_OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 SOURCE_CONFIG_KEY = "llmq.hf_config"  # the source config.json, so GGUF -> HF restores it exactly
-
-Progress = Callable[[str, float, float], None]
-
-
-def _no_progress(stage: str, done: float, total: float) -> None:
-    return None
 
 
 @dataclass
@@ -88,7 +80,7 @@ class ConvertResult:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto", *, force: bool = False,
             max_shard_size: str | int | None = None, allow_pickle: bool = False,
-            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+            progress: Progress = no_progress) -> ConvertResult:  # fmt: skip
     """Convert an HF safetensors directory to GGUF, or a GGUF file to an HF safetensors directory.
 
     The direction follows the input. ``outtype``: f32|f16|bf16|q8_0|auto for HF → GGUF; f32|f16|bf16|auto for
@@ -220,69 +212,35 @@ def _auto_outtype(reader: SafetensorsReader) -> str:
 def _target_type(gguf_name: str, shape: tuple[int, ...], outtype: str) -> str:
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
         return "F32"
-    t = GGML_OF_OUTTYPE[outtype]
+    t = outtype.upper()
     if t == "Q8_0" and shape[-1] % 32:
         return "F16"  # as convert_hf_to_gguf.py: rows that don't fill Q8_0 blocks fall back to F16
     return t
 
 
-def encode(data: np.ndarray, ggml_type: str) -> np.ndarray:
-    """float32 data → the bytes of ``ggml_type`` (F32/F16/BF16 exact casts; Q8_0 as ggml's reference)."""
-    if ggml_type == "F32":
-        return data.astype(np.float32, copy=False)
-    if ggml_type == "F16":
-        return to_f16(data)
-    if ggml_type == "BF16":
-        return f32_to_bf16_bits(data)
-    if ggml_type == "Q8_0":
-        return quantize_q8_0(data)
-    raise UnsupportedType(f"the converter cannot write {ggml_type}; use `llmq quantize --method gguf`")
+@dataclass
+class HFPlan:
+    """Everything an HF → GGUF conversion writes, decided from the headers: metadata in order, the extra
+    tensors computed from the config, then the planned tensors in source order."""
+
+    reader: SafetensorsReader
+    arch: Arch
+    outtype: str
+    kv: list[tuple[str, Any, Any]]
+    extra: list[tuple[TensorInfo, np.ndarray]]
+    tensors: list[PlannedTensor]
+
+    def add_metadata(self, w: GGUFFileWriter) -> None:
+        for key, value, vtype in self.kv:
+            w.add(key, value, vtype)
+
+    def infos(self) -> list[TensorInfo]:
+        return [t for t, _ in self.extra] + [p.target for p in self.tensors]
 
 
-def to_f16(x: np.ndarray) -> np.ndarray:
-    """float32 → float16, round to nearest even (numpy; torch would be faster per slice, but its import and
-    allocator cost hundreds of MB of resident memory, and the converter promises a small, flat footprint)."""
-    with np.errstate(over="ignore"):  # overflow to ±inf is the IEEE result, as in ggml
-        return x.astype(np.float16)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """Round-to-nearest-even float32 → bfloat16 bit patterns (uint16), NaNs kept quiet (as ggml does)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    if nan.any():
-        r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
-    return r
-
-
-def roundf(x: np.ndarray) -> np.ndarray:
-    """C's roundf (half away from zero), exactly: x + 0.5 would round in float32 before the floor."""
-    a = np.abs(x)
-    fl = np.floor(a)
-    return np.copysign(fl + np.floor(2 * (a - fl)), x)
-
-
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """ggml's quantize_row_q8_0_ref over every block: d = amax/127 (fp16), q = round(x/d)."""
-    rows = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
-    blocks = rows.reshape(-1, 32)
-    amax = np.abs(blocks).max(axis=1, keepdims=True)
-    d = amax / 127.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(d != 0, 1.0 / d, 0.0).astype(np.float32)
-    q = roundf(blocks * inv).astype(np.int8)
-    out = np.empty((blocks.shape[0], 34), dtype=np.uint8)
-    with np.errstate(over="ignore"):  # an fp16 overflow of d becomes inf, exactly as in ggml
-        out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
-    out[:, 2:] = q.view(np.uint8)
-    return out.reshape(rows.shape[0], -1)
-
-
-def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False, allow_pickle: bool = False,
-               progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
-    t0 = time.perf_counter()
-    if outtype not in (*FILE_TYPES, "auto"):
+def plan_hf_to_gguf(src: Path, outtype: str = "auto", *, allow_pickle: bool = False) -> HFPlan:
+    """Validate an HF directory from its headers and plan its conversion to a GGUF of ``outtype``."""
+    if outtype not in (*OUTTYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, q8_0, auto for HF → GGUF")
     reader = open_checkpoint(src, allow_pickle=allow_pickle)
     config = reader.config
@@ -295,7 +253,7 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     n_head_kv = int(config.get("num_key_value_heads") or n_head)
 
     # Validate every tensor from the header before writing anything.
-    plan: list[tuple[TensorInfo, TensorInfo, int | None]] = []  # (source, target, heads to permute)
+    plan: list[PlannedTensor] = []
     for info in reader.infos():
         gname = hf_to_gguf_name(arch, info.name)
         if gname is None:
@@ -310,7 +268,9 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
                 f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
             )
         ttype = _target_type(gname, info.shape, outtype)
-        plan.append((info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)), heads))
+        shift = np.float32(arch.norm_shift) if shifted_norm(arch, gname) else None
+        plan.append(PlannedTensor(info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)),
+                                  heads, shift))  # fmt: skip
     if not plan:
         raise BadInput(f"{src}: no tensors to convert")
     rope = rope_parameters(config)
@@ -321,31 +281,37 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
 
     from llmq.io.tokenizer import gguf_tokenizer_kv
 
-    tok_kv = gguf_tokenizer_kv(src, config)
     name = str(config.get("_name_or_path") or src.name).rstrip("/").split("/")[-1] or src.name
-    total = sum(t.nbytes for _, t, _ in plan)
+    kv = [("general.architecture", arch.gguf_arch, None)]
+    kv += hf_metadata(arch, config, name, FILE_TYPES[outtype.upper()].ftype)
+    kv += gguf_tokenizer_kv(src, config)
+    kv.append((SOURCE_CONFIG_KEY, json.dumps(config, sort_keys=True), None))
+    return HFPlan(reader, arch, outtype, kv, extra, plan)
+
+
+def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False, allow_pickle: bool = False,
+               progress: Progress = no_progress) -> ConvertResult:  # fmt: skip
+    t0 = time.perf_counter()
+    p = plan_hf_to_gguf(src, outtype, allow_pickle=allow_pickle)
+    total = sum(t.target.nbytes for t in p.tensors)
     with AtomicOutput(dst, is_dir=False, force=force) as tmp:
-        w = GGUFFileWriter(tmp, arch.gguf_arch)
-        for key, value, vtype in hf_metadata(arch, config, name, FILE_TYPES[outtype]):
-            w.add(key, value, vtype)
-        for key, value, vtype in tok_kv:
-            w.add(key, value, vtype)
-        w.add(SOURCE_CONFIG_KEY, json.dumps(config, sort_keys=True))
-        w.plan([t for t, _ in extra] + [t for _, t, _ in plan])
-        for t, data in extra:
+        w = GGUFFileWriter(tmp, None)
+        p.add_metadata(w)
+        w.plan(p.infos())
+        for t, data in p.extra:
             w.write(t.name, data)
         jobs = [
-            _Job(info, target.name, heads, np.float32(arch.norm_shift) if shifted_norm(arch, target.name) else None,
-                 functools.partial(encode, ggml_type=target.dtype), target.nbytes, target.dtype)
-            for info, target, heads in plan
+            Job(t.src, t.target.name, t.heads, t.shift, functools.partial(encode, ggml_type=t.target.dtype),
+                 t.target.nbytes, t.target.dtype)
+            for t in p.tensors
         ]  # fmt: skip
-        _write_all(w, reader, jobs, permute_qk, progress, total)
+        write_all(w, p.reader, jobs, permute_qk, progress, total)
         w.close()
     types: dict[str, int] = {}
-    for _, t, _ in plan:
-        types[t.dtype] = types.get(t.dtype, 0) + 1
-    return ConvertResult(src, dst, "hf->gguf", outtype, arch.gguf_arch, len(plan) + len(extra),
-                         sum(i.nbytes for i, _, _ in plan), dst.stat().st_size, time.perf_counter() - t0,
+    for t in p.tensors:
+        types[t.target.dtype] = types.get(t.target.dtype, 0) + 1
+    return ConvertResult(src, dst, "hf->gguf", p.outtype, p.arch.gguf_arch, len(p.tensors) + len(p.extra),
+                         sum(t.src.nbytes for t in p.tensors), dst.stat().st_size, time.perf_counter() - t0,
                          [dst], types)  # fmt: skip
 
 
@@ -458,16 +424,12 @@ def _auto_hf_outtype(reader: GGUFReader) -> str:
 
 
 def _cast_hf(data: np.ndarray, outtype: str) -> np.ndarray:
-    if outtype == "f32":
-        return data.astype(np.float32, copy=False)
-    if outtype == "f16":
-        return to_f16(data)
-    return f32_to_bf16_bits(data)
+    return from_float32(data, HF_OUTTYPES[outtype])
 
 
 def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = False,
                max_shard_size: str | int | None = None, allow_pickle: bool = False,
-            progress: Progress = _no_progress) -> ConvertResult:  # fmt: skip
+            progress: Progress = no_progress) -> ConvertResult:  # fmt: skip
     t0 = time.perf_counter()
     if outtype not in (*HF_OUTTYPES, "auto"):
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, auto for GGUF → HF")
@@ -508,11 +470,11 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         w = SafetensorsWriter(tmp, max_shard_bytes=shard_bytes, metadata={"llmq_version": __version__})
         w.plan([t for _, t, _ in order])
         jobs = [
-            _Job(info, target.name, heads, -np.float32(arch.norm_shift) if shifted_norm(arch, info.name) else None,
+            Job(info, target.name, heads, -np.float32(arch.norm_shift) if shifted_norm(arch, info.name) else None,
                  functools.partial(_cast_hf, outtype=outtype), info.nbytes, target.dtype)
             for info, target, heads in order
         ]  # fmt: skip
-        _write_all(w, reader, jobs, unpermute_qk, progress, total)
+        write_all(w, reader, jobs, unpermute_qk, progress, total)
         files = w.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
@@ -526,101 +488,6 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     return ConvertResult(src, dst, "gguf->hf", outtype, arch.gguf_arch, len(plan),
                          sum(i.nbytes for i, _, _ in plan), out_bytes, time.perf_counter() - t0,
                          [dst / f.name for f in files], types)  # fmt: skip
-
-
-@functools.lru_cache(maxsize=1)
-def bf16_to_f16_table() -> np.ndarray:
-    """All 65,536 bf16 bit patterns → float16 bits, by the exact path (bf16 → f32 exactly → f16 round to nearest
-    even). Casting by lookup is 5x faster than through float32 and gives the same bits."""
-    allbits = np.arange(1 << 16, dtype=np.uint32)
-    with np.errstate(over="ignore"):
-        return (allbits << 16).view(np.float32).astype(np.float16).view(np.uint16)
-
-
-@dataclass
-class _Job:
-    info: TensorInfo  # source tensor
-    name: str  # output name
-    heads: int | None  # rotary heads to (un)permute over, for q/k
-    shift: np.float32 | None  # added to the values (Gemma's norm offset)
-    encode: Callable[[np.ndarray], np.ndarray]
-    progress_bytes: int
-    target: str = ""  # output element type when it is a plain type (F32/F16/BF16)
-
-    def raw_path(self) -> Callable[[np.ndarray], np.ndarray] | None:
-        """A cast that never materialises float32: a copy when the types agree, a table for bf16 → f16."""
-        if self.shift is not None or is_block_type(self.info.dtype):
-            return None
-        if self.info.dtype == self.target:
-            return lambda raw: raw
-        if (self.info.dtype, self.target) == ("BF16", "F16"):
-            table = bf16_to_f16_table()
-            return lambda raw: table[raw]
-        return None
-
-
-def _write_all(w, reader, jobs: list[_Job], permute, progress: Progress, total: int) -> None:
-    """Every tensor as encoded slices of rows (whole rotary heads for q/k), converted by a small thread pool a
-    few slices ahead of the writer: numpy's casts release the GIL, so conversion runs on every core while the
-    main thread writes in order. Memory holds a few slices, never a whole tensor."""
-    work: list[tuple[int, int, int]] = []  # (job index, first row, end row)
-    counts = [0] * len(jobs)
-    for k, job in enumerate(jobs):
-        per_head = job.info.shape[0] // job.heads if job.heads else 1
-        for start, stop in row_chunks(job.info, per_head):
-            work.append((k, start, stop))
-            counts[k] += 1
-
-    fast = [job.raw_path() for job in jobs]
-
-    def convert_slice(item: tuple[int, int, int]) -> np.ndarray:
-        k, start, stop = item
-        job = jobs[k]
-        raw = reader.read_rows(job.info.name, start, stop)
-        n_heads = (stop - start) * job.heads // job.info.shape[0] if job.heads else 0
-        if fast[k] is not None:  # the permutation only moves rows: it applies to raw elements as well
-            return fast[k](permute(raw, n_heads) if n_heads else raw)
-        x = to_float32(raw, job.info.dtype)
-        if n_heads:
-            x = permute(x, n_heads)
-        if job.shift is not None:
-            x = x + job.shift
-        return job.encode(x)
-
-    _return_big_blocks_to_os()
-    workers = max(1, min(4, os.cpu_count() or 1))
-    done = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = _in_order(pool, convert_slice, work, lookahead=2 * workers)
-        for k, job in enumerate(jobs):
-            w.write(job.name, itertools.islice(results, counts[k]))
-            done += job.progress_bytes
-            progress("convert", done, total)
-
-
-def _return_big_blocks_to_os() -> None:
-    """glibc raises its mmap threshold after the first big free, after which every slice buffer comes from a
-    per-thread arena that keeps freed memory: resident memory would grow with the worker count. A fixed 4 MiB
-    threshold keeps slice buffers mmapped, so each is returned to the OS when dropped."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc (musl, ...): its allocator returns big blocks anyway
-        return
-
-
-def _in_order(pool: ThreadPoolExecutor, fn, items, lookahead: int) -> Iterator:
-    pending: deque = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= lookahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
 
 
 def _hf_sort_key(name: str) -> tuple:

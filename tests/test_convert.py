@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmq.conversion import convert, f32_to_bf16_bits, quantize_q8_0
+from llmq.conversion import convert
+from llmq.convert_rows import encode
 from llmq.errors import BadInput, OutputExists, UnsupportedArchitecture
 from llmq.io import open_checkpoint
 from llmq.io.names import ARCHES, hf_to_gguf_name, permute_qk, unpermute_qk
+from llmq.io.rows import from_float32
 from tests.helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +111,7 @@ def test_outtypes_match_reference_encoders(tiny_llama, tmp_path):
 
 
 def test_bf16_to_f16_table_is_the_exact_cast():
-    from llmq.conversion import bf16_to_f16_table
+    from llmq.convert_rows import bf16_to_f16_table
     from llmq.io.rows import to_float32
 
     bits = np.arange(1 << 16, dtype=np.uint16)
@@ -129,9 +131,9 @@ def test_encoders_on_edge_values():
     x[1, 5] = np.float32(0.49999997)
     x[2] = np.float32(3.4e38)
     x[3, 0] = np.nan
-    assert np.array_equal(quantize_q8_0(x[:3]), gguf.quants.quantize(x[:3], gguf.GGMLQuantizationType.Q8_0))
+    assert np.array_equal(encode(x[:3], "Q8_0"), gguf.quants.quantize(x[:3], gguf.GGMLQuantizationType.Q8_0))
     want = gguf.quants.quantize(x, gguf.GGMLQuantizationType.BF16)
-    assert np.array_equal(f32_to_bf16_bits(x).view(np.uint8).reshape(want.shape), want)
+    assert np.array_equal(from_float32(x, "BF16").view(np.uint8).reshape(want.shape), want)
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])

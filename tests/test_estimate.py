@@ -225,14 +225,12 @@ def test_gpu_catalog() -> None:
 
 
 def test_gguf_targets_use_the_shared_mix(tiny_llama: Path) -> None:
-    try:
-        from llmq.quant.gguf import mix as gguf_mix
-    except ImportError:
-        pytest.skip("llmq.quant.gguf.mix (the GGUF quantizer's type rules) has not landed on main yet")
     est = estimate_memory(EstimateConfig(str(tiny_llama), quants=("Q8_0", "Q4_K_M"), engine="llama.cpp"))
     src_n = sum(1 for _ in est.results[0].terms)
     assert src_n and est.results[0].weights_bytes > est.results[1].weights_bytes
-    assert gguf_mix.ggml_type_nbytes("Q8_0", (256, 256)) == 256 * 8 * 34
+    from llmq.io.ggml_types import type_nbytes
+
+    assert type_nbytes("Q8_0", (256, 256)) == 256 * 8 * 34
 
 
 def test_gguf_target_without_mix_is_a_clear_error(tiny_llama: Path) -> None:

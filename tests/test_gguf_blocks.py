@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from llmq.errors import ShapeError, UnsupportedType
+from llmq.io.ggml_types import GGML_TYPES
 from llmq.quant.gguf import blocks as gb
 
 pytest.importorskip("llama_cpp")
@@ -18,7 +19,7 @@ TYPES = list(gb.SUPPORTED_TYPES)
 
 
 def _differing_blocks(a: np.ndarray, b: np.ndarray, type_name: str) -> int:
-    size = gb.BLOCK_SIZES[type_name][1]
+    size = GGML_TYPES[type_name][2]
     return int((a.reshape(-1, size) != b.reshape(-1, size)).any(axis=1).sum())
 
 
@@ -54,7 +55,7 @@ def smollm2_rows() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("type_name", TYPES)
 def test_smollm2_weights_bit_exact(smollm2_rows: dict[str, np.ndarray], type_name: str) -> None:
-    blck = gb.BLOCK_SIZES[type_name][0]
+    blck = GGML_TYPES[type_name][1]
     for name, x in smollm2_rows.items():
         if x.shape[1] % blck:
             continue

@@ -10,7 +10,8 @@ import pytest
 from gguf_helpers import LLAMA_FTYPES, gguf_tensors, llama_quantize, smollm2_reader
 
 from llmq.errors import BadInput
-from llmq.quant.gguf.mix import FILE_TYPES, choose_types, ggml_type_nbytes
+from llmq.io.ggml_types import type_nbytes as ggml_type_nbytes
+from llmq.quant.gguf.mix import FILE_TYPES, choose_types
 
 MIXES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
          "Q5_K_S", "Q5_K_M", "Q6_K", "F16", "BF16"]  # fmt: skip
@@ -157,3 +158,18 @@ def test_string_overrides_and_plain_tensors() -> None:
         "blk.0.attn_norm.weight": "F16",
         "token_embd.weight": "Q6_K",
     }
+
+
+def test_file_type_names_as_llama_quantize() -> None:
+    from llmq.errors import UnsupportedType
+    from llmq.quant.gguf.mix import file_type
+
+    for name, canonical in [("Q4_K_M", "Q4_K_M"), ("q4_k_m", "Q4_K_M"), ("15", "Q4_K_M"), ("Q4_K", "Q4_K_M"),
+                            ("q3_k", "Q3_K_M"), ("Q5_K", "Q5_K_M"), ("7", "Q8_0"), ("0", "F32"), (" bf16 ", "BF16"),
+                            ("10", "Q2_K"), ("21", "Q2_K_S")]:  # fmt: skip
+        assert file_type(name).name == canonical, name
+    for bad in ("Q9_K", "", "99", "-1", "Q4_K_X"):
+        with pytest.raises(BadInput):
+            file_type(bad)
+    with pytest.raises(UnsupportedType):
+        file_type("COPY")

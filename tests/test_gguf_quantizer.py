@@ -129,13 +129,13 @@ def test_hf_directory_source_and_calibration(tmp_path) -> None:
     convert(hf, f32, outtype="f32")
     llama_quantize(f32, ref, "Q4_K_M")
     assert ours.read_bytes() == ref.read_bytes()
-    assert not list(tmp_path.glob(".*llmq-tmp-*"))  # the intermediate f32 GGUF is gone
+    assert not list(tmp_path.glob(".*llmq-tmp-*"))  # no temporary left
 
-    cfg = GGUFQuantConfig(type="Q3_K_M", calibration="pydoc", nsamples=2, seqlen=64,
+    cfg = GGUFQuantConfig(type="Q3_K_M", calibration="pydocs", nsamples=2, seqlen=64,
                           save_imatrix=str(tmp_path / "im.gguf"))  # fmt: skip
     res = GGUFQuantizer().run(hf, tmp_path / "q3.gguf", cfg)
     im = load_imatrix(tmp_path / "im.gguf")
-    assert len(im) == 14 and im.chunk_count == 2 and im.datasets == ["pydoc_data.topics"]
+    assert len(im) == 14 and im.chunk_count == 2 and im.datasets == ["pydocs"]
     assert int(im.counts["blk.0.attn_q.weight"][0]) == 128
     assert res.output_bytes == (tmp_path / "q3.gguf").stat().st_size
 
@@ -197,10 +197,10 @@ def test_error_in_an_encoder_is_one_clean_error(tmp_path, tiny_src, monkeypatch,
 
     real = gguf_workers.encode
 
-    def fails(weights, job):
+    def fails(weights, job, **kw):
         if job.src.name == "blk.2.ffn_up.weight":
             raise CorruptFile(f"{job.src.name}: bad rows")
-        return real(weights, job)
+        return real(weights, job, **kw)
 
     monkeypatch.setattr(gguf_workers, "encode", fails)  # inherited by the forked workers
     src, _ = tiny_src
@@ -224,10 +224,10 @@ def test_dead_worker_and_interrupt_leave_nothing(tmp_path, tiny_src, monkeypatch
     out_dir.mkdir()
     real = gguf_workers.encode
 
-    def dies(weights, job):
+    def dies(weights, job, **kw):
         if job.src.name == "blk.1.attn_v.weight":
             os._exit(3)
-        return real(weights, job)
+        return real(weights, job, **kw)
 
     monkeypatch.setattr(gguf_workers, "encode", dies)
     with pytest.raises(gguf_workers.WorkerError, match="encoder process died"):
@@ -275,7 +275,7 @@ def test_unpicklable_worker_error_still_surfaces(tmp_path, tiny_src, monkeypatch
     class LocalError(Exception):  # a local class: pickle cannot find it by name
         pass
 
-    def fails(weights, job):
+    def fails(weights, job, **kw):
         raise LocalError("cannot encode")
 
     monkeypatch.setattr(gguf_workers, "encode", fails)
@@ -283,3 +283,18 @@ def test_unpicklable_worker_error_still_surfaces(tmp_path, tiny_src, monkeypatch
     with pytest.raises(RuntimeError, match="LocalError: cannot encode"):
         GGUFQuantizer().run(src, tmp_path / "o.gguf", GGUFQuantConfig(type="Q8_0", threads=2))
     assert list(tmp_path.iterdir()) == [] and _no_children()
+
+
+def test_calibration_names_are_llmq_calib_sources(tmp_path, tiny_src, monkeypatch) -> None:
+    from llmq.quant.gguf import imatrix as imx
+
+    def no_work(*a, **k):
+        raise AssertionError("no model may be run for a bad calibration name")
+
+    monkeypatch.setattr(imx, "imatrix_from_calibration", no_work)
+    with pytest.raises(BadInput, match="neither a known dataset"):
+        GGUFQuantConfig(type="Q4_K_M", calibration="no-such-set")
+    for spec in ("pydocs", "wikitext2", "c4", "pile-val", "ptb", "pydoc"):
+        GGUFQuantConfig(type="Q4_K_M", calibration=spec)  # every llmq.calib source is accepted
+    text, name = imx.calibration_text("pydocs")
+    assert name == "pydocs" and len(text) > 100_000

@@ -101,8 +101,8 @@ CASES = [
                                          "64"], "fsync:1", signal.SIGINT, None),
     ("quantize-nf4", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out"), "-m", "nf4"],
      "create:.out.llmq-tmp-:1", signal.SIGTERM, None),
-    # from an HF directory: at the first fsync (today the f32 intermediate's, in a scratch temporary), and with
-    # encoder worker processes running at the output's temporary
+    # from an HF directory (streamed, no intermediate file): at the output's first fsync, and with encoder
+    # worker processes running at the output's temporary
     ("quantize-gguf-hf", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out.gguf"), "-m", "gguf",
                                              "--type", "Q4_K_M"], "fsync:1", signal.SIGINT, None),
     ("quantize-gguf-workers", lambda m, g, t, o: ["quantize", str(m), "-o", str(o / "out.gguf"), "-m", "gguf",

@@ -166,7 +166,12 @@ def quantize_cmd(
         str | None, typer.Option("--compute-dtype", help="bnb_4bit_compute_dtype.", rich_help_panel=_N)
     ] = None,
     gguf_type: Annotated[
-        str | None, typer.Option("--type", help="GGUF file type: Q4_K_M, Q8_0, Q2_K, ...", rich_help_panel=_F)
+        str | None,
+        typer.Option(
+            "--type",
+            help="GGUF file type as llama-quantize takes it: Q4_K_M, q8_0, Q4_K, 15, ... (list: docs/quantize-gguf.md).",
+            rich_help_panel=_F,
+        ),
     ] = None,
     imatrix: Annotated[
         str | None,

@@ -22,15 +22,16 @@ from dataclasses import dataclass
 
 from llmq.errors import BadInput
 from llmq.estimate.arch import RECURRENT, SWA, ModelArch
+from llmq.io.ggml_types import GGML_TYPES
 
-# ggml/cache element types: (block size, bytes per block). The same figures as gguf-py's GGML_QUANT_SIZES (a
-# test checks); kept here because importing gguf costs ~0.3 s and the estimator answers in less than that.
-CACHE_TYPES: dict[str, tuple[int, int]] = {
-    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "fp8": (1, 1),
-    "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "iq4_nl": (32, 18),
-}  # fmt: skip
+# the KV cache types (--kv-cache-dtype) that are ggml types, by their llama.cpp names
 GGML_CACHE_NAMES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "q4_1": "Q4_1",
                     "q5_0": "Q5_0", "q5_1": "Q5_1", "iq4_nl": "IQ4_NL"}  # fmt: skip
+# cache type -> (block size, bytes per block): the ggml ones from llmq.io.ggml_types, plus vLLM's fp8 (one byte)
+CACHE_TYPES: dict[str, tuple[int, int]] = {
+    **{name: GGML_TYPES[ggml][1:] for name, ggml in GGML_CACHE_NAMES.items()},
+    "fp8": (1, 1),
+}
 _MODEL_DTYPE_CACHE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 
 VLLM_BLOCK = 16

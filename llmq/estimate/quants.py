@@ -5,7 +5,7 @@ Each target names a *format* (memory depends on the layout, not the algorithm th
 - ``stored``: the bytes in the headers, as they are.
 - ``fp32`` / ``fp16`` / ``bf16``: every floating tensor cast.
 - GGUF file types (``Q4_K_M``, ``Q8_0``, ``F16``, ...): llama.cpp's per-tensor type mix, chosen by
-  ``llmq.quant.gguf.mix.choose_types`` (shared with the GGUF quantizer), sized with ``ggml_type_nbytes``.
+  ``llmq.quant.gguf.mix.choose_types`` (shared with the GGUF quantizer), sized with ``llmq.io.ggml_types.type_nbytes``.
 - ``gptq<b>[-g<G>]``: GPTQ v1 — qweight int32 [in·b/32, out], qzeros int32 [n_g, out·b/32], scales fp16
   [n_g, out], g_idx int32 [in].
 - ``awq4[-g<G>]``: AutoAWQ GEMM — qweight int32 [in, out/8], qzeros int32 [n_g, out/8], scales fp16 [n_g, out].
@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from llmq.errors import BadInput, UnsupportedArchitecture, UnsupportedType
 from llmq.io.base import ELEMENT_SIZES, TensorInfo
+from llmq.io.ggml_types import type_nbytes
 
 GGUF_FTYPES = ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1",
                "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "Q2_K_S", "TQ1_0", "TQ2_0")  # fmt: skip
@@ -272,6 +273,6 @@ def gguf_target_bytes(spec: QuantSpec, tensors: Sequence[TensorInfo], arch: str,
     out = []
     for t in named:
         type_name = str(types[t.name])
-        nbytes = int(mix.ggml_type_nbytes(type_name, t.shape))
+        nbytes = int(type_nbytes(type_name, t.shape))
         out.append(TensorBytes(t.name, t.shape, t.dtype, type_name, nbytes, type_name not in _FLOAT))
     return out

@@ -95,7 +95,13 @@ class TensorInfo:
 
     @property
     def bits_per_weight(self) -> float:
-        return 8.0 * self.nbytes / self.numel if self.numel else 0.0
+        return bits_per_weight(self.nbytes, self.numel)
+
+
+def bits_per_weight(data_bytes: int, n_params: int) -> float:
+    """llmq's one definition of bits per weight: tensor data bits over parameters (metadata, vocabulary, headers
+    and alignment padding are not counted). 0.0 when there are no parameters."""
+    return 8.0 * data_bytes / n_params if n_params else 0.0
 
 
 def as_bytes(data) -> memoryview:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from llmq.errors import ShapeError, UnsupportedType
+
 # ggml type name -> (type id, elements per block, bytes per block)
 GGML_TYPES: dict[str, tuple[int, int, int]] = {
     "F32": (0, 1, 4), "F16": (1, 1, 2), "Q4_0": (2, 32, 18), "Q4_1": (3, 32, 20),
@@ -18,7 +20,8 @@ GGML_TYPES: dict[str, tuple[int, int, int]] = {
     "IQ3_XXS": (18, 256, 98), "IQ1_S": (19, 256, 50), "IQ4_NL": (20, 32, 18), "IQ3_S": (21, 256, 110),
     "IQ2_S": (22, 256, 82), "IQ4_XS": (23, 256, 136), "I8": (24, 1, 1), "I16": (25, 1, 2),
     "I32": (26, 1, 4), "I64": (27, 1, 8), "F64": (28, 1, 8), "IQ1_M": (29, 256, 56), "BF16": (30, 1, 2),
-    "TQ1_0": (34, 256, 54), "TQ2_0": (35, 256, 66), "MXFP4": (39, 32, 17),
+    "TQ1_0": (34, 256, 54), "TQ2_0": (35, 256, 66), "MXFP4": (39, 32, 17), "NVFP4": (40, 64, 36),
+    "Q1_0": (41, 128, 18),
 }  # fmt: skip
 
 GGML_TYPE_BY_ID: dict[int, str] = {v[0]: k for k, v in GGML_TYPES.items()}
@@ -39,21 +42,33 @@ def is_block_type(name: str) -> bool:
     return name in GGML_TYPES and GGML_TYPES[name][1] > 1
 
 
+def _sizes(name: str) -> tuple[int, int]:
+    try:
+        return GGML_TYPES[name][1:]
+    except KeyError:
+        raise UnsupportedType(f"unknown ggml type {name!r}") from None
+
+
 def block_size(name: str) -> int:
-    return GGML_TYPES[name][1]
+    """Elements per block of ggml type ``name`` (1 for the plain types)."""
+    return _sizes(name)[0]
 
 
 def type_nbytes(name: str, shape: tuple[int, ...] | list[int]) -> int:
-    """Bytes a tensor of ggml type ``name`` and torch-order ``shape`` takes (rows of whole blocks)."""
-    _, blk, size = GGML_TYPES[name]
+    """Bytes a tensor of ggml type ``name`` and torch-order ``shape`` takes (rows of whole blocks, no padding)."""
+    blk, size = _sizes(name)
     n = 1
     for d in shape:
         n *= int(d)
-    if not shape or shape[-1] % blk:
-        raise ValueError(
-            f"row length {shape[-1] if shape else 0} is not a multiple of {name}'s block of {blk}"
-        )
+    row = int(shape[-1]) if len(shape) else 1
+    if row % blk:
+        raise ShapeError(f"row length {row} is not a multiple of the {name} block size {blk}")
     return n // blk * size
+
+
+def row_nbytes(name: str, n_per_row: int) -> int:
+    """Bytes of one row of ``n_per_row`` elements of ggml type ``name``."""
+    return type_nbytes(name, (n_per_row,))
 
 
 class GGUFValueType(IntEnum):

@@ -487,6 +487,11 @@ class GGUFFileWriter:
             sub = sub if sub is not None else sub2
         self._kv[key] = (value, vtype, sub)
 
+    @property
+    def metadata(self) -> dict[str, tuple[Any, GGUFValueType, GGUFValueType | None]]:
+        """The key-value pairs added so far, in order: key -> (value, value type, array item type)."""
+        return dict(self._kv)
+
     def plan(self, infos: Sequence[TensorInfo]) -> None:
         if self._plan:
             raise RuntimeError("plan() called twice")

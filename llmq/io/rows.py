@@ -116,6 +116,27 @@ def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
         raise UnsupportedType(f"gguf-py cannot dequantize {dtype}") from None
 
 
+PLAIN_FLOAT = ("F32", "F16", "BF16")
+
+
+def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values as ``dtype`` (F32, F16 or BF16 as its uint16 bit patterns), the one cast of llmq: round
+    to nearest even as ggml's fp32→fp16/bf16, overflow to ±inf, NaNs kept (quiet) NaNs."""
+    if dtype == "F32":
+        return x.astype(np.float32, copy=False)
+    if dtype == "F16":
+        with np.errstate(over="ignore"):  # overflow to ±inf is the IEEE result, as in ggml
+            return x.astype(np.float16)
+    if dtype != "BF16":
+        raise UnsupportedType(f"{dtype} is not a plain float type")
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)  # wraps only for NaNs, replaced below
+    nan = (u & 0x7FFFFFFF) > 0x7F800000
+    if nan.any():
+        r[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
+    return r
+
+
 class FileTensorReader(TensorTable):
     """A reader whose tensors are byte ranges of files (safetensors, GGUF): raw rows, float32 values."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from llmq.errors import BadInput
-from llmq.io.base import TensorInfo
+from llmq.io.base import TensorInfo, bits_per_weight
 from llmq.progress import Progress, no_progress  # noqa: F401  (re-exported: methods import them from here)
 from llmq.registry import Registry
 
@@ -226,6 +226,11 @@ class QuantizeResult:
     notes: list[str] = field(default_factory=list)
     n_params: int = 0  # parameters of the source model (the denominator of bits per weight)
 
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data written (the file size when the method did not list its tensors)."""
+        return sum(t.nbytes for t in self.tensors) if self.tensors else self.output_bytes
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": str(self.output),
@@ -236,7 +241,7 @@ class QuantizeResult:
             "input_bytes": self.input_bytes,
             "output_bytes": self.output_bytes,
             "n_params": self.n_params,
-            "bits_per_weight": 8.0 * self.output_bytes / self.n_params if self.n_params else None,
+            "bits_per_weight": bits_per_weight(self.data_bytes, self.n_params) if self.n_params else None,
             "notes": self.notes,
         }
 

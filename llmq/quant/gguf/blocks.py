@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from llmq.errors import ShapeError, UnsupportedType
+from llmq.io.ggml_types import block_size, row_nbytes
 from llmq.quant.gguf.search import (
     F32,
     GROUP_MAX_EPS,
@@ -35,12 +36,6 @@ from llmq.quant.gguf.search import (
 )
 
 QK_K = 256
-# ggml type -> (elements per block, bytes per block)
-BLOCK_SIZES: dict[str, tuple[int, int]] = {
-    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-}  # fmt: skip
-SUPPORTED_TYPES = tuple(BLOCK_SIZES)
 
 
 def _f16(v: np.ndarray) -> np.ndarray:
@@ -568,6 +563,8 @@ _ENCODERS: dict[str, Callable[[np.ndarray, np.ndarray | None], np.ndarray]] = {
     "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1, "Q8_0": _q8_0,
     "Q2_K": _q2_K, "Q3_K": _q3_K, "Q4_K": _q4_K, "Q5_K": _q5_K, "Q6_K": _q6_K,
 }  # fmt: skip
+# the ggml types llmq encodes (their block sizes live in llmq.io.ggml_types)
+SUPPORTED_TYPES = tuple(_ENCODERS)
 
 # values per chunk: 256K keeps the temporaries of the searches in cache
 _CHUNK_VALUES = 1 << 18
@@ -578,8 +575,7 @@ _CHUNK_SCALE = {"Q3_K": 2}
 
 
 def row_bytes(type_name: str, n_per_row: int) -> int:
-    blck, nbytes = BLOCK_SIZES[type_name]
-    return n_per_row // blck * nbytes
+    return row_nbytes(type_name, n_per_row)
 
 
 def default_threads() -> int:
@@ -604,7 +600,7 @@ def encode_jobs(
     if x.ndim != 2:
         raise ShapeError(f"expected 2-D rows, got shape {x.shape}")
     nrows, n = x.shape
-    blck, _ = BLOCK_SIZES[type_name]
+    blck = block_size(type_name)
     if n % blck:
         raise ShapeError(f"row length {n} is not a multiple of the {type_name} block size {blck}")
     qw = None

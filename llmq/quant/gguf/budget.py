@@ -31,11 +31,11 @@ import numpy as np
 
 from llmq.errors import BadInput
 from llmq.io.base import TensorInfo, parse_size
+from llmq.io.ggml_types import type_nbytes
 from llmq.quant.gguf.mix import (
     PLAIN_TYPES,
     _fallback,
     allows_quantization,
-    ggml_type_nbytes,
     parse_ggml_type,
 )
 
@@ -184,7 +184,7 @@ def measure(jobs: Sequence[tuple[TensorInfo, list[str]]], weights: Mapping[str, 
 
 
 def _nbytes(t: TensorInfo, dst: str) -> int:
-    return t.nbytes if dst == t.dtype else ggml_type_nbytes(dst, t.shape)
+    return t.nbytes if dst == t.dtype else type_nbytes(dst, t.shape)
 
 
 def tensor_budget(cfg: Any, infos: Sequence[TensorInfo], header_bytes: int, model: str) -> tuple[int, dict]:
@@ -340,7 +340,7 @@ def recipe_types(recipe: Mapping[str, Any], infos: Sequence[TensorInfo], leave_o
                 raise BadInput(f"the recipe gives {t.name} type {ty}, but llama.cpp keeps it {t.dtype}")
             if ty not in SUPPORTED_TYPES and ty not in ("F32", "F16", "BF16"):
                 raise BadInput(f"the recipe gives {t.name} type {rt[t.name]!r}, which llmq cannot encode")
-            ggml_type_nbytes(ty, t.shape)  # a row length the type's block does not divide: BadInput
+            type_nbytes(ty, t.shape)  # a row length the type's block does not divide: BadInput
         out[t.name] = ty
     return out
 

@@ -279,29 +279,28 @@ def compute_imatrix(
     return im
 
 
+# the names --calibration took before it went through llmq.calib: source name, split
+_OLD_NAMES = {"pydoc": ("pydocs", None), "wikitext": ("wikitext2", "test")}
+
+
+def check_calibration(spec: str) -> None:
+    """Fail now (BadInput) on a --calibration that names no llmq.calib source and no file: before any work."""
+    from llmq.calib import resolve_source
+
+    resolve_source(_OLD_NAMES.get(spec, (spec, None))[0])
+
+
 def calibration_text(spec: str) -> tuple[str, str]:
-    """(text, dataset name) for --calibration: "pydoc" (CPython's pydoc topics), "wikitext" or a text file."""
-    if spec == "pydoc":
-        from pydoc_data.topics import topics
+    """(text, dataset name) for --calibration: any llmq.calib source (pydocs, wikitext2, c4, pile-val, ptb, a
+    file...), its calibration split as one text, as llama-imatrix reads its text file."""
+    from llmq.calib import resolve_source
 
-        return "\n\n".join(topics[k] for k in sorted(topics)), "pydoc_data.topics"
-    if spec in ("wikitext", "wikitext-2"):
-        return _shared_wikitext().read_text(encoding="utf-8"), "wiki.test.raw"
-    p = Path(spec)
-    if p.is_file():
-        return p.read_text(encoding="utf-8", errors="replace"), p.name
-    raise BadInput(f"unknown calibration source {spec!r} (use pydoc, wikitext or a text file)")
-
-
-def _shared_wikitext() -> Path:
-    env = os.environ.get("LLMQ_SHARED")
-    roots = [Path(env)] if env else []
-    roots += [Path(__file__).resolve().parents[2].parent / "shared", Path("/work/shared")]
-    for r in roots:
-        p = r / "data" / "wikitext-2-raw" / "wiki.test.raw"
-        if p.is_file():
-            return p
-    raise BadInput("wikitext-2 is not available (set LLMQ_SHARED to the folder holding data/wikitext-2-raw)")
+    name, split = _OLD_NAMES.get(spec, (spec, None))
+    src = resolve_source(name)
+    text = src.text(split or src.calibration_split)
+    if not text.strip():
+        raise CalibrationError(f"calibration source {spec} has no text")
+    return text, src.name
 
 
 def imatrix_from_calibration(model_src: Path, calibration: str, *, nsamples: int = 64, seqlen: int = 512,

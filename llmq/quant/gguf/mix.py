@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from llmq.errors import BadInput, UnsupportedType
-from llmq.io.ggml_types import GGML_TYPES
+from llmq.io.ggml_types import GGML_TYPES, block_size
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,13 @@ FILE_TYPES: dict[str, FileType] = dict(
         _ft("BF16", 32, "BF16"),
         _ft("TQ1_0", 36, "TQ1_0"),
         _ft("TQ2_0", 37, "TQ2_0"),
+        _ft("MXFP4_MOE", 38, "MXFP4"),
+        _ft("Q1_0", 40, "Q1_0"),
+        _ft("Q2_0", 41, "Q2_0"),
     ]
 )
+# llama-quantize's other names for a file type (QUANT_OPTIONS in tools/quantize/quantize.cpp): same meaning
+FILE_TYPE_ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 # ggml types that are not block-quantized (ggml_is_quantized is false for them)
 PLAIN_TYPES = frozenset({"F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"})
@@ -95,45 +100,10 @@ _NOT_QUANTIZED_PARTS = (
 _LOW_IQ = frozenset({"IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"})
 
 
-def _type_size(type_name: str) -> tuple[int, int] | None:
-    """(block size, bytes per block) of a ggml type name, None if there is no such type."""
-    up = type_name.upper()
-    if up in GGML_TYPES:
-        return GGML_TYPES[up][1:]
-    import gguf  # about 0.1 s: only for the few types llmq.io's table lacks
-
-    try:
-        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[up]]
-    except KeyError:
-        return None
-
-
-def block_size(type_name: str) -> int:
-    size = _type_size(type_name)
-    if size is None:
-        raise UnsupportedType(f"unknown ggml type {type_name!r}")
-    return size[0]
-
-
-def ggml_type_nbytes(type_name: str, shape: Sequence[int]) -> int:
-    """Bytes a tensor of ``shape`` (torch order) takes on disk as ggml type ``type_name`` (no padding)."""
-    size = _type_size(type_name)
-    if size is None:
-        raise UnsupportedType(f"unknown ggml type {type_name!r}")
-    blck, nbytes = size
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    row = int(shape[-1]) if len(shape) else 1
-    if row % blck:
-        raise BadInput(f"row length {row} is not a multiple of the {type_name} block size {blck}")
-    return numel // blck * nbytes
-
-
 def parse_ggml_type(name: str) -> str:
     """A ggml type name as llama-quantize accepts it (case-insensitive)."""
     up = name.strip().upper()
-    if _type_size(up) is None:
+    if up not in GGML_TYPES:
         raise BadInput(f"unknown ggml type {name!r}")
     return up
 
@@ -152,11 +122,23 @@ def parse_tensor_type_override(spec: str) -> tuple[str, str]:
     return pattern.lower(), parse_ggml_type(tname)
 
 
-def file_type(name: str) -> FileType:
-    try:
-        return FILE_TYPES[name.upper()]
-    except KeyError:
-        raise BadInput(f"unknown GGUF file type {name!r} (known: {', '.join(FILE_TYPES)})") from None
+def file_type(name: str | int) -> FileType:
+    """The file type llama-quantize means by ``name``: a name of its list (any case), an alias (Q4_K = Q4_K_M) or
+    a llama_ftype number ("15" = Q4_K_M)."""
+    key = str(name).strip().upper()
+    key = FILE_TYPE_ALIASES.get(key, key)
+    if key == "COPY":
+        raise UnsupportedType("llama-quantize's COPY (tensors copied unchanged) is not a llmq file type")
+    if key in FILE_TYPES:
+        return FILE_TYPES[key]
+    if key.isdigit():
+        for ft in FILE_TYPES.values():
+            if ft.ftype == int(key):
+                return ft
+    raise BadInput(
+        f"unknown GGUF file type {name!r} (llama-quantize's names, aliases and ftype numbers are listed in "
+        "docs/quantize-gguf.md)"
+    )
 
 
 def _category(name: str) -> str:

@@ -1,7 +1,7 @@
 """The ``gguf`` quantizer: llama.cpp file types (Q4_K_M, Q8_0, ...) written by llmq, byte-identical to llama-quantize.
 
-SRC is an f32/f16/bf16 GGUF or an HF directory (converted to an f32 GGUF with llmq's converter first, as
-convert_hf_to_gguf.py + llama-quantize would). The output keeps the source's metadata in order, sets
+SRC is an f32/f16/bf16 GGUF or an HF directory, streamed through llmq's converter plan (the values are those of
+the f32 GGUF convert_hf_to_gguf.py would write for llama-quantize, with no intermediate file). The output keeps the source's metadata in order, sets
 ``general.file_type`` and ``general.quantization_version`` like llama.cpp, adds the ``quantize.imatrix.*`` keys
 when an importance matrix is used, and lists the tensors in llama.cpp's order. Tensors are streamed in order
 through llmq.io's GGUF reader and GGUFFileWriter: their rows are encoded by :mod:`llmq.quant.gguf.workers`
@@ -20,23 +20,23 @@ from typing import Any, ClassVar
 import numpy as np
 
 from llmq.errors import BadInput, UnsupportedType
-from llmq.io import temporaries
 from llmq.io.base import AtomicOutput, TensorInfo, check_output
+from llmq.io.ggml_types import type_nbytes
 from llmq.io.gguf import GGUFFileWriter
+from llmq.io.rows import PLAIN_FLOAT
 from llmq.quant.base import Progress, QuantConfig, QuantizeResult, no_progress, quantizers
 from llmq.quant.gguf.mix import (
     FILE_TYPES,
     PLAIN_TYPES,
     choose_types,
     file_type,
-    ggml_type_nbytes,
     llama_sort_key,
     parse_ggml_type,
     parse_tensor_type_override,
 )
+from llmq.quant.gguf.sources import GGUFSource, open_source
 
 GGML_QNT_VERSION = 2
-_PLAIN_OUT = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class GGUFQuantConfig(QuantConfig):
             raise BadInput(f"--method gguf writes --format gguf, not {self.format}")
         from llmq.quant.gguf.blocks import SUPPORTED_TYPES
 
-        if ft.default_type not in SUPPORTED_TYPES and ft.default_type not in _PLAIN_OUT:
+        if ft.default_type not in SUPPORTED_TYPES and ft.default_type not in PLAIN_FLOAT:
             raise UnsupportedType(
                 f"GGUF file type {ft.name} needs {ft.default_type}, which llmq cannot encode yet"
             )
@@ -87,6 +87,10 @@ class GGUFQuantConfig(QuantConfig):
             parse_tensor_type_override(spec)
         if self.imatrix and self.calibration:
             raise BadInput("--imatrix and --calibration cannot be used together")
+        if self.calibration:
+            from llmq.quant.gguf.imatrix import check_calibration
+
+            check_calibration(self.calibration)
         if self.save_imatrix and not self.calibration:
             raise BadInput("--save-imatrix needs --calibration (an imatrix to compute)")
         if self.nsamples < 1 or self.seqlen < 8:
@@ -134,35 +138,6 @@ def plan_types(infos: Sequence[TensorInfo], meta: Mapping[str, Any], config: GGU
     )  # fmt: skip
 
 
-class _GGUFSource:
-    """A GGUF input through llmq.io's reader: metadata (with its value types, in order), tensor infos, data."""
-
-    def __init__(self, path: Path):
-        from llmq.io.gguf import GGUFReader
-
-        self.path = path
-        # vocabularies are copied to the output byte for byte, never decoded and re-encoded
-        self.reader = GGUFReader(path, decode_strings="raw")
-        self.meta = self.reader.metadata
-        self.kv_types = self.reader.kv_types
-        self.alignment = self.reader.alignment
-
-    def infos(self) -> list[TensorInfo]:
-        return list(self.reader.infos())
-
-    def raw(self, name: str) -> np.ndarray:
-        return self.reader.read_raw(name)
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> _GGUFSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 @quantizers.register("gguf")
 class GGUFQuantizer:
     name: ClassVar[str] = "gguf"
@@ -172,7 +147,8 @@ class GGUFQuantizer:
     def plan(self, src: Path, config: QuantConfig) -> list[TensorInfo]:
         cfg = self._cfg(config)
         src = Path(src)
-        infos, meta = _hf_header(src) if src.is_dir() else _gguf_header(src)
+        with open_source(src) as s:  # an HF directory: the f32 GGUF the converter would write, from headers
+            infos, meta = s.infos(), s.meta
         types = plan_types(infos, meta, cfg, has_imatrix=bool(cfg.imatrix or cfg.calibration))
         if cfg.recipe:
             from llmq.quant.gguf import budget
@@ -181,7 +157,7 @@ class GGUFQuantizer:
         elif budget_given(cfg):
             raise BadInput("--dry-run cannot show a budgeted mix without measuring the weights: run it, or "
                            "pass the --recipe it wrote")  # fmt: skip
-        return [TensorInfo(t.name, types[t.name], t.shape, ggml_type_nbytes(types[t.name], t.shape))
+        return [TensorInfo(t.name, types[t.name], t.shape, type_nbytes(types[t.name], t.shape))
                 for t in sorted(infos, key=lambda t: llama_sort_key(t.name))]  # fmt: skip
 
     @staticmethod
@@ -198,73 +174,21 @@ class GGUFQuantizer:
             raise BadInput(f"{src} does not exist")
         check_output(out, force, [src])
         t0 = time.perf_counter()
-        with temporaries.temporary_dir(out) as tmp:  # named for this process: a kill leaves nothing lasting
-            gguf_src = _as_gguf(src, Path(tmp), progress)
-            result = quantize_gguf(
-                gguf_src, out, cfg, force=force, progress=progress, hf_dir=src if src.is_dir() else None
-            )
+        result = quantize_gguf(src, out, cfg, force=force, progress=progress)
         result.seconds = time.perf_counter() - t0
         return result
 
 
-def _gguf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
-    from llmq.io.gguf import GGUFReader
-
-    with GGUFReader(src, decode_strings=False) as r:  # the type rules never look at the vocabulary
-        return list(r.infos()), r.metadata
-
-
-def _hf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
-    """GGUF tensor names/shapes and the hparams the type rules read, from an HF directory's headers only
-    (the f32 GGUF that llmq's converter would make: 1-D tensors F32)."""
-    from llmq.io.names import arch_for_hf, hf_to_gguf_name
-    from llmq.io.safetensors import SafetensorsReader
-
-    with SafetensorsReader(src) as reader:
-        config = reader.config
-        if config is None:
-            raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
-        arch = arch_for_hf(config)
-        infos = []
-        for info in reader.infos():
-            gname = hf_to_gguf_name(arch, info.name)
-            if gname is not None:
-                infos.append(TensorInfo(gname, "F32", info.shape, 4 * info.numel))
-    a = arch.gguf_arch
-    n_head = int(config["num_attention_heads"])
-    meta = {"general.architecture": a, f"{a}.block_count": int(config["num_hidden_layers"]),
-            f"{a}.attention.head_count": n_head,
-            f"{a}.attention.head_count_kv": int(config.get("num_key_value_heads") or n_head),
-            f"{a}.expert_count": int(config.get("num_local_experts") or config.get("num_experts") or 0)}  # fmt: skip
-    return infos, meta
-
-
-def _as_gguf(src: Path, tmp: Path, progress: Progress) -> Path:
-    if not src.is_dir():
-        return src
-    try:
-        from llmq.conversion import convert
-    except ImportError as e:
-        raise BadInput(f"quantizing an HF directory needs llmq's HF->GGUF converter ({e})") from None
-    progress("convert", 0, 1)
-    dst = tmp / "model-f32.gguf"
-    convert(src, dst, outtype="f32")
-    progress("convert", 1, 1)
-    return dst
-
-
 def quantize_gguf(src: Path, out: Path, cfg: GGUFQuantConfig, *, force: bool = False,
-                  progress: Progress = no_progress, hf_dir: Path | None = None) -> QuantizeResult:  # fmt: skip
-    """Quantize the GGUF ``src`` into ``out`` (the body of ``llmq quantize --method gguf``)."""
-    s = _GGUFSource(src)
-    try:
-        return _quantize_source(s, out, cfg, force, progress, hf_dir)
-    finally:
-        s.close()
+                  progress: Progress = no_progress) -> QuantizeResult:  # fmt: skip
+    """Quantize the GGUF file or HF directory ``src`` into ``out`` (the body of ``llmq quantize --method gguf``).
+    An HF directory is streamed through the converter's per-tensor plan: no intermediate file."""
+    with open_source(Path(src)) as s:
+        return _quantize_source(s, out, cfg, force, progress)
 
 
-def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool, progress: Progress,
-                     hf_dir: Path | None) -> QuantizeResult:  # fmt: skip
+def _quantize_source(s: GGUFSource, out: Path, cfg: GGUFQuantConfig, force: bool,
+                     progress: Progress) -> QuantizeResult:  # fmt: skip
     from llmq.quant.gguf import budget
     from llmq.quant.gguf import imatrix as imx
     from llmq.quant.gguf import workers as gguf_workers
@@ -275,15 +199,15 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
     replay = budget.load_recipe(cfg.recipe) if cfg.recipe else None
     if replay is not None:
         cfg = replace(cfg, type=file_type(replay["base_type"]).name)
-    im, im_name = _get_imatrix(cfg, s, hf_dir)
+    im, im_name = _get_imatrix(cfg, s)
     weights = im.weights() if im is not None else {}
     types = plan_types(infos, s.meta, cfg, has_imatrix=im is not None)
     recipe = None
     if replay is not None:
         types = budget.recipe_types(replay, infos, cfg.leave_output_tensor)
     elif budget_given(cfg):
-        types, recipe = budget.choose(cfg, infos, types, weights, _rows_of, _header_bytes(s, infos),
-                                      str(hf_dir or s.path), progress)  # fmt: skip
+        types, recipe = budget.choose(cfg, infos, types, weights, _rows_of(s), _header_bytes(s, infos),
+                                      str(s.hf_dir or s.path), progress)  # fmt: skip
     notes = _validate(infos, types, cfg, weights)
     ordered = sorted(infos, key=lambda t: llama_sort_key(t.name))
     recipe_kv = budget.recipe_metadata(cfg.type, types) if replay is not None or recipe is not None else None
@@ -291,12 +215,13 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
     out_infos = []
     for t in ordered:
         dst = types[t.name]
-        nbytes = t.nbytes if dst == t.dtype else ggml_type_nbytes(dst, t.shape)
+        nbytes = t.nbytes if dst == t.dtype else type_nbytes(dst, t.shape)
         out_infos.append(TensorInfo(t.name, dst, t.shape, nbytes))
     total = max(1, sum(t.numel for t in ordered))
     # before the writer starts its thread: the encoder processes are forked here
     nthreads = cfg.threads or default_threads()
-    runner = gguf_workers.make_runner(weights, nthreads, gguf_workers.largest_job_bytes(ordered, types))
+    largest = gguf_workers.largest_job_bytes(ordered, types)
+    runner = gguf_workers.make_runner(weights, nthreads, largest, rows=s.rows)
     try:
         with AtomicOutput(out, is_dir=False, force=force) as tmp:
             w = GGUFFileWriter(tmp, None, alignment=s.alignment)
@@ -327,7 +252,7 @@ def _quantize_source(s: _GGUFSource, out: Path, cfg: GGUFQuantConfig, force: boo
                      f"({'optimal' if p['optimal'] else 'lower bound ' + format(p['lower_bound'], '.4g')}), "
                      f"recipe written to {recipe_out}")  # fmt: skip
     return QuantizeResult(
-        output=out, method="gguf", format="gguf", config=cfg.to_dict(), input_bytes=s.path.stat().st_size,
+        output=out, method="gguf", format="gguf", config=cfg.to_dict(), input_bytes=s.input_bytes,
         output_bytes=out.stat().st_size, tensors=out_infos, notes=notes,
     )  # fmt: skip
 
@@ -345,22 +270,29 @@ def _recipe_output(cfg: GGUFQuantConfig, out: Path, force: bool) -> Path | None:
     return p
 
 
-def _rows_of(info: TensorInfo, idx: np.ndarray) -> np.ndarray:
-    from llmq.io.rows import map_rows, to_float32
+def _rows_of(s: GGUFSource):
+    """Rows ``idx`` of a tensor as float32 (the budget's sampled rows), read as the encoders read them."""
+    if s.hf_dir is not None:
+        return lambda info, idx: np.concatenate([s.rows(info, int(i), int(i) + 1) for i in idx])
 
-    raw = np.ascontiguousarray(map_rows(info)[idx])  # 2-D: (rows, n) values or (rows, row bytes) blocks
-    return to_float32(raw, info.dtype).reshape(len(idx), info.shape[-1])
+    def rows(info: TensorInfo, idx: np.ndarray) -> np.ndarray:
+        from llmq.io.rows import map_rows, to_float32
+
+        raw = np.ascontiguousarray(map_rows(info)[idx])  # 2-D: (rows, n) values or (rows, row bytes) blocks
+        return to_float32(raw, info.dtype).reshape(len(idx), info.shape[-1])
+
+    return rows
 
 
-def _header_bytes(s: _GGUFSource, infos: Sequence[TensorInfo]) -> int:
+def _header_bytes(s: GGUFSource, infos: Sequence[TensorInfo]) -> int:
     """An upper bound of the output's bytes besides tensor data: the source's header and padding, the recipe
     key, a margin, and one alignment of padding per tensor."""
-    src_header = s.path.stat().st_size - sum(t.nbytes for t in infos)
+    src_header = s.header_bytes(infos)
     recipe = sum(len(t.name) + 16 for t in infos) + 64
     return src_header + recipe + 4096 + s.alignment * len(infos)
 
 
-def _output_metadata(s: _GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int,
+def _output_metadata(s: GGUFSource, ftype: int, im: Any, im_name: str, n_entries: int,
                      recipe: str | None = None) -> dict[str, tuple]:  # fmt: skip
     """The source's metadata in order with its types (split keys dropped), then llama.cpp's keys: gguf_set_val
     removes a key and appends it again, so file_type & co. move to the end, in the order llama.cpp sets them."""
@@ -405,7 +337,7 @@ def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQu
         notes.append(msg)
     for t in infos:
         dst = types[t.name]
-        if dst != t.dtype and dst not in SUPPORTED_TYPES and dst not in _PLAIN_OUT:
+        if dst != t.dtype and dst not in SUPPORTED_TYPES and dst not in PLAIN_FLOAT:
             raise UnsupportedType(f"{t.name}: llmq has no encoder for {dst} yet")
         qw = weights.get(t.name)
         if qw is not None and dst != t.dtype:
@@ -425,7 +357,7 @@ def _validate(infos: Sequence[TensorInfo], types: Mapping[str, str], cfg: GGUFQu
     return notes
 
 
-def _get_imatrix(cfg: GGUFQuantConfig, s: _GGUFSource, hf_dir: Path | None):
+def _get_imatrix(cfg: GGUFQuantConfig, s: GGUFSource):
     from llmq.quant.gguf import imatrix as imx
 
     if cfg.imatrix:
@@ -436,7 +368,7 @@ def _get_imatrix(cfg: GGUFQuantConfig, s: _GGUFSource, hf_dir: Path | None):
         return im, str(cfg.imatrix)
     if cfg.calibration:
         im = imx.imatrix_from_calibration(
-            hf_dir or s.path, cfg.calibration, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed
+            s.hf_dir or s.path, cfg.calibration, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=cfg.seed
         )
         return im, str(cfg.save_imatrix or "(computed by llmq)")
     return None, ""

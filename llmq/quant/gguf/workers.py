@@ -35,8 +35,8 @@ import numpy as np
 
 from llmq.errors import LlmqError
 from llmq.io.base import TensorInfo
+from llmq.io.rows import PLAIN_FLOAT
 
-PLAIN_OUT = ("F32", "F16", "BF16")
 # values per job: enough that a round trip to a worker (~0.1 ms) is noise, few enough that the workers finish
 # within a few milliseconds of each other at the end of the file
 JOB_VALUES = 1 << 20
@@ -66,7 +66,7 @@ class EncodeJob:
         from llmq.quant.gguf.blocks import row_bytes
 
         n = self.src.shape[-1] if self.src.shape else 1
-        per_row = n * (4 if self.dst == "F32" else 2) if self.dst in PLAIN_OUT else row_bytes(self.dst, n)
+        per_row = n * (4 if self.dst == "F32" else 2) if self.dst in PLAIN_FLOAT else row_bytes(self.dst, n)
         return (self.stop - self.start) * per_row
 
 
@@ -86,15 +86,25 @@ def jobs_for(t: TensorInfo, dst: str, has_imatrix: bool, job_values: int | None 
     return jobs
 
 
-def encode(weights: Mapping[str, np.ndarray], job: EncodeJob) -> np.ndarray:
-    """Run one job: its rows read from the mapped source (as llama.cpp reads its input), encoded, as uint8."""
+RowReader = Callable[[TensorInfo, int, int], np.ndarray]
+
+
+def mapped_rows(info: TensorInfo, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor stored in a file, as float32, read from a memory map (as llama.cpp reads
+    its input)."""
     from llmq.io.rows import map_rows, row_range, to_float32
+
+    sub = row_range(info, start, stop)
+    return to_float32(map_rows(sub), sub.dtype)
+
+
+def encode(weights: Mapping[str, np.ndarray], job: EncodeJob, rows: RowReader = mapped_rows) -> np.ndarray:
+    """Run one job: its rows read by ``rows`` (float32), encoded, as uint8."""
     from llmq.quant.gguf import blocks as gguf_blocks
 
     n = job.src.shape[-1] if job.src.shape else 1
-    sub = row_range(job.src, job.start, job.stop)
-    x = np.ascontiguousarray(to_float32(map_rows(sub), sub.dtype), dtype=np.float32).reshape(-1, n)
-    if job.dst in PLAIN_OUT:
+    x = np.ascontiguousarray(rows(job.src, job.start, job.stop), dtype=np.float32).reshape(-1, n)
+    if job.dst in PLAIN_FLOAT:
         return encode_plain(x, job.dst)
     qw = weights.get(job.src.name)
     if qw is not None:
@@ -103,19 +113,9 @@ def encode(weights: Mapping[str, np.ndarray], job: EncodeJob) -> np.ndarray:
 
 
 def encode_plain(x: np.ndarray, dst_type: str) -> np.ndarray:
-    if dst_type == "F32":
-        return x.astype(np.float32).view(np.uint8).reshape(-1)
-    if dst_type == "F16":
-        return x.astype(np.float16).view(np.uint8).reshape(-1)
-    return to_bf16(x).view(np.uint8).reshape(-1)
+    from llmq.io.rows import from_float32
 
-
-def to_bf16(x: np.ndarray) -> np.ndarray:
-    """ggml_fp32_to_bf16: round to nearest even, NaNs kept quiet."""
-    u = x.astype(np.float32).view(np.uint32)
-    nan = (u & 0x7FFFFFFF) > 0x7F800000
-    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    return np.where(nan, ((u >> 16) | 64).astype(np.uint16), r)
+    return from_float32(x, dst_type).view(np.uint8).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,14 +377,16 @@ class ForkRunner:
         self._socks, self._pids = [], []
 
 
-def make_runner(weights: Mapping[str, np.ndarray], nthreads: int, largest_job_bytes: int = 0) -> Runner:
+def make_runner(weights: Mapping[str, np.ndarray], nthreads: int, largest_job_bytes: int = 0,
+                rows: RowReader = mapped_rows) -> Runner:  # fmt: skip
     """The runner for ``nthreads``: forked processes where possible, else threads; inline for one.
-    ``largest_job_bytes``: the most bytes one job writes (see :func:`largest_job_bytes`), for the arena."""
+    ``largest_job_bytes``: the most bytes one job writes (see :func:`largest_job_bytes`), for the arena;
+    ``rows``: how a job's source rows are read as float32 (inherited by forked workers)."""
     import functools
 
     from llmq.quant.gguf import search as gguf_search
 
-    fn = functools.partial(encode, weights)
+    fn = functools.partial(encode, weights, rows=rows)
     if nthreads <= 1:
         return InlineRunner(fn)
     if not fork_available():

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmq.archs import FAMILIES, permute_qk, unpermute_qk
 from llmq.conversion import convert, f32_to_bf16_bits, quantize_q8_0
 from llmq.errors import BadInput, OutputExists, UnsupportedArchitecture
 from llmq.io import open_checkpoint
-from llmq.io.names import ARCHES, hf_to_gguf_name, permute_qk, unpermute_qk
 from tests.helpers import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +42,11 @@ def _hf_logits(hf_dir: Path, tokens: list[int]) -> np.ndarray:
 def test_names_agree_with_gguf_py():
     import gguf
 
-    for arch_name, arch in ARCHES.items():
+    for arch_name, arch in FAMILIES.items():
         tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch_name.upper()], 4)
-        for hf in arch.layout:
+        for hf in arch.tensors:
             name = hf.format(bid=3)
-            ours = hf_to_gguf_name(arch, name)
+            ours = arch.hf_to_gguf_name(name)
             base, _, suffix = name.rpartition(".")
             theirs = tmap.get_name(base)
             if theirs is None:  # gguf-py lacks this tensor for the arch (e.g. q_norm on llama)

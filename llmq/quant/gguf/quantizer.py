@@ -195,17 +195,19 @@ def _gguf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
 def _hf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
     """GGUF tensor names/shapes and the hparams the type rules read, from an HF directory's headers only
     (the f32 GGUF that llmq's converter would make: 1-D tensors F32)."""
-    from llmq.io.names import arch_for_hf, hf_to_gguf_name
+    from llmq.archs import for_hf
+    from llmq.archs.validate import check_hf_model
     from llmq.io.safetensors import SafetensorsReader
 
     with SafetensorsReader(src) as reader:
         config = reader.config
         if config is None:
             raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
-        arch = arch_for_hf(config)
+        arch = for_hf(config)
+        check_hf_model(arch, config, {i.name: i.shape for i in reader.infos()}, src.name)
         infos = []
         for info in reader.infos():
-            gname = hf_to_gguf_name(arch, info.name)
+            gname = arch.hf_to_gguf_name(info.name)
             if gname is not None:
                 infos.append(TensorInfo(gname, "F32", info.shape, 4 * info.numel))
     a = arch.gguf_arch

@@ -174,3 +174,22 @@ def check_hf_model(family: Family, config: Any, shapes: Mapping[str, tuple[int, 
     tied = True if family.tied_output else (False if config.get("tie_word_embeddings") is False else None)
     check_tensors(family, dims, named, src, tied=tied, hf=True)
     return dims
+
+
+def check_gguf_kv(family: Family, meta: Mapping[str, Any], src: str) -> None:
+    """Types and ranges of the hyperparameter KVs llama.cpp reads for a registered family."""
+    a = family.gguf_arch
+    for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+        gguf_int(src, meta, f"{a}.{key}")
+    heads = gguf_int(src, meta, f"{a}.attention.head_count")
+    kv_heads = gguf_int(src, meta, f"{a}.attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise BadConfig(
+            f"{src}: {a}.attention.head_count = {heads} is not a multiple of head_count_kv = {kv_heads}"
+        )
+    for key in ("context_length", "attention.key_length", "attention.value_length", "rope.dimension_count"):
+        if meta.get(f"{a}.{key}") is not None:
+            gguf_int(src, meta, f"{a}.{key}")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        if meta.get(f"tokenizer.ggml.{key}") is not None:
+            gguf_int(src, meta, f"tokenizer.ggml.{key}", minimum=0)

@@ -175,6 +175,7 @@ class GGUFQuantizer:
         if not src.exists():
             raise BadInput(f"{src} does not exist")
         check_output(out, force, [src])
+        _hf_header(src) if src.is_dir() else _gguf_header(src)  # validates config/metadata before any write
         t0 = time.perf_counter()
         with temporaries.temporary_dir(out) as tmp:  # named for this process: a kill leaves nothing lasting
             gguf_src = _as_gguf(src, Path(tmp), progress)
@@ -186,10 +187,16 @@ class GGUFQuantizer:
 
 
 def _gguf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:
+    from llmq.archs import FAMILIES
+    from llmq.archs.validate import check_gguf_kv
     from llmq.io.gguf import GGUFReader
 
     with GGUFReader(src, decode_strings=False) as r:  # the type rules never look at the vocabulary
-        return list(r.infos()), r.metadata
+        infos, meta = list(r.infos()), r.metadata
+    family = FAMILIES.get(str(meta.get("general.architecture", "")))
+    if family is not None:
+        check_gguf_kv(family, meta, src.name)
+    return infos, meta
 
 
 def _hf_header(src: Path) -> tuple[list[TensorInfo], Mapping[str, Any]]:

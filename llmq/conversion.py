@@ -25,7 +25,8 @@ import numpy as np
 from llmq import __version__
 from llmq.archs import Family, for_gguf, for_hf, permute_qk, unpermute_qk
 from llmq.archs.base import f32_short as _f32
-from llmq.archs.rope import ROPE_FREQS, gguf_rope_kv, hf_rope_scaling, llama3_rope_factors, rope_parameters
+from llmq.archs.base import head_dim
+from llmq.archs.rope import gguf_rope_kv, hf_rope_scaling
 from llmq.archs.validate import (
     check_hf_config,
     check_hf_model,
@@ -109,11 +110,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto
 # HF -> GGUF
 
 
-def _head_dim(config: Mapping[str, Any]) -> int:
-    hd = config.get("head_dim")
-    return int(hd) if hd else int(config["hidden_size"]) // int(config["num_attention_heads"])
-
-
 def hf_metadata(
     arch: Family, config: Mapping[str, Any], name: str, file_type: int
 ) -> list[tuple[str, Any, Any]]:
@@ -147,7 +143,7 @@ def hf_metadata(
     kv.append(("general.file_type", file_type, U32))
     if arch.writes_vocab_size:
         kv.append((f"{a}.vocab_size", int(config["vocab_size"]), U32))
-        kv.append((f"{a}.rope.dimension_count", _head_dim(config), U32))
+        kv.append((f"{a}.rope.dimension_count", head_dim(config), U32))
     kv.append(("general.quantization_version", 2, U32))
     return kv
 
@@ -232,6 +228,7 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     if config is None:
         raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
     arch = for_hf(config)
+    config = arch.source_config(config)
     dims = check_hf_model(arch, config, {i.name: i.shape for i in reader.infos()}, src.name)
     if outtype == "auto":
         outtype = _auto_outtype(reader)
@@ -256,11 +253,7 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         plan.append((info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)), heads))
     if not plan:
         raise BadInput(f"{src}: no tensors to convert")
-    rope = rope_parameters(config)
-    extra: list[tuple[TensorInfo, np.ndarray]] = []
-    if arch.writes_vocab_size and str(rope.get("rope_type", "")).lower() == "llama3":
-        factors = llama3_rope_factors(rope, _head_dim(config))
-        extra.append((TensorInfo(ROPE_FREQS, "F32", factors.shape, factors.nbytes), factors))
+    extra = [(TensorInfo(n, "F32", a.shape, a.nbytes), a) for n, a in arch.extra_tensors(config)]
 
     from llmq.io.tokenizer import gguf_tokenizer_kv
 
@@ -347,9 +340,10 @@ def gguf_config(reader: GGUFReader, arch: Family, torch_dtype: str) -> dict[str,
     scaling = hf_rope_scaling(a, meta)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
-    if ROPE_FREQS in reader.names():
+    derived = [n for n in arch.gguf_only if n in reader.names()]
+    if derived:
         raise UnsupportedType(
-            "llama3-style rope_freqs in a GGUF without its source config cannot be restored"
+            f"{derived[0]} (rope factors) in a GGUF without its source config cannot be restored"
         )
     if arch.attention_bias is not None:
         cfg["attention_bias"] = arch.attention_bias

@@ -106,14 +106,28 @@ class Family:
     # validation: GGUF tensors every model of the family has (output.weight unless tied), per block and global
     block_tensors: tuple[str, ...] = LLAMA_BLOCK
     global_tensors: tuple[str, ...] = ("token_embd.weight", "output_norm.weight", "output.weight")
+    # GGUF tensors derived from the config (rope factors): written HF -> GGUF, dropped GGUF -> HF
+    gguf_only: tuple[str, ...] = ("rope_freqs.weight",)
 
     @property
     def gguf_arch(self) -> str:
         return self.name
 
     # -------------------------------------------------------------------------------------- metadata hooks
+    def source_config(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The config of the language model inside a checkpoint's config.json (multimodal wrappers nest it)."""
+        return config
+
+    def source_name(self, name: str) -> str | None:
+        """A checkpoint tensor name in the family's text-model naming; None for tensors outside it (vision)."""
+        return name
+
     def gguf_kv(self, config: Mapping[str, Any]) -> KV:
         """Family-specific KVs written after the attention key/value lengths."""
+        return []
+
+    def extra_tensors(self, config: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
+        """GGUF-only float32 tensors derived from the config, written before the model's tensors."""
         return []
 
     def hf_config(self, meta: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
@@ -138,6 +152,10 @@ class Family:
     # -------------------------------------------------------------------------------------- tensor names
     def hf_to_gguf_name(self, name: str) -> str | None:
         """GGUF name of an HF tensor, None for tensors llama.cpp does not use; raises for unknown tensors."""
+        source = self.source_name(name)
+        if source is None:
+            return None
+        name = source
         if SKIPPED_HF.search(name) or (self.tied_output and name == "lm_head.weight"):
             return None
         got = _lookup(_compiled(tuple(self.tensors.items())), name)
@@ -147,7 +165,7 @@ class Family:
 
     def gguf_to_hf_name(self, name: str) -> str | None:
         """HF name of a GGUF tensor; None for GGUF-only tensors (rope_freqs) HF derives from the config."""
-        if name == "rope_freqs.weight":
+        if name in self.gguf_only:
             return None
         got = _lookup(_compiled(tuple((v, k) for k, v in self.tensors.items())), name)
         if got is None:
@@ -198,6 +216,11 @@ def _lookup(table: list[tuple[re.Pattern[str], str]], name: str) -> str | None:
         if m:
             return dst.format(bid=m.groupdict().get("bid", ""))
     return None
+
+
+def head_dim(config: Mapping[str, Any]) -> int:
+    hd = config.get("head_dim")
+    return int(hd) if hd else int(config["hidden_size"]) // int(config["num_attention_heads"])
 
 
 def f32_short(value: Any) -> float:

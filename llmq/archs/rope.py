@@ -37,6 +37,17 @@ def rope_parameters(config: Mapping[str, Any], layer_type: str = "full_attention
     return params
 
 
+def local_rope_theta(config: Mapping[str, Any]) -> float | None:
+    """The base frequency of sliding-window layers (Gemma 3), when the config gives one of its own."""
+    params = config.get("rope_parameters")
+    if isinstance(params, Mapping) and isinstance(params.get("sliding_attention"), Mapping):
+        theta = params["sliding_attention"].get("rope_theta")
+        if theta is not None:
+            return float(theta)
+    theta = config.get("rope_local_base_freq")
+    return None if theta is None else float(theta)
+
+
 def rope_type(config: Mapping[str, Any]) -> str:
     return str(rope_parameters(config).get("rope_type") or "default").lower()
 

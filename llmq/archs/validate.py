@@ -165,6 +165,7 @@ def check_tensors(family: Family, dims: Dims, shapes: Mapping[str, tuple[int, ..
 
 def check_hf_model(family: Family, config: Any, shapes: Mapping[str, tuple[int, ...]], src: str) -> Dims:
     """An HF checkpoint's config.json and tensors (HF names -> shapes) against its family; returns the dims."""
+    config = family.source_config(config)
     dims = check_hf_config(config, family, f"{src}/config.json")
     named = {}
     for name, shape in shapes.items():

@@ -26,7 +26,7 @@ from llmq import __version__
 from llmq.archs import Family, for_gguf, for_hf, permute_qk, unpermute_qk
 from llmq.archs.base import f32_short as _f32
 from llmq.archs.base import head_dim
-from llmq.archs.rope import gguf_rope_kv, hf_rope_scaling
+from llmq.archs.rope import hf_rope_scaling
 from llmq.archs.validate import (
     check_hf_config,
     check_hf_model,
@@ -134,7 +134,7 @@ def hf_metadata(
             U32,
         ),
     ]
-    kv += gguf_rope_kv(a, config)
+    kv += arch.rope_kv(config)
     kv.append((f"{a}.attention.layer_norm_rms_epsilon", float(config.get("rms_norm_eps", 1e-6)), F32))
     if config.get("head_dim") is not None:
         kv += [(f"{a}.attention.key_length", int(config["head_dim"]), U32),

@@ -18,6 +18,26 @@ def _config(family: str, vocab: int):
             num_key_value_heads=2, head_dim=48, sliding_window=16, rope_theta=1e6, rope_local_base_freq=1e4,
             query_pre_attn_scalar=48, tie_word_embeddings=True, **common,
         )  # fmt: skip
+    if family == "phi3":  # longrope with its long/short factors, GQA
+        hd = 32
+        rng = [1.0 + 0.05 * i for i in range(hd // 2)]
+        return transformers.Phi3Config(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, original_max_position_embeddings=1024, sliding_window=None,
+            rope_scaling={"rope_type": "longrope", "long_factor": [2 * f for f in rng], "short_factor": rng},
+            tie_word_embeddings=False, **{**common, "max_position_embeddings": 4096},
+        )  # fmt: skip
+    if family == "olmo2":
+        return transformers.Olmo2Config(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=False, **common,
+        )  # fmt: skip
+    if family == "granite":  # the four multipliers, none of them 1
+        return transformers.GraniteConfig(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, embedding_multiplier=6.0, attention_multiplier=0.0625, residual_multiplier=0.5,
+            logits_scaling=4.0, tie_word_embeddings=False, **common,
+        )  # fmt: skip
     raise KeyError(family)
 
 

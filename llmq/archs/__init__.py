@@ -18,7 +18,7 @@ __all__ = [
     "unpermute_qk",
 ]  # fmt: skip
 
-_MODULES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+_MODULES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2", "granite")
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (importlib.import_module(f"llmq.archs.{m}").FAMILY for m in _MODULES)

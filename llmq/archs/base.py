@@ -126,6 +126,12 @@ class Family:
         """Family-specific KVs written after the attention key/value lengths."""
         return []
 
+    def rope_kv(self, config: Mapping[str, Any]) -> KV:
+        """Rope scaling and base-frequency KVs (see llmq.archs.rope)."""
+        from llmq.archs.rope import gguf_rope_kv
+
+        return gguf_rope_kv(self.name, config)
+
     def extra_tensors(self, config: Mapping[str, Any]) -> list[tuple[str, np.ndarray]]:
         """GGUF-only float32 tensors derived from the config, written before the model's tensors."""
         return []

@@ -125,3 +125,21 @@ def test_gemma3_multimodal_language_model(tmp_path):
     convert(gg, back)  # the language model alone, as Gemma3ForCausalLM
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
     assert np.abs(_hf_logits(back, TOKENS) - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
+def test_gguf_mix_equals_llama_quantize(converted, tmp_path, ftype):
+    """`llmq quantize --method gguf` on the family's GGUF is byte-identical to llama-quantize's output."""
+    pytest.importorskip("llama_cpp")
+    from llmq.cli.app import main
+    from tests.gguf_helpers import llama_quantize
+
+    _, _, gg, _ = converted
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_quantize(gg, ref, ftype)
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", str(gg), "-o", str(ours), "--method", "gguf", "--type", ftype])
+    assert not e.value.code
+    with GGUFReader(ref) as a, GGUFReader(ours) as b:
+        assert {t.name: t.dtype for t in a.infos()} == {t.name: t.dtype for t in b.infos()}
+    assert ref.read_bytes() == ours.read_bytes()

@@ -172,3 +172,21 @@ def test_blockwise_quantizes_every_linear(tmp_path, family, method):
     ref, got = logits(hf, ids), logits(tmp_path / "q", ids)
     assert not torch.equal(ref, got)
     assert float((got - ref).abs().max() / ref.abs().max()) < 0.05
+
+
+def test_estimate_follows_llama_cpp_swa_rules(tmp_path):
+    """Gemma 3's GGUF caches 5 of 6 layers in the window; Phi-3's window is ignored by llama.cpp (all full)."""
+    from llmq.estimate.arch import FULL, SWA, from_gguf
+
+    for family, want in (("gemma3", [SWA] * 5 + [FULL]), ("phi3", [FULL, FULL])):
+        hf = make_family_model(tmp_path / family, family)
+        cfg = json.loads((hf / "config.json").read_text())
+        if family == "phi3":
+            cfg["sliding_window"] = 64
+            (hf / "config.json").write_text(json.dumps(cfg))
+        gg = tmp_path / f"{family}.gguf"
+        convert(hf, gg, "f32")
+        with GGUFReader(gg) as r:
+            assert r.metadata[f"{family}.attention.sliding_window"] == (16 if family == "gemma3" else 64)
+            a = from_gguf(r.metadata, list(r.infos()))
+        assert a.layer_kinds == want, family

@@ -103,6 +103,7 @@ class Family:
     scale_groups: tuple[ScaleGroup, ...] = field(default_factory=llama_scale_groups)
     # estimator: implied sliding-window period (last layer of each period global), 0 = none
     swa_period: int = 0
+    swa_in_llama_cpp: bool = True  # False: llama.cpp ignores the config's sliding window (Phi-3)
     # validation: GGUF tensors every model of the family has (output.weight unless tied), per block and global
     block_tensors: tuple[str, ...] = LLAMA_BLOCK
     global_tensors: tuple[str, ...] = ("token_embd.weight", "output_norm.weight", "output.weight")

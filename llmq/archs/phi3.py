@@ -118,6 +118,7 @@ FAMILY = Phi3(
     tensors=PHI3_TENSORS,
     tokenizer="llama",
     gguf_only=(LONG, SHORT),
+    swa_in_llama_cpp=False,  # llama.cpp disables Phi SWA (src/models/phi3.cpp): every layer caches the context
     sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
     # fused outputs do not map one-to-one onto o_proj / down_proj inputs: only the norms fold scales
     scale_groups=(

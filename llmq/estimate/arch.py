@@ -84,6 +84,13 @@ def _swa_period(arch: str) -> int:
     return family.swa_period if family is not None else _OTHER_SWA_PERIOD.get(arch, 0)
 
 
+def _llama_cpp_swa(arch: str) -> bool:
+    from llmq.archs import FAMILIES
+
+    family = FAMILIES.get(arch)
+    return family is None or family.swa_in_llama_cpp
+
+
 def _layer_kinds_from_config(cfg: Mapping[str, Any], model_type: str, n_layers: int) -> list[str]:
     types = cfg.get("layer_types")
     if isinstance(types, list) and len(types) == n_layers:
@@ -212,6 +219,8 @@ def from_gguf(meta: Mapping[str, Any], tensors: list | None = None) -> ModelArch
         vocab = next((t.shape[0] for t in tensors if t.name == "token_embd.weight"), 0)
     head_k = int(meta.get(p + "attention.key_length") or (hidden // n_heads if n_heads else 0))
     window = int(meta.get(p + "attention.sliding_window") or 0)
+    if window and not _llama_cpp_swa(arch):
+        window = 0
     kinds = [FULL] * n_layers
     pattern = meta.get(p + "attention.sliding_window_pattern")
     if window:

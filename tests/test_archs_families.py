@@ -125,6 +125,14 @@ def test_gemma3_multimodal_language_model(tmp_path):
     convert(gg, back)  # the language model alone, as Gemma3ForCausalLM
     assert json.loads((back / "config.json").read_text())["architectures"] == ["Gemma3ForCausalLM"]
     assert np.abs(_hf_logits(back, TOKENS) - want).max() < 1e-4 * max(1.0, np.abs(want).max())
+    from llmq.errors import UnsupportedArchitecture
+    from llmq.quant.blockwise.gptq import GPTQConfig
+    from llmq.quant.blockwise.pipeline import make_plan, open_source
+
+    src = open_source(hf)
+    with pytest.raises(UnsupportedArchitecture, match="multimodal"):
+        make_plan(src, GPTQConfig(format="fake-quant"))
+    src.close()
 
 
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])

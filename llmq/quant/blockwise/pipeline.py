@@ -323,6 +323,11 @@ class Plan:
 
 def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
     arch = for_model_type(reader.config)
+    if isinstance(reader.config.get("text_config"), dict):
+        raise UnsupportedArchitecture(
+            f"{reader.path.name}: block-wise quantization of multimodal checkpoints is not supported yet; "
+            "convert the language model first (llmq convert to GGUF and back)"
+        )
     shapes = {name: reader.shape(name) for name in reader.names()}
     n = check_hf_model(arch, reader.config, shapes, reader.path.name).layers
     names = set(reader.names())

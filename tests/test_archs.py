@@ -217,3 +217,27 @@ def test_registry_lookups():
             g = fam.hf_to_gguf_name(n)
             if g is not None:
                 assert fam.gguf_to_hf_name(g) == n
+
+
+def test_gemma3_sparse_text_config_gets_the_defaults():
+    """google/gemma-3-4b-it's config.json lists only what differs from Gemma3TextConfig: the metadata is what
+    convert_hf_to_gguf.py writes for it (8 heads, 4 kv heads, head_dim 256, two rope bases, linear x8)."""
+    from llmq.archs.validate import check_hf_config
+    from llmq.conversion import hf_metadata
+
+    cfg = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024}}  # fmt: skip
+    fam = for_hf(cfg)
+    text = fam.source_config(cfg)
+    dims = check_hf_config(text, fam, "config.json")
+    assert (dims.heads, dims.kv_heads, dims.head_dim, dims.vocab) == (8, 4, 256, 262208)
+    kv = {k: v for k, v, _ in hf_metadata(fam, text, "g", 1)}
+    assert kv["gemma3.rope.freq_base"] == 1e6 and kv["gemma3.rope.freq_base_swa"] == 1e4
+    assert kv["gemma3.rope.scaling.factor"] == 8.0 and kv["gemma3.attention.sliding_window"] == 1024
+    assert (
+        fam.source_name("language_model.model.layers.3.mlp.up_proj.weight")
+        == "model.layers.3.mlp.up_proj.weight"
+    )
+    assert fam.hf_to_gguf_name("model.vision_tower.vision_model.embeddings.patch_embedding.weight") is None

@@ -27,6 +27,14 @@ _OTHER_PREFIXES = (
     "model.multi_modal_projector.",
 )
 
+# Gemma3TextConfig's defaults, which multimodal checkpoints' text_config leaves out (google/gemma-3-4b-it lists
+# only what differs); convert_hf_to_gguf.py falls back to the same values.
+TEXT_DEFAULTS = {
+    "vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "rms_norm_eps": 1e-6, "max_position_embeddings": 131072, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10000.0,
+}  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Gemma3(Family):
@@ -34,7 +42,10 @@ class Gemma3(Family):
         text = config.get("text_config")
         if not isinstance(text, Mapping):
             return config
-        out = {**text, "architectures": [self.hf_class], "model_type": "gemma3_text"}
+        defaults = dict(TEXT_DEFAULTS)
+        if isinstance(text.get("rope_parameters"), Mapping):  # transformers 5 spells both rope bases there
+            del defaults["rope_theta"], defaults["rope_local_base_freq"]
+        out = {**defaults, **text, "architectures": [self.hf_class], "model_type": "gemma3_text"}
         for key in ("tie_word_embeddings", "_name_or_path"):
             if config.get(key) is not None:
                 out[key] = config[key]

@@ -35,7 +35,7 @@ from llmq.archs.validate import (
     gguf_number,
     optional_int,
 )
-from llmq.errors import BadInput, ShapeError, UnsupportedType
+from llmq.errors import BadConfig, BadInput, ShapeError, UnsupportedType
 from llmq.io import (
     AtomicOutput,
     GGUFFileWriter,
@@ -356,6 +356,25 @@ def gguf_config(reader: GGUFReader, arch: Family, torch_dtype: str) -> dict[str,
     return cfg
 
 
+def _check_kv_agree(reader: GGUFReader, arch: Family, config: Mapping[str, Any], src: str) -> None:
+    """The architecture KVs llama.cpp reads must be those llmq wrote from the embedded source config: a GGUF
+    whose keys were edited since would otherwise convert back to a model llama.cpp never ran."""
+    meta = reader.metadata
+    for key, want, _ in hf_metadata(arch, config, "", 0):
+        if not key.startswith(arch.gguf_arch + "."):
+            continue
+        got = meta.get(key)
+        same = (
+            got is not None
+            and not isinstance(got, (str, list, bool))
+            and (np.float32(got) == np.float32(want) if isinstance(want, float) else got == want)
+        )
+        if isinstance(want, str):
+            same = got == want
+        if not same:
+            raise BadConfig(f"{src}: {key} = {got!r} disagrees with {SOURCE_CONFIG_KEY} ({want!r})")
+
+
 def _auto_hf_outtype(reader: GGUFReader) -> str:
     kinds = {t.dtype for t in reader.infos() if len(t.shape) >= 2}
     if kinds == {"F16"}:
@@ -389,6 +408,8 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
     embedded = isinstance(reader.metadata.get(SOURCE_CONFIG_KEY), str)
     dims = check_hf_config(config, arch, f"{src.name}: {SOURCE_CONFIG_KEY}" if embedded else src.name)
     check_tensors(arch, replace(dims, vocab=None), {t.name: t.shape for t in reader.infos()}, src.name)
+    if embedded:
+        _check_kv_agree(reader, arch, config, src.name)
     n_head, n_head_kv = dims.heads, dims.kv_heads
     st_type = HF_OUTTYPES[outtype]
     plan: list[tuple[TensorInfo, TensorInfo, int | None]] = []

@@ -241,3 +241,36 @@ def test_gemma3_sparse_text_config_gets_the_defaults():
         == "model.layers.3.mlp.up_proj.weight"
     )
     assert fam.hf_to_gguf_name("model.vision_tower.vision_model.embeddings.patch_embedding.weight") is None
+
+
+def test_edited_kvs_disagreeing_with_embedded_config_refused(tiny, tmp_path, capsys):
+    """A GGUF llmq wrote, whose llama.cpp keys were edited afterwards, is refused rather than converted back from
+    the (now different) embedded config."""
+    import gguf
+
+    from llmq.conversion import convert
+
+    good = tmp_path / "good.gguf"
+    convert(tiny, good, "f32")
+    r = gguf.GGUFReader(str(good))
+    w = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    for field in r.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        if field.name == "llama.attention.head_count":
+            value = 8
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, value, vtype, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(
+            t.name, np.asarray(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type
+        )
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "back"
+    check_refused(capsys, ["convert", str(tmp_path / "bad.gguf"), str(out)], out, "llama.attention.head_count = 8",
+                  "disagrees")  # fmt: skip

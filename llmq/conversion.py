@@ -9,19 +9,30 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from llmq import __version__
+from llmq.archs import Family, for_gguf, for_hf, permute_qk, unpermute_qk
+from llmq.archs.base import f32_short as _f32
+from llmq.archs.base import head_dim
+from llmq.archs.rope import hf_rope_scaling
+from llmq.archs.validate import (
+    check_hf_config,
+    check_hf_model,
+    check_tensors,
+    gguf_int,
+    gguf_number,
+    optional_int,
+)
 from llmq.convert_rows import Job, PlannedTensor, encode, write_all
-from llmq.errors import BadInput, ShapeError, UnsupportedType
+from llmq.errors import BadConfig, BadInput, ShapeError, UnsupportedType
 from llmq.io import (
     AtomicOutput,
     GGUFFileWriter,
@@ -34,17 +45,6 @@ from llmq.io import (
 )
 from llmq.io.base import DEFAULT_SHARD_BYTES, TensorInfo, parse_size
 from llmq.io.ggml_types import GGUFValueType, type_nbytes
-from llmq.io.names import (
-    Arch,
-    arch_for_gguf,
-    arch_for_hf,
-    gguf_to_hf_name,
-    hf_to_gguf_name,
-    permute_qk,
-    qk_heads,
-    shifted_norm,
-    unpermute_qk,
-)
 from llmq.io.rows import from_float32
 from llmq.progress import Progress, no_progress
 from llmq.quant.gguf.mix import FILE_TYPES
@@ -102,49 +102,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, outtype: str = "auto
 # HF -> GGUF
 
 
-def rope_parameters(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Rope settings from a transformers 4.x (rope_theta + rope_scaling) or 5.x (rope_parameters) config."""
-    params = dict(config.get("rope_parameters") or {})
-    if "full_attention" in params and isinstance(params["full_attention"], dict):
-        params = dict(params["full_attention"])
-    legacy = config.get("rope_scaling") or {}
-    for k, v in legacy.items():
-        params.setdefault(k, v)
-    if "type" in params and "rope_type" not in params:
-        params["rope_type"] = params["type"]
-    if "rope_theta" not in params and config.get("rope_theta") is not None:
-        params["rope_theta"] = config["rope_theta"]
-    return params
-
-
-def _head_dim(config: Mapping[str, Any]) -> int:
-    hd = config.get("head_dim")
-    return int(hd) if hd else int(config["hidden_size"]) // int(config["num_attention_heads"])
-
-
-def _llama3_rope_factors(params: Mapping[str, Any], dim: int) -> np.ndarray:
-    # the per-frequency factors llama.cpp reads from rope_freqs.weight for rope_type "llama3"
-    base = float(params.get("rope_theta", 10000.0))
-    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
-    factor = params.get("factor", 8.0)
-    low, high = params.get("low_freq_factor", 1.0), params.get("high_freq_factor", 4.0)
-    old_ctx = params.get("original_max_position_embeddings", 8192)
-    low_wl, high_wl = old_ctx / low, old_ctx / high
-    out = []
-    for f in freqs.tolist():
-        wl = 2 * math.pi / f
-        if wl < high_wl:
-            out.append(1.0)
-        elif wl > low_wl:
-            out.append(factor)
-        else:
-            smooth = (old_ctx / wl - low) / (high - low)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.asarray(out, dtype=np.float32)
-
-
 def hf_metadata(
-    arch: Arch, config: Mapping[str, Any], name: str, file_type: int
+    arch: Family, config: Mapping[str, Any], name: str, file_type: int
 ) -> list[tuple[str, Any, Any]]:
     """The general.* and architecture KVs llama.cpp reads, as convert_hf_to_gguf.py writes them."""
     a = arch.gguf_arch
@@ -167,36 +126,16 @@ def hf_metadata(
             U32,
         ),
     ]
-    rope = rope_parameters(config)
-    rtype = str(rope.get("rope_type") or "default").lower()
-    if rtype == "linear" and rope.get("factor") is not None:
-        kv += [
-            (f"{a}.rope.scaling.type", "linear", None),
-            (f"{a}.rope.scaling.factor", float(rope["factor"]), F32),
-        ]
-    elif rtype == "yarn" and rope.get("factor") is not None:
-        kv += [
-            (f"{a}.rope.scaling.type", "yarn", None),
-            (f"{a}.rope.scaling.factor", float(rope["factor"]), F32),
-            (f"{a}.rope.scaling.original_context_length", int(rope["original_max_position_embeddings"]), U32),
-        ]
-    elif rtype not in ("default", "llama3"):
-        raise UnsupportedType(f"rope_type {rtype!r} is not supported by the converter yet")
-    kv.append((f"{a}.rope.freq_base", float(rope.get("rope_theta", 10000.0)), F32))
+    kv += arch.rope_kv(config)
     kv.append((f"{a}.attention.layer_norm_rms_epsilon", float(config.get("rms_norm_eps", 1e-6)), F32))
     if config.get("head_dim") is not None:
         kv += [(f"{a}.attention.key_length", int(config["head_dim"]), U32),
                (f"{a}.attention.value_length", int(config["head_dim"]), U32)]  # fmt: skip
-    if a == "gemma2":
-        kv += [
-            (f"{a}.attn_logit_softcapping", float(config.get("attn_logit_softcapping") or 50.0), F32),
-            (f"{a}.final_logit_softcapping", float(config.get("final_logit_softcapping") or 30.0), F32),
-            (f"{a}.attention.sliding_window", int(config.get("sliding_window") or 4096), U32),
-        ]
+    kv += arch.gguf_kv(config)
     kv.append(("general.file_type", file_type, U32))
-    if a == "llama":
+    if arch.writes_vocab_size:
         kv.append((f"{a}.vocab_size", int(config["vocab_size"]), U32))
-        kv.append((f"{a}.rope.dimension_count", _head_dim(config), U32))
+        kv.append((f"{a}.rope.dimension_count", head_dim(config), U32))
     kv.append(("general.quantization_version", 2, U32))
     return kv
 
@@ -224,7 +163,7 @@ class HFPlan:
     tensors computed from the config, then the planned tensors in source order."""
 
     reader: SafetensorsReader
-    arch: Arch
+    arch: Family
     outtype: str
     kv: list[tuple[str, Any, Any]]
     extra: list[tuple[TensorInfo, np.ndarray]]
@@ -246,38 +185,35 @@ def plan_hf_to_gguf(src: Path, outtype: str = "auto", *, allow_pickle: bool = Fa
     config = reader.config
     if config is None:
         raise BadInput(f"{src}: no config.json; is this a Hugging Face model directory?")
-    arch = arch_for_hf(config)
+    arch = for_hf(config)
+    config = arch.source_config(config)
+    dims = check_hf_model(arch, config, {i.name: i.shape for i in reader.infos()}, src.name)
     if outtype == "auto":
         outtype = _auto_outtype(reader)
-    n_head = int(config["num_attention_heads"])
-    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    n_head, n_head_kv = dims.heads, dims.kv_heads
 
     # Validate every tensor from the header before writing anything.
     plan: list[PlannedTensor] = []
     for info in reader.infos():
-        gname = hf_to_gguf_name(arch, info.name)
+        gname = arch.hf_to_gguf_name(info.name)
         if gname is None:
             continue
         if info.dtype not in ("F32", "F16", "BF16", "F64"):
             raise UnsupportedType(
                 f"tensor {info.name} is {info.dtype}; only float checkpoints convert to GGUF"
             )
-        heads = qk_heads(info.name, n_head, n_head_kv) if arch.permute_qk else None
+        heads = arch.qk_heads(info.name, n_head, n_head_kv)
         if heads and info.shape[0] % (2 * heads):
             raise ShapeError(
                 f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
             )
         ttype = _target_type(gname, info.shape, outtype)
-        shift = np.float32(arch.norm_shift) if shifted_norm(arch, gname) else None
+        shift = np.float32(arch.norm_shift) if arch.shifted_norm(gname) else None
         plan.append(PlannedTensor(info, TensorInfo(gname, ttype, info.shape, type_nbytes(ttype, info.shape)),
                                   heads, shift))  # fmt: skip
     if not plan:
         raise BadInput(f"{src}: no tensors to convert")
-    rope = rope_parameters(config)
-    extra: list[tuple[TensorInfo, np.ndarray]] = []
-    if arch.gguf_arch == "llama" and str(rope.get("rope_type", "")).lower() == "llama3":
-        factors = _llama3_rope_factors(rope, _head_dim(config))
-        extra.append((TensorInfo("rope_freqs.weight", "F32", factors.shape, factors.nbytes), factors))
+    extra = [(TensorInfo(n, "F32", a.shape, a.nbytes), a) for n, a in arch.extra_tensors(config)]
 
     from llmq.io.tokenizer import gguf_tokenizer_kv
 
@@ -319,21 +255,7 @@ def hf_to_gguf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
 # GGUF -> HF
 
 
-def _f32(value: Any) -> float:
-    """A GGUF float32 as the short decimal it was written from (9.999999747e-06 -> 1e-05)."""
-    return float(str(np.float32(value)))
-
-
-def _meta(meta: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    v = meta.get(key, default)
-    if isinstance(v, list):  # per-layer arrays (e.g. head_count_kv in some models)
-        if len(set(v)) != 1:
-            raise UnsupportedType(f"{key} varies per layer; not supported by the converter yet")
-        v = v[0]
-    return v
-
-
-def gguf_config(reader: GGUFReader, arch: Arch, torch_dtype: str) -> dict[str, Any]:
+def gguf_config(reader: GGUFReader, arch: Family, torch_dtype: str) -> dict[str, Any]:
     """config.json for the GGUF's model: the embedded source config if llmq wrote it, else from the KVs."""
     meta = reader.metadata
     a = arch.gguf_arch
@@ -348,70 +270,75 @@ def gguf_config(reader: GGUFReader, arch: Arch, torch_dtype: str) -> dict[str, A
             cfg.pop("torch_dtype", None)
             cfg["dtype"] = torch_dtype
             return cfg
-    required = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count"]
-    missing = [k for k in required if f"{a}.{k}" not in meta]
-    if missing:
-        raise BadInput(f"{reader.path.name}: GGUF lacks {', '.join(a + '.' + k for k in missing)}")
-    n_head = int(_meta(meta, f"{a}.attention.head_count"))
-    hidden = int(meta[f"{a}.embedding_length"])
+    src = reader.path.name
+    n_head = gguf_int(src, meta, f"{a}.attention.head_count")
+    hidden = gguf_int(src, meta, f"{a}.embedding_length")
     tokens = meta.get("tokenizer.ggml.tokens")
     emb = reader.info("token_embd.weight") if "token_embd.weight" in reader.names() else None
-    vocab = (
-        len(tokens) if isinstance(tokens, list) else (emb.shape[0] if emb else meta.get(f"{a}.vocab_size"))
-    )
+    if isinstance(tokens, list):
+        vocab = len(tokens)
+    else:
+        vocab = emb.shape[0] if emb else gguf_int(src, meta, f"{a}.vocab_size")
     head_dim = (
-        meta.get(f"{a}.attention.key_length") or meta.get(f"{a}.rope.dimension_count") or hidden // n_head
+        optional_int(src, meta, f"{a}.attention.key_length")
+        or optional_int(src, meta, f"{a}.rope.dimension_count")
+        or hidden // n_head
     )
     cfg: dict[str, Any] = {
         "architectures": [arch.hf_class],
-        "model_type": arch.model_type,
+        "model_type": arch.model_types[0],
         "vocab_size": int(vocab),
         "hidden_size": hidden,
-        "intermediate_size": int(_meta(meta, f"{a}.feed_forward_length")),
-        "num_hidden_layers": int(meta[f"{a}.block_count"]),
+        "intermediate_size": gguf_int(src, meta, f"{a}.feed_forward_length"),
+        "num_hidden_layers": gguf_int(src, meta, f"{a}.block_count"),
         "num_attention_heads": n_head,
-        "num_key_value_heads": int(_meta(meta, f"{a}.attention.head_count_kv", n_head)),
+        "num_key_value_heads": gguf_int(src, meta, f"{a}.attention.head_count_kv", n_head),
         "head_dim": int(head_dim),
         "hidden_act": "silu",
-        "max_position_embeddings": int(meta.get(f"{a}.context_length", 4096)),
-        "rms_norm_eps": _f32(meta.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(meta.get(f"{a}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": gguf_int(src, meta, f"{a}.context_length", 4096),
+        "rms_norm_eps": _f32(gguf_number(src, meta, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": _f32(gguf_number(src, meta, f"{a}.rope.freq_base", 10000.0)),
         "tie_word_embeddings": "output.weight" not in reader.names(),
         "initializer_range": 0.02,
         "use_cache": True,
         "dtype": torch_dtype,
     }
-    scaling = meta.get(f"{a}.rope.scaling.type")
-    if scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(meta[f"{a}.rope.scaling.factor"])}
-    elif scaling == "yarn":
-        cfg["rope_scaling"] = {
-            "rope_type": "yarn",
-            "factor": float(meta[f"{a}.rope.scaling.factor"]),
-            "original_max_position_embeddings": int(meta[f"{a}.rope.scaling.original_context_length"]),
-        }
-    elif scaling not in (None, "none"):
-        raise UnsupportedType(f"rope scaling {scaling!r} is not supported by the converter yet")
-    if "rope_freqs.weight" in reader.names():
+    scaling = hf_rope_scaling(a, meta)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    derived = [n for n in arch.gguf_only if n in reader.names()]
+    if derived:
         raise UnsupportedType(
-            "llama3-style rope_freqs in a GGUF without its source config cannot be restored"
+            f"{derived[0]} (rope factors) in a GGUF without its source config cannot be restored"
         )
     if arch.attention_bias is not None:
         cfg["attention_bias"] = arch.attention_bias
     cfg.update(arch.extra_config)
-    if a == "gemma2":
-        cfg["attn_logit_softcapping"] = _f32(meta.get(f"{a}.attn_logit_softcapping", 50.0))
-        cfg["final_logit_softcapping"] = _f32(meta.get(f"{a}.final_logit_softcapping", 30.0))
-        cfg["sliding_window"] = int(meta.get(f"{a}.attention.sliding_window", 4096))
-        cfg["query_pre_attn_scalar"] = int(
-            head_dim
-        )  # true for Gemma 2 2B/9B; 27B's is kept in llmq.hf_config
+    cfg.update(arch.hf_config(meta, int(head_dim)))
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                         ("padding_token_id", "pad_token_id")):  # fmt: skip
-        v = meta.get(f"tokenizer.ggml.{key}")
-        if v is not None:
-            cfg[hf_key] = int(v)
+        if meta.get(f"tokenizer.ggml.{key}") is not None:
+            cfg[hf_key] = gguf_int(src, meta, f"tokenizer.ggml.{key}", minimum=0)
     return cfg
+
+
+def _check_kv_agree(reader: GGUFReader, arch: Family, config: Mapping[str, Any], src: str) -> None:
+    """The architecture KVs llama.cpp reads must be those llmq wrote from the embedded source config: a GGUF
+    whose keys were edited since would otherwise convert back to a model llama.cpp never ran."""
+    meta = reader.metadata
+    for key, want, _ in hf_metadata(arch, config, "", 0):
+        if not key.startswith(arch.gguf_arch + "."):
+            continue
+        got = meta.get(key)
+        same = (
+            got is not None
+            and not isinstance(got, (str, list, bool))
+            and (np.float32(got) == np.float32(want) if isinstance(want, float) else got == want)
+        )
+        if isinstance(want, str):
+            same = got == want
+        if not same:
+            raise BadConfig(f"{src}: {key} = {got!r} disagrees with {SOURCE_CONFIG_KEY} ({want!r})")
 
 
 def _auto_hf_outtype(reader: GGUFReader) -> str:
@@ -435,20 +362,24 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         raise BadInput(f"--outtype {outtype!r} is not one of f32, f16, bf16, auto for GGUF → HF")
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else DEFAULT_SHARD_BYTES
     reader = GGUFReader(src)
-    arch = arch_for_gguf(reader.arch)
+    arch = for_gguf(reader.arch)
     if outtype == "auto":
         outtype = _auto_hf_outtype(reader)
     torch_dtype = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[outtype]
     config = gguf_config(reader, arch, torch_dtype)
-    n_head = int(config["num_attention_heads"])
-    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    embedded = isinstance(reader.metadata.get(SOURCE_CONFIG_KEY), str)
+    dims = check_hf_config(config, arch, f"{src.name}: {SOURCE_CONFIG_KEY}" if embedded else src.name)
+    check_tensors(arch, replace(dims, vocab=None), {t.name: t.shape for t in reader.infos()}, src.name)
+    if embedded:
+        _check_kv_agree(reader, arch, config, src.name)
+    n_head, n_head_kv = dims.heads, dims.kv_heads
     st_type = HF_OUTTYPES[outtype]
     plan: list[tuple[TensorInfo, TensorInfo, int | None]] = []
     for info in reader.infos():
-        hname = gguf_to_hf_name(arch, info.name)
+        hname = arch.gguf_to_hf_name(info.name)
         if hname is None:
             continue
-        heads = qk_heads(hname, n_head, n_head_kv) if arch.permute_qk else None
+        heads = arch.qk_heads(hname, n_head, n_head_kv)
         if heads and info.shape[0] % (2 * heads):
             raise ShapeError(
                 f"tensor {info.name}: {info.shape[0]} rows do not split into {heads} rotary heads"
@@ -470,7 +401,7 @@ def gguf_to_hf(src: Path, dst: Path, outtype: str = "auto", *, force: bool = Fal
         w = SafetensorsWriter(tmp, max_shard_bytes=shard_bytes, metadata={"llmq_version": __version__})
         w.plan([t for _, t, _ in order])
         jobs = [
-            Job(info, target.name, heads, -np.float32(arch.norm_shift) if shifted_norm(arch, info.name) else None,
+            Job(info, target.name, heads, -np.float32(arch.norm_shift) if arch.shifted_norm(info.name) else None,
                  functools.partial(_cast_hf, outtype=outtype), info.nbytes, target.dtype)
             for info, target, heads in order
         ]  # fmt: skip

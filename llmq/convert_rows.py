@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from llmq.archs import permute_qk
 from llmq.errors import UnsupportedType
 from llmq.io.base import TensorInfo
 from llmq.io.ggml_types import is_block_type
-from llmq.io.names import permute_qk
 from llmq.io.rows import PLAIN_FLOAT, from_float32, map_rows, read_rows, row_chunks, to_float32
 from llmq.progress import Progress
 

@@ -22,6 +22,11 @@ class CorruptFile(BadInput):
     """A checkpoint/header is truncated, malformed or inconsistent (offsets, lengths, dtypes)."""
 
 
+class BadConfig(BadInput):
+    """A config.json or GGUF metadata value, or a tensor, is missing, mistyped or inconsistent with the
+    architecture (found at plan time, before anything is written)."""
+
+
 class UnsupportedArchitecture(LlmqError):
     """The model architecture is not (yet) supported by this operation."""
 

@@ -9,8 +9,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from llmq.archs import FAMILIES as ARCHES  # noqa: E402
 from llmq.errors import BadInput  # noqa: E402
-from llmq.models.arch import ARCHES  # noqa: E402
 from llmq.quant.blockwise.awq import AWQBlockMethod, AWQConfig, _w_mean  # noqa: E402
 from llmq.quant.blockwise.pipeline import (  # noqa: E402  # noqa: E402
     BlockContext,

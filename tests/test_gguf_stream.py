@@ -8,9 +8,9 @@ import pytest
 from helpers import make_tiny_model
 
 from llmq import api
+from llmq.archs import permute_qk
 from llmq.conversion import convert
 from llmq.convert_rows import qk_source_rows
-from llmq.io.names import permute_qk
 from llmq.quant.gguf.quantizer import GGUFQuantConfig, GGUFQuantizer
 
 pytest.importorskip("transformers")

@@ -10,8 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from llmq.archs import FAMILIES as ARCHES  # noqa: E402
+from llmq.archs import for_model_type as arch_for_config  # noqa: E402
 from llmq.errors import BadInput, CalibrationError, OutputExists, ShapeError, UnsupportedArchitecture  # noqa: E402
-from llmq.models.arch import ARCHES, arch_for_config  # noqa: E402
 from llmq.quant.blockwise.gptq import GPTQBlockMethod, GPTQConfig  # noqa: E402
 from llmq.quant.blockwise.pipeline import make_plan, open_source, quantize_blockwise  # noqa: E402
 

@@ -73,7 +73,22 @@ def _first(cfg: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float": "F32", "half": "F16"}
 
 # Architectures whose SWA layout is implied rather than listed: period n, the last layer of each period global.
-_SWA_PERIOD = {"gemma2": 2, "gemma3": 6, "gemma3_text": 6, "cohere2": 4, "gpt_oss": 2, "gpt-oss": 2}
+# Families llmq converts declare theirs in llmq.archs (Family.swa_period); these are the others.
+_OTHER_SWA_PERIOD = {"cohere2": 4, "gpt_oss": 2, "gpt-oss": 2}
+
+
+def _swa_period(arch: str) -> int:
+    from llmq.archs import FAMILIES, lookup
+
+    family = lookup({"model_type": arch}) or FAMILIES.get(arch)
+    return family.swa_period if family is not None else _OTHER_SWA_PERIOD.get(arch, 0)
+
+
+def _llama_cpp_swa(arch: str) -> bool:
+    from llmq.archs import FAMILIES
+
+    family = FAMILIES.get(arch)
+    return family is None or family.swa_in_llama_cpp
 
 
 def _layer_kinds_from_config(cfg: Mapping[str, Any], model_type: str, n_layers: int) -> list[str]:
@@ -96,8 +111,8 @@ def _layer_kinds_from_config(cfg: Mapping[str, Any], model_type: str, n_layers: 
     if model_type in ("mamba", "mamba2", "falcon_mamba"):
         return [RECURRENT] * n_layers
     window = cfg.get("sliding_window")
-    if window and model_type in _SWA_PERIOD:
-        period = int(cfg.get("sliding_window_pattern") or _SWA_PERIOD[model_type])
+    if window and _swa_period(model_type):
+        period = int(cfg.get("sliding_window_pattern") or _swa_period(model_type))
         return [SWA if i % period < period - 1 else FULL for i in range(n_layers)]
     if window and model_type in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe"):
         if not cfg.get("use_sliding_window"):
@@ -204,13 +219,15 @@ def from_gguf(meta: Mapping[str, Any], tensors: list | None = None) -> ModelArch
         vocab = next((t.shape[0] for t in tensors if t.name == "token_embd.weight"), 0)
     head_k = int(meta.get(p + "attention.key_length") or (hidden // n_heads if n_heads else 0))
     window = int(meta.get(p + "attention.sliding_window") or 0)
+    if window and not _llama_cpp_swa(arch):
+        window = 0
     kinds = [FULL] * n_layers
     pattern = meta.get(p + "attention.sliding_window_pattern")
     if window:
         if isinstance(pattern, list) and len(pattern) == n_layers:
             kinds = [SWA if x else FULL for x in pattern]
         else:
-            period = int(pattern) if isinstance(pattern, int) else _SWA_PERIOD.get(arch, 0)
+            period = int(pattern) if isinstance(pattern, int) else _swa_period(arch)
             kinds = [SWA if period == 0 or i % period < period - 1 else FULL for i in range(n_layers)]
     ssm_inner = int(meta.get(p + "ssm.inner_size") or 0)
     if (

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -132,8 +132,24 @@ def _arch_summary(a: ModelArch) -> dict[str, Any]:
     return d
 
 
+def _validate(src: ModelSource) -> None:
+    """Plan-time checks of the config/metadata of a family llmq knows (llmq.archs); others pass as they are."""
+    from llmq.archs import FAMILIES, lookup
+    from llmq.archs.validate import check_gguf_kv, check_hf_config
+
+    if src.gguf_metadata is not None:
+        family = FAMILIES.get(str(src.gguf_metadata.get("general.architecture", "")))
+        if family is not None:
+            check_gguf_kv(family, src.gguf_metadata, str(src.spec))
+    elif isinstance(src.config, Mapping) and not isinstance(src.config.get("text_config"), Mapping):
+        family = lookup(src.config)
+        if family is not None:
+            check_hf_config(src.config, family, f"{src.spec}/config.json")
+
+
 def model_arch(src: ModelSource) -> tuple[ModelArch, list[TensorInfo], list[str]]:
     notes: list[str] = []
+    _validate(src)
     if src.gguf_metadata is not None:
         a = from_gguf(src.gguf_metadata, src.tensors)
         a.dtype = "F16"

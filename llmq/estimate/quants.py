@@ -231,7 +231,18 @@ def gguf_arch_name(arch: str) -> str:
 
 
 def hf_to_gguf_names(tensors: Sequence[TensorInfo], arch: str, n_layers: int) -> list[TensorInfo]:
-    """Rename HF tensors to GGUF names with gguf-py's TensorNameMap (what convert_hf_to_gguf.py writes)."""
+    """Rename HF tensors to GGUF names: by llmq's architecture registry, else (families llmq cannot convert)
+    by gguf-py's TensorNameMap, which is what convert_hf_to_gguf.py writes."""
+    from llmq.archs import FAMILIES, lookup
+
+    family = lookup({"model_type": arch}) or FAMILIES.get(arch)
+    if family is not None:
+        out = []
+        for t in tensors:
+            new = family.hf_to_gguf_name(t.name)
+            if new is not None:
+                out.append(TensorInfo(new, t.dtype, t.shape, t.nbytes))
+        return out
     import gguf
 
     gguf_arch = gguf_arch_name(arch)

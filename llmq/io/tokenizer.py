@@ -34,18 +34,6 @@ T = gguf.TokenType
 V = gguf.GGUFValueType
 KV = list[tuple[str, Any, "gguf.GGUFValueType | None"]]
 
-# HF architecture -> how convert_hf_to_gguf.py's model class picks the vocabulary.
-_FAMILY: dict[str, str] = {
-    "LlamaForCausalLM": "llama", "LLaMAForCausalLM": "llama", "MistralForCausalLM": "llama",
-    "MixtralForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen", "Qwen2Model": "qwen", "Qwen3ForCausalLM": "qwen", "Qwen3Model": "qwen",
-    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3", "Gemma3ForConditionalGeneration": "gemma3",
-}  # fmt: skip
-_FAMILY_BY_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2": "qwen",
-                         "qwen3": "qwen", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3",
-                         "gemma3_text": "gemma3"}  # fmt: skip
-
 
 class _Writer:
     """Ordered key/values; a later write replaces the value in place, as GGUFWriter does for a repeated key."""
@@ -122,12 +110,15 @@ def gguf_tokenizer_kv(hf_dir: Path, config: dict) -> KV:
 
 
 def _family(config: dict) -> str:
+    """How convert_hf_to_gguf.py's model class picks the vocabulary: the family's ``tokenizer`` in llmq.archs."""
+    from llmq.archs import lookup
+
     archs = config.get("architectures") or []
-    for arch in archs:
-        if arch in _FAMILY:
-            return _FAMILY[arch]
-    if config.get("model_type") in _FAMILY_BY_MODEL_TYPE:
-        return _FAMILY_BY_MODEL_TYPE[config["model_type"]]
+    family = lookup(config)
+    if family is not None:
+        return family.tokenizer
+    if "MixtralForCausalLM" in archs or config.get("model_type") == "mixtral":
+        return "llama"  # how convert_hf_to_gguf.py reads Mixtral's vocabulary; its experts are not in llmq.archs yet
     raise UnsupportedArchitecture(
         f"no tokenizer conversion for architecture {archs or config.get('model_type')}"
     )

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from llmq.archs import Family as Arch
+from llmq.archs import for_model_type
+from llmq.archs.validate import check_hf_model
 from llmq.errors import BadInput, CalibrationError, CorruptFile, ShapeError, UnsupportedArchitecture
-from llmq.models.arch import Arch, arch_for_config, num_layers
 from llmq.quant.base import Progress, QuantizeResult, no_progress
 from llmq.quant.blockwise.output import plan_packed, write_output
 from llmq.quant.blockwise.resume import ResumeDir, block_tensors, fingerprint
@@ -320,8 +322,14 @@ class Plan:
 
 
 def make_plan(reader: SourceModel, config: BlockwiseConfig) -> Plan:
-    arch = arch_for_config(reader.config)
-    n = num_layers(reader.config)
+    arch = for_model_type(reader.config)
+    if isinstance(reader.config.get("text_config"), dict):
+        raise UnsupportedArchitecture(
+            f"{reader.path.name}: block-wise quantization of multimodal checkpoints is not supported yet; "
+            "convert the language model first (llmq convert to GGUF and back)"
+        )
+    shapes = {name: reader.shape(name) for name in reader.names()}
+    n = check_hf_model(arch, reader.config, shapes, reader.path.name).layers
     names = set(reader.names())
     targets, indivisible, shapes = [], [], {}
     for i in range(n):

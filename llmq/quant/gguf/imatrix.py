@@ -9,7 +9,6 @@ what :meth:`Imatrix.weights` returns, normalized exactly as tools/quantize/quant
 from __future__ import annotations
 
 import os
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -201,25 +200,19 @@ def _save_legacy(im: Imatrix, tmp: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ computing one
 
-_HF_TO_GGUF = (
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj$", "blk.{}.attn_q.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj$", "blk.{}.attn_k.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj$", "blk.{}.attn_v.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj$", "blk.{}.attn_output.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj$", "blk.{}.ffn_gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj$", "blk.{}.ffn_up.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj$", "blk.{}.ffn_down.weight"),
-    (r"lm_head$", "output.weight"),
-)
 
+def gguf_name(hf_module: str, family: Any = None) -> str | None:
+    """GGUF weight name of an HF Linear module, by its family in the architecture registry (llama by default);
+    None for modules llama.cpp has no matrix for."""
+    from llmq.archs import FAMILIES
+    from llmq.errors import UnsupportedArchitecture
 
-def gguf_name(hf_module: str) -> str | None:
-    """GGUF weight name of a llama-family HF Linear module (None for modules llama.cpp has no matrix for)."""
-    for pat, fmt in _HF_TO_GGUF:
-        m = re.match(pat, hf_module)
-        if m:
-            return fmt.format(*m.groups())
-    return None
+    fam = family or FAMILIES["llama"]
+    try:
+        name = fam.hf_to_gguf_name(hf_module + ".weight")
+    except UnsupportedArchitecture:
+        return None
+    return None if name in (None, "token_embd.weight") else name
 
 
 def compute_imatrix(
@@ -251,16 +244,18 @@ def compute_imatrix(
 
         return hook
 
+    from llmq.archs import lookup
+
+    config = getattr(model, "config", None)
+    family = lookup(config.to_dict()) if hasattr(config, "to_dict") else None
     for mod_name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear):
-            gname = gguf_name(mod_name)
+            gname = gguf_name(mod_name, family)
             if gname is None or (gname == "output.weight" and not process_output):
                 continue
             hooks.append(mod.register_forward_hook(make_hook(gname)))
     if not hooks:
-        raise CalibrationError(
-            "the model has no Linear layers with llama-family names to collect an imatrix for"
-        )
+        raise CalibrationError("the model has no Linear layers with GGUF names to collect an imatrix for")
     n_chunks = 0
     try:
         with torch.inference_mode():

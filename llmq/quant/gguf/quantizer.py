@@ -173,6 +173,8 @@ class GGUFQuantizer:
         if not src.exists():
             raise BadInput(f"{src} does not exist")
         check_output(out, force, [src])
+        with open_source(src):  # validates config.json / GGUF metadata against the family before any write
+            pass
         t0 = time.perf_counter()
         result = quantize_gguf(src, out, cfg, force=force, progress=progress)
         result.seconds = time.perf_counter() - t0

@@ -32,6 +32,7 @@ class GGUFSource:
         self.reader = GGUFReader(path, decode_strings="raw")
         self.meta = self.reader.metadata
         self.kv_types = self.reader.kv_types
+        _check_family(self.meta, path.name)
         self.alignment = self.reader.alignment
         self.rows: RowReader = mapped_rows
 
@@ -108,6 +109,16 @@ class HFSource(GGUFSource):
             data = self._extra[info.name]
             return data.reshape(-1, data.shape[-1])[start:stop]
         return self._planned[info.name].float_rows(start, stop)
+
+
+def _check_family(meta: Any, name: str) -> None:
+    """A GGUF of a family llmq knows must carry consistent hyperparameters (refused before any work)."""
+    from llmq.archs import FAMILIES
+    from llmq.archs.validate import check_gguf_kv
+
+    family = FAMILIES.get(str(meta.get("general.architecture", "")))
+    if family is not None:
+        check_gguf_kv(family, meta, name)
 
 
 def open_source(src: Path) -> GGUFSource:
